@@ -1,0 +1,30 @@
+# microseg — `make demo` and `make test` do all set-up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+BENCH  ?= full
+
+.PHONY: all setup test lint demo bench clean
+
+all: test
+
+setup:
+	@scripts/setup.sh
+
+# pytest's exit code 5 means "no tests collected": never a silent pass.
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check microseg tui exporters tests bench
+
+demo: setup
+	$(VENV)/bin/microseg demo
+
+bench: setup
+	$(PY) -m bench --mode $(BENCH)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * events.h — fixed-size records into the ring buffer.
+ *
+ * bpf_ringbuf_reserve() fails silently when the ring is full, so every
+ * reservation is counted per event type as submitted or lost: the daemon
+ * turns the lost count into exact `lost` events.
+ */
+#ifndef MSEG_EVENTS_H
+#define MSEG_EVENTS_H
+
+static __always_inline struct event *reserve_event(__u32 type)
+{
+	/* bpf_ringbuf_reserve: space in the ring, no copy; NULL when full. */
+	struct event *e = events.ringbuf_reserve(sizeof(struct event));
+	struct event_stats *st = event_stats_map.lookup(&type);
+
+	if (!e) {
+		if (st)
+			st->lost++;
+		return NULL;
+	}
+	if (st)
+		st->submitted++;
+	/* Reserved ring memory is not zeroed: clear it so no stale bytes
+	 * (or kernel memory the verifier would reject) reach userspace. */
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = type;
+	return e;
+}
+
+static __always_inline void fill_endpoints(struct event *e, const __u8 *saddr,
+					   const __u8 *daddr, __u16 sport,
+					   __u16 dport)
+{
+	__builtin_memcpy(e->saddr, saddr, 16);
+	__builtin_memcpy(e->daddr, daddr, 16);
+	e->sport = sport;
+	e->dport = dport;
+}
+
+static __always_inline void submit_event(struct event *e)
+{
+	/* bpf_ringbuf_submit: publish the record; 0 = wake the reader only
+	 * when it is waiting (adaptive notification). */
+	events.ringbuf_submit(e, 0);
+}
+
+#endif /* MSEG_EVENTS_H */

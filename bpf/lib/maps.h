@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * maps.h — every map of the datapath, in one place.
+ *
+ * The loader passes -DMSEG_PIN_DIR="\"/sys/fs/bpf/microseg\"" to pin them
+ * (BCC reuses an existing pin of the same path, so the session table and the
+ * last policy survive a daemon restart; the loader checks a pin's layout
+ * before letting BCC reuse it). Without MSEG_PIN_DIR the maps are private to
+ * this load, which is what BPF_PROG_TEST_RUN tests want.
+ */
+#ifndef MSEG_MAPS_H
+#define MSEG_MAPS_H
+
+#ifndef MSEG_SESSION_CAPACITY
+#define MSEG_SESSION_CAPACITY 1048576
+#endif
+#ifndef MSEG_RINGBUF_PAGES
+#define MSEG_RINGBUF_PAGES 4096 /* 16 MiB with 4 KiB pages */
+#endif
+/* The loader passes every capacity (microseg/datapath.py MapSpecs is the
+ * one source); these defaults only serve a bare compile. */
+#ifndef MSEG_IDENT_CAPACITY
+#define MSEG_IDENT_CAPACITY 131072
+#endif
+#ifndef MSEG_POLICY_CAPACITY
+#define MSEG_POLICY_CAPACITY 1048576
+#endif
+#ifndef MSEG_FRAG_CAPACITY
+#define MSEG_FRAG_CAPACITY 16384
+#endif
+
+#ifdef MSEG_PIN_DIR
+#define MSEG_MAP(type, key, leaf, name, max, flags) \
+	BPF_TABLE_PINNED(type, key, leaf, name, max, MSEG_PIN_DIR "/" #name, flags)
+#define MSEG_RINGBUF_SECTION "maps/ringbuf:" MSEG_PIN_DIR "/events"
+#else
+#define MSEG_MAP(type, key, leaf, name, max, flags) \
+	BPF_F_TABLE(type, key, leaf, name, max, flags)
+#define MSEG_RINGBUF_SECTION "maps/ringbuf"
+#endif
+
+/* Connections, both directions in one entry; LRU so a full table evicts
+ * the least recently used session instead of refusing new flows. */
+MSEG_MAP("lru_hash", struct session_key, struct session_value, session_map,
+	 MSEG_SESSION_CAPACITY, 0);
+
+/* Address prefix -> identity, per generation slot. */
+MSEG_MAP("lpm_trie", struct ident4_key, struct ident_value, ident4_map,
+	 MSEG_IDENT_CAPACITY, BPF_F_NO_PREALLOC);
+MSEG_MAP("lpm_trie", struct ident6_key, struct ident_value, ident6_map,
+	 MSEG_IDENT_CAPACITY, BPF_F_NO_PREALLOC);
+
+/* (slot, src class, dst class, proto, port prefix) -> rule decision. */
+MSEG_MAP("lpm_trie", struct policy_key, struct policy_value, policy_map,
+	 MSEG_POLICY_CAPACITY, BPF_F_NO_PREALLOC);
+
+/* config_map[slot]: default action and flags of the generation in slot. */
+MSEG_MAP("array", u32, struct policy_config, config_map, 2, 0);
+/* active_map[0]: the active generation; the single word a switch writes. */
+MSEG_MAP("array", u32, u32, active_map, 1, 0);
+
+/* Packets and bytes by direction x verdict x reason. */
+MSEG_MAP("percpu_array", u32, struct stats_value, stats_map, STATS_SLOTS, 0);
+/* Verdicts decided per rule id. */
+MSEG_MAP("percpu_array", u32, struct rule_stats, rule_stats_map, MAX_RULES, 0);
+/* Ring-buffer records submitted and lost, per event type. */
+MSEG_MAP("percpu_array", u32, struct event_stats, event_stats_map,
+	 EVENT_TYPE_MAX, 0);
+
+/* meta_map[0]: MSEG_ABI_VERSION of whoever created these pins. */
+MSEG_MAP("array", u32, u32, meta_map, 1, 0);
+
+/* First-fragment verdicts, keyed by the datagram's id. */
+MSEG_MAP("lru_hash", struct frag_key, struct frag_value, frag_map,
+	 MSEG_FRAG_CAPACITY, 0);
+
+/* Events to the daemon: BCC's BPF_RINGBUF_OUTPUT with a section name that
+ * can carry a pin path (BCC has no pinned ring-buffer macro). */
+struct events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section(MSEG_RINGBUF_SECTION)))
+struct events_table_t events = { .max_entries = MSEG_RINGBUF_PAGES * PAGE_SIZE };
+
+#endif /* MSEG_MAPS_H */

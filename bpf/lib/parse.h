@@ -1,0 +1,399 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * parse.h — Ethernet / 802.1Q / IPv4 / IPv6 (+ extension headers) / TCP /
+ * UDP / ICMP / ICMPv6 into a struct packet.
+ *
+ * Every header access is preceded by its boundary check against data_end
+ * (the verifier insists, and it is what keeps malformed packets harmless).
+ * Lengths the headers claim are checked against what the packet carries:
+ * a header that lies is "invalid", never trusted.
+ */
+#ifndef MSEG_PARSE_H
+#define MSEG_PARSE_H
+
+#include "proto.h"
+
+#define MAX_VLAN_TAGS 2
+#define MAX_IPV6_EXT 8
+/* Bounds the network+extension header length the parser accepts, so that
+ * offsets stay small for the verifier and hostile chains cost little. */
+#define MAX_L4_OFFSET 512
+/* bpf_skb_pull_data() length when headers are not in the linear area. */
+#define MAX_PULL_LEN 640
+
+#define bswap16(x) __builtin_bswap16(x)
+#define bswap32(x) __builtin_bswap32(x)
+
+enum parse_result {
+	PARSE_OK = 0,
+	PARSE_NON_IP,     /* pass and count */
+	PARSE_NEIGHBOR,   /* IPv6 ND / MLD: pass and count */
+	PARSE_INVALID,    /* drop, reason invalid */
+	PARSE_TRUNCATED,  /* header beyond data_end: pull, or invalid */
+};
+
+enum frag_kind {
+	FRAG_NONE = 0,
+	FRAG_FIRST = 1,   /* offset 0, more fragments follow: has the L4 header */
+	FRAG_LATER = 2,   /* offset > 0: no L4 header, follows the first */
+};
+
+enum icmp_kind {
+	ICMP_KIND_NONE = 0,
+	ICMP_KIND_ECHO_REQUEST,
+	ICMP_KIND_ECHO_REPLY,
+	ICMP_KIND_ERROR,  /* quotes a packet: judged by that packet's session */
+	ICMP_KIND_OTHER,
+};
+
+/* The quoted packet inside an ICMP error, as its sender sent it. */
+struct quoted {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+} __attribute__((aligned(8)));
+
+struct packet {
+	__u8 saddr[16];      /* IPv4 in the first 4 bytes, rest zero */
+	__u8 daddr[16];
+	__u16 sport;         /* host order; ICMP echo: the identifier */
+	__u16 dport;
+	__u32 len;           /* skb->len: what counters and events report */
+	__u32 frag_id;
+	__u8 family;         /* 4 or 6 */
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 frag;           /* enum frag_kind */
+	__u8 icmp;           /* enum icmp_kind */
+	__u8 pad[3];
+	struct quoted inner; /* ICMP_KIND_ERROR only */
+} __attribute__((aligned(8))); /* addresses are compared as u64 words */
+
+/* Valid TCP flag combinations (FIN SYN RST PSH ACK URG bits; ECE/CWR are
+ * ignored), as nf_conntrack's tcp_valid_flags: bit n set <=> n is valid.
+ * NULL, XMAS, SYN|FIN, SYN|RST and friends are not. */
+#define TCP_VALID_COMBOS                                                   \
+	((1ULL << 0x02) | (1ULL << 0x22) | (1ULL << 0x12) | (1ULL << 0x04) | \
+	 (1ULL << 0x14) | (1ULL << 0x1C) | (1ULL << 0x11) | (1ULL << 0x31) | \
+	 (1ULL << 0x10) | (1ULL << 0x18) | (1ULL << 0x30) | (1ULL << 0x38) | \
+	 (1ULL << 0x19) | (1ULL << 0x39))
+
+static __always_inline int tcp_flags_valid(__u8 flags)
+{
+	return (TCP_VALID_COMBOS >> (flags & 0x3F)) & 1;
+}
+
+static __always_inline void copy_addr16(__u8 *dst, const __u8 *src)
+{
+	__builtin_memcpy(dst, src, 16);
+}
+
+/* ICMP error quoting an IPv4 packet: its header and first 8 L4 bytes. */
+static __always_inline int parse_quoted4(void *data, void *data_end, __u32 off,
+					 struct quoted *q)
+{
+	struct ipv4_hdr *ip = data + off;
+
+	if ((void *)(ip + 1) > data_end)
+		return PARSE_TRUNCATED;
+	__u32 hlen = (ip->ver_ihl & 0x0F) * 4;
+	if ((ip->ver_ihl >> 4) != 4 || hlen < sizeof(*ip))
+		return PARSE_INVALID;
+	__builtin_memcpy(q->saddr, &ip->saddr, 4);
+	__builtin_memcpy(q->daddr, &ip->daddr, 4);
+	q->proto = ip->protocol;
+	off += hlen;
+	if (off > MAX_L4_OFFSET)
+		return PARSE_INVALID;
+	__u8 *l4 = data + off;
+	if ((void *)(l4 + 8) > data_end)
+		return PARSE_TRUNCATED;
+	if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
+		q->sport = bswap16(*(__be16 *)l4);
+		q->dport = bswap16(*(__be16 *)(l4 + 2));
+	} else if (q->proto == IPPROTO_ICMP) {
+		struct icmp_hdr *ic = (void *)l4;
+		q->sport = q->dport = bswap16(ic->id);
+	}
+	return PARSE_OK;
+}
+
+/* ICMPv6 error quoting an IPv6 packet. Extension headers in the quote are
+ * not walked: the quote then names an unknown protocol and the error is
+ * judged by policy on its own. */
+static __always_inline int parse_quoted6(void *data, void *data_end, __u32 off,
+					 struct quoted *q)
+{
+	struct ipv6_hdr *ip6 = data + off;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return PARSE_TRUNCATED;
+	copy_addr16(q->saddr, ip6->saddr);
+	copy_addr16(q->daddr, ip6->daddr);
+	q->proto = ip6->nexthdr;
+	__u8 *l4 = (void *)(ip6 + 1);
+	if ((void *)(l4 + 8) > data_end)
+		return PARSE_TRUNCATED;
+	if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
+		q->sport = bswap16(*(__be16 *)l4);
+		q->dport = bswap16(*(__be16 *)(l4 + 2));
+	} else if (q->proto == IPPROTO_ICMPV6) {
+		struct icmp_hdr *ic = (void *)l4;
+		q->sport = q->dport = bswap16(ic->id);
+	}
+	return PARSE_OK;
+}
+
+/* L4 at offset off, l4_len bytes long according to the IP header. */
+static __always_inline int parse_l4(void *data, void *data_end, __u32 off,
+				    __u32 l4_len, struct packet *p)
+{
+	if (off > MAX_L4_OFFSET)
+		return PARSE_INVALID;
+
+	if (p->proto == IPPROTO_TCP) {
+		struct tcp_hdr *th = data + off;
+		if (l4_len < sizeof(*th))
+			return PARSE_INVALID;
+		if ((void *)(th + 1) > data_end)
+			return PARSE_TRUNCATED;
+		__u32 doff = (th->doff_res >> 4) * 4;
+		if (doff < sizeof(*th) || doff > l4_len)
+			return PARSE_INVALID;
+		p->tcp_flags = th->flags;
+		if (!tcp_flags_valid(th->flags))
+			return PARSE_INVALID;
+		p->sport = bswap16(th->source);
+		p->dport = bswap16(th->dest);
+		return PARSE_OK;
+	}
+	if (p->proto == IPPROTO_UDP) {
+		struct udp_hdr *uh = data + off;
+		if (l4_len < sizeof(*uh))
+			return PARSE_INVALID;
+		if ((void *)(uh + 1) > data_end)
+			return PARSE_TRUNCATED;
+		__u32 ulen = bswap16(uh->len);
+		/* A first fragment carries only part of the datagram. */
+		if (p->frag == FRAG_NONE && (ulen < sizeof(*uh) || ulen > l4_len))
+			return PARSE_INVALID;
+		p->sport = bswap16(uh->source);
+		p->dport = bswap16(uh->dest);
+		return PARSE_OK;
+	}
+	if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
+		struct icmp_hdr *ic = data + off;
+		if (l4_len < sizeof(*ic))
+			return PARSE_INVALID;
+		if ((void *)(ic + 1) > data_end)
+			return PARSE_TRUNCATED;
+		__u8 type = ic->type;
+		int v6 = p->proto == IPPROTO_ICMPV6;
+
+		if ((!v6 && type == ICMP_ECHO) || (v6 && type == ICMPV6_ECHO_REQUEST)) {
+			p->icmp = ICMP_KIND_ECHO_REQUEST;
+		} else if ((!v6 && type == ICMP_ECHOREPLY) ||
+			   (v6 && type == ICMPV6_ECHO_REPLY)) {
+			p->icmp = ICMP_KIND_ECHO_REPLY;
+		} else if (v6 && ((type >= ICMPV6_MLD_QUERY &&
+				   type <= ICMPV6_NEIGH_REDIRECT) ||
+				  type == ICMPV6_MLD2_REPORT)) {
+			return PARSE_NEIGHBOR;
+		} else if ((!v6 && (type == ICMP_DEST_UNREACH ||
+				    type == ICMP_SOURCE_QUENCH ||
+				    type == ICMP_REDIRECT ||
+				    type == ICMP_TIME_EXCEEDED ||
+				    type == ICMP_PARAMETERPROB)) ||
+			   (v6 && type >= ICMPV6_DEST_UNREACH &&
+			    type <= ICMPV6_PARAMPROB)) {
+			p->icmp = ICMP_KIND_ERROR;
+			if (p->frag != FRAG_NONE)
+				return PARSE_INVALID;
+			return v6 ? parse_quoted6(data, data_end, off + 8, &p->inner)
+				  : parse_quoted4(data, data_end, off + 8, &p->inner);
+		} else {
+			p->icmp = ICMP_KIND_OTHER;
+			return PARSE_OK;
+		}
+		/* Echo: the identifier plays the role of both ports. */
+		p->sport = p->dport = bswap16(ic->id);
+		return PARSE_OK;
+	}
+	return PARSE_OK; /* other protocols: addresses only */
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, void *data,
+				      void *data_end, __u32 off, struct packet *p)
+{
+	struct ipv4_hdr *ip = data + off;
+
+	if ((void *)(ip + 1) > data_end)
+		return PARSE_TRUNCATED;
+	__u32 hlen = (ip->ver_ihl & 0x0F) * 4;
+	if ((ip->ver_ihl >> 4) != 4 || hlen < sizeof(*ip))
+		return PARSE_INVALID;
+	__u32 tot = bswap16(ip->tot_len);
+	/* tot_len 0 is legal only for BIG TCP GSO packets. */
+	if (tot == 0 && skb->gso_size)
+		tot = skb->len - off;
+	if (tot < hlen || tot > skb->len - off)
+		return PARSE_INVALID;
+	if (data + off + hlen > data_end)
+		return PARSE_TRUNCATED;
+
+	p->family = 4;
+	p->proto = ip->protocol;
+	__builtin_memcpy(p->saddr, &ip->saddr, 4);
+	__builtin_memcpy(p->daddr, &ip->daddr, 4);
+
+	__u16 frag_off = bswap16(ip->frag_off);
+	if (frag_off & (IP_MF | IP_OFFSET)) {
+		p->frag_id = bswap16(ip->id);
+		if (frag_off & IP_OFFSET) {
+			p->frag = FRAG_LATER;
+			/* RFC 1858: a later fragment that overlaps the TCP header
+			 * could rewrite ports or flags the first one was judged by. */
+			if (p->proto == IPPROTO_TCP && (frag_off & IP_OFFSET) < 3)
+				return PARSE_INVALID;
+			return PARSE_OK;
+		}
+		p->frag = FRAG_FIRST;
+	}
+	return parse_l4(data, data_end, off + hlen, tot - hlen, p);
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, void *data,
+				      void *data_end, __u32 off, struct packet *p)
+{
+	struct ipv6_hdr *ip6 = data + off;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return PARSE_TRUNCATED;
+	if ((ip6->ver_tc_flow & 0xF0) != 0x60) /* first byte, version nibble */
+		return PARSE_INVALID;
+	__u32 plen = bswap16(ip6->payload_len);
+	if (plen == 0 && skb->gso_size)
+		plen = skb->len - off - sizeof(*ip6);
+	if (plen + sizeof(*ip6) > skb->len - off)
+		return PARSE_INVALID;
+
+	p->family = 6;
+	copy_addr16(p->saddr, ip6->saddr);
+	copy_addr16(p->daddr, ip6->daddr);
+
+	__u8 nexthdr = ip6->nexthdr;
+	__u32 l3_end = off + sizeof(*ip6) + plen;
+	off += sizeof(*ip6);
+
+	/* Extension headers: a bounded walk; a longer chain is invalid. */
+#pragma unroll
+	for (int i = 0; i < MAX_IPV6_EXT; i++) {
+		if (off > MAX_L4_OFFSET)
+			return PARSE_INVALID;
+		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+		    nexthdr == IPPROTO_DSTOPTS) {
+			struct ipv6_opt_hdr *oh = data + off;
+			if ((void *)(oh + 1) > data_end)
+				return PARSE_TRUNCATED;
+			nexthdr = oh->nexthdr;
+			off += (oh->hdrlen + 1) * 8;
+		} else if (nexthdr == IPPROTO_AH) {
+			struct ipv6_opt_hdr *oh = data + off;
+			if ((void *)(oh + 1) > data_end)
+				return PARSE_TRUNCATED;
+			nexthdr = oh->nexthdr;
+			off += (oh->hdrlen + 2) * 4;
+		} else if (nexthdr == IPPROTO_FRAGMENT) {
+			struct ipv6_frag_hdr *fh = data + off;
+			if ((void *)(fh + 1) > data_end)
+				return PARSE_TRUNCATED;
+			if (p->frag != FRAG_NONE) /* two fragment headers */
+				return PARSE_INVALID;
+			nexthdr = fh->nexthdr;
+			off += sizeof(*fh);
+			__u16 fo = bswap16(fh->frag_off);
+			if (fo & 0xFFF9) { /* offset or M flag: a real fragment */
+				p->frag_id = bswap32(fh->identification);
+				p->proto = nexthdr;
+				if (fo & 0xFFF8) {
+					p->frag = FRAG_LATER;
+					if (nexthdr == IPPROTO_TCP && (fo & 0xFFF8) < 24)
+						return PARSE_INVALID;
+					return PARSE_OK;
+				}
+				p->frag = FRAG_FIRST;
+			}
+		} else {
+			break;
+		}
+		if (off > l3_end)
+			return PARSE_INVALID;
+	}
+	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH ||
+	    nexthdr == IPPROTO_FRAGMENT)
+		return PARSE_INVALID; /* chain longer than MAX_IPV6_EXT */
+	p->proto = nexthdr;
+	if (nexthdr == IPPROTO_NONE)
+		return PARSE_OK;
+	return parse_l4(data, data_end, off, l3_end - off, p);
+}
+
+static __always_inline int parse_once(struct __sk_buff *skb, struct packet *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct eth_hdr *eth = data;
+	__u32 off = sizeof(*eth);
+
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_TRUNCATED;
+	__be16 proto = eth->proto;
+
+	/* 802.1Q / 802.1ad tags still in the frame (not offloaded to the skb). */
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+		if (proto != bswap16(ETH_P_8021Q) && proto != bswap16(ETH_P_8021AD))
+			break;
+		struct vlan_hdr *vh = data + off;
+		if ((void *)(vh + 1) > data_end)
+			return PARSE_TRUNCATED;
+		proto = vh->proto;
+		off += sizeof(*vh);
+	}
+
+	if (proto == bswap16(ETH_P_IP))
+		return parse_ipv4(skb, data, data_end, off, p);
+	if (proto == bswap16(ETH_P_IPV6))
+		return parse_ipv6(skb, data, data_end, off, p);
+	return PARSE_NON_IP;
+}
+
+/* Parse the packet; when its headers are not all in the linear area,
+ * bpf_skb_pull_data() makes them so (it may copy, hence only on demand)
+ * and the parse is retried once. */
+static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
+{
+	int rc = parse_once(skb, p);
+
+	if (rc == PARSE_TRUNCATED) {
+		__u32 linear = skb->data_end - skb->data;
+		if (skb->len > linear) {
+			__u32 want = skb->len < MAX_PULL_LEN ? skb->len : MAX_PULL_LEN;
+			/* bpf_skb_pull_data: make `want` bytes directly readable. */
+			if (bpf_skb_pull_data(skb, want) == 0) {
+				__builtin_memset(p, 0, sizeof(*p));
+				rc = parse_once(skb, p);
+			}
+		}
+		if (rc == PARSE_TRUNCATED)
+			rc = PARSE_INVALID;
+	}
+	p->len = skb->len;
+	return rc;
+}
+
+#endif /* MSEG_PARSE_H */

@@ -1,0 +1,1 @@
+"""microseg.exporters: Prometheus metrics and the JSON flow log."""

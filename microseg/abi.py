@@ -1,0 +1,200 @@
+"""The datapath ABI: Python's one mirror of ``bpf/microseg.h``.
+
+Enums and struct layouts shared with the C program live here and only here.
+``tests/unit/test_abi.py`` parses the header and checks every enum value, and
+``tests/datapath/test_abi_layout.py`` checks every layout against the struct
+BCC compiled, so a change on one side without the other fails the tests.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+ABI_VERSION = 1
+
+MAX_RULES = 32768
+CLASS_ANY = 0
+IDENTITY_WORLD = 0
+
+POLICY_PREFIX_ANY_PROTO = 96
+POLICY_PREFIX_PROTO = 104
+POLICY_PREFIX_FULL = 120
+
+
+class Direction(enum.IntEnum):
+    INGRESS = 0
+    EGRESS = 1
+
+
+class Verdict(enum.IntEnum):
+    ALLOWED = 0
+    DENIED = 1
+    AUDIT = 2
+    DROPPED = 3
+
+
+class Reason(enum.IntEnum):
+    RULE = 0
+    DEFAULT = 1
+    REVOKED = 2
+    SESSION = 3
+    RELATED = 4
+    FRAGMENT = 5
+    NON_IP = 6
+    NEIGHBOR = 7
+    INVALID = 8
+    STATE = 9
+
+
+class State(enum.IntEnum):
+    NONE = 0
+    NEW = 1
+    SYN_RECV = 2
+    ESTABLISHED = 3
+    CLOSING = 4
+    CLOSED = 5
+    EXPIRED = 6
+
+    @property
+    def public(self) -> State:
+        """The state users see: SYN_RECV is still "new"."""
+        return State.NEW if self is State.SYN_RECV else self
+
+
+class EventType(enum.IntEnum):
+    VERDICT = 1
+    DROP = 2
+    SESSION = 3
+
+
+class Action(enum.IntEnum):
+    NONE = 0
+    ALLOW = 1
+    DENY = 2
+
+
+class IdentFlag(enum.IntFlag):
+    AUDIT = 1
+    SRC_PAIR = 2
+    DST_PAIR = 4
+    SRC_ANY = 8
+    DST_ANY = 16
+
+
+class ConfigFlag(enum.IntFlag):
+    AUDIT = 1
+    ANY_ANY = 2
+
+
+class SessionFlag(enum.IntFlag):
+    ORIG_LO = 1
+    FIN_ORIG = 2
+    FIN_REPLY = 4
+    AUDIT = 8
+    PICKUP = 16
+
+
+class TcpFlag(enum.IntFlag):
+    FIN = 0x01
+    SYN = 0x02
+    RST = 0x04
+    PSH = 0x08
+    ACK = 0x10
+    URG = 0x20
+    ECE = 0x40
+    CWR = 0x80
+
+
+def tcp_flag_names(flags: int) -> list[str]:
+    """["SYN", "ACK"] for 0x12, in the order tcpdump prints them."""
+    return [f.name for f in TcpFlag if flags & f.value]  # type: ignore[misc]
+
+
+STATS_SLOTS = len(Direction) * len(Verdict) * len(Reason)
+
+
+def stats_index(direction: int, verdict: int, reason: int) -> int:
+    """Index into stats_map, as STATS_INDEX() in the header."""
+    return (direction * len(Verdict) + verdict) * len(Reason) + reason
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as (field, struct-format) pairs; pad fields start with "_"."""
+
+    c_name: str
+    fields: tuple[tuple[str, str], ...]
+    struct: struct.Struct = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fmt = "<" + "".join(f for _, f in self.fields)
+        object.__setattr__(self, "struct", struct.Struct(fmt))
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
+
+    def offsets(self) -> dict[str, int]:
+        """Field name -> byte offset (no implicit padding: formats are '<')."""
+        out: dict[str, int] = {}
+        pos = 0
+        for name, fmt in self.fields:
+            out[name] = pos
+            pos += struct.calcsize("<" + fmt)
+        return out
+
+
+SESSION_KEY = Layout("session_key", (
+    ("addr_lo", "16s"), ("addr_hi", "16s"), ("port_lo", "H"), ("port_hi", "H"),
+    ("proto", "B"), ("family", "B"), ("_pad", "2x"),
+))
+SESSION_VALUE = Layout("session_value", (
+    ("created_ns", "Q"), ("last_seen_ns", "Q"), ("packets", "2Q"), ("bytes", "2Q"),
+    ("rule_id", "I"), ("generation", "I"), ("owner", "2I"),
+    ("src_identity", "I"), ("dst_identity", "I"),
+    ("state", "B"), ("flags", "B"), ("verdict", "B"), ("reason", "B"), ("_pad", "4x"),
+))
+IDENT4_KEY = Layout("ident4_key", (("prefixlen", "I"), ("slot", "I"), ("addr", "4s")))
+IDENT6_KEY = Layout("ident6_key", (("prefixlen", "I"), ("slot", "I"), ("addr", "16s")))
+IDENT_VALUE = Layout("ident_value", (
+    ("identity", "I"), ("src_class", "I"), ("dst_class", "I"), ("flags", "I"),
+))
+POLICY_KEY = Layout("policy_key", (
+    ("prefixlen", "I"), ("slot", "I"), ("src_class", "I"), ("dst_class", "I"),
+    ("proto", "B"), ("port", "2s"), ("_pad", "x"),
+))
+POLICY_VALUE = Layout("policy_value", (
+    ("rule_id", "I"), ("priority", "H"), ("action", "B"), ("_pad", "x"),
+))
+POLICY_CONFIG = Layout("policy_config", (
+    ("generation", "I"), ("default_action", "B"), ("flags", "B"), ("_pad", "2x"),
+))
+STATS_VALUE = Layout("stats_value", (("packets", "Q"), ("bytes", "Q")))
+RULE_STATS = Layout("rule_stats", (("hits", "Q"), ("last_hit_ns", "Q")))
+EVENT_STATS = Layout("event_stats", (("submitted", "Q"), ("lost", "Q")))
+FRAG_KEY = Layout("frag_key", (
+    ("saddr", "16s"), ("daddr", "16s"), ("id", "I"), ("proto", "B"), ("family", "B"),
+    ("_pad", "2x"),
+))
+FRAG_VALUE = Layout("frag_value", (
+    ("seen_ns", "Q"), ("rule_id", "I"), ("generation", "I"), ("verdict", "B"),
+    ("reason", "B"), ("_pad", "6x"),
+))
+EVENT = Layout("event", (
+    ("ts_ns", "Q"), ("created_ns", "Q"), ("packets", "2Q"), ("bytes", "2Q"),
+    ("saddr", "16s"), ("daddr", "16s"),
+    ("ifindex", "I"), ("rule_id", "I"), ("generation", "I"), ("pkt_len", "I"),
+    ("src_identity", "I"), ("dst_identity", "I"),
+    ("sport", "H"), ("dport", "H"),
+    ("type", "B"), ("verdict", "B"), ("reason", "B"), ("direction", "B"),
+    ("family", "B"), ("proto", "B"), ("tcp_flags", "B"), ("state", "B"),
+    ("prev_state", "B"), ("_pad", "11x"),
+))
+
+LAYOUTS = (
+    SESSION_KEY, SESSION_VALUE, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE, POLICY_KEY,
+    POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
+    FRAG_VALUE, EVENT,
+)

@@ -1,0 +1,1 @@
+"""The policy: model, YAML loading and validation, compilation to maps."""

@@ -1,0 +1,133 @@
+"""Decode kernel records — ring-buffer events and session-map entries — into
+typed Python objects. Pure functions over bytes; no kernel needed."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from . import abi
+
+# Ring-buffer records arrive with their 8-byte header in front.
+_EVENT_IN_RING = struct.Struct("<8x" + abi.EVENT.struct.format[1:])
+
+
+def ip_text(family: int, raw: bytes) -> str:
+    """Text form of a 16-byte address field (IPv4 in its first 4 bytes)."""
+    if family == 4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+class RawEvent(NamedTuple):
+    """struct event, field for field (arrays as tuples)."""
+
+    ts_ns: int
+    created_ns: int
+    packets: tuple[int, int]
+    bytes: tuple[int, int]
+    saddr: bytes
+    daddr: bytes
+    ifindex: int
+    rule_id: int
+    generation: int
+    pkt_len: int
+    src_identity: int
+    dst_identity: int
+    sport: int
+    dport: int
+    type: int
+    verdict: int
+    reason: int
+    direction: int
+    family: int
+    proto: int
+    tcp_flags: int
+    state: int
+    prev_state: int
+
+    @property
+    def src_ip(self) -> str:
+        return ip_text(self.family, self.saddr)
+
+    @property
+    def dst_ip(self) -> str:
+        return ip_text(self.family, self.daddr)
+
+
+def _event(t: tuple) -> RawEvent:
+    return RawEvent(t[0], t[1], (t[2], t[3]), (t[4], t[5]), *t[6:])
+
+
+def decode_events(runs: Iterable[bytes]) -> Iterator[RawEvent]:
+    """Events from ring-buffer runs (records with headers, back to back)."""
+    for run in runs:
+        for t in _EVENT_IN_RING.iter_unpack(run):
+            yield _event(t)
+
+
+def decode_event(record: bytes) -> RawEvent:
+    """One bare struct event (no ring header)."""
+    return _event(abi.EVENT.struct.unpack(record))
+
+
+class SessionEntry(NamedTuple):
+    """A session_map entry, oriented: src is the original direction's source."""
+
+    family: int
+    proto: int
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+    created_ns: int
+    last_seen_ns: int
+    packets: tuple[int, int]  # original, reply
+    bytes: tuple[int, int]
+    rule_id: int
+    generation: int
+    owner: tuple[int, int]
+    src_identity: int
+    dst_identity: int
+    state: int
+    flags: int
+    verdict: int
+    reason: int
+
+    @property
+    def src_ip(self) -> str:
+        return ip_text(self.family, self.src)
+
+    @property
+    def dst_ip(self) -> str:
+        return ip_text(self.family, self.dst)
+
+
+def decode_sessions(keys_values: Iterable[tuple[bytes, bytes, int]]) -> Iterator[SessionEntry]:
+    """Sessions from (keys, values, count) flat buffers of a batch lookup."""
+    ks, vs = abi.SESSION_KEY.size, abi.SESSION_VALUE.size
+    kf, vf = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
+    for keys, values, count in keys_values:
+        for i in range(count):
+            k = kf.unpack_from(keys, i * ks)
+            v = vf.unpack_from(values, i * vs)
+            yield _session(k, v)
+
+
+def _session(k: tuple, v: tuple) -> SessionEntry:
+    addr_lo, addr_hi, port_lo, port_hi, proto, family = k
+    (created, last, p0, p1, b0, b1, rule_id, gen, o0, o1, sid, did,
+     state, flags, verdict, reason) = v
+    if flags & abi.SessionFlag.ORIG_LO:
+        src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
+    else:
+        src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
+    return SessionEntry(family, proto, src, sport, dst, dport, created, last, (p0, p1),
+                        (b0, b1), rule_id, gen, (o0, o1), sid, did, state, flags, verdict,
+                        reason)
+
+
+def decode_session(key: bytes, value: bytes) -> SessionEntry:
+    return _session(abi.SESSION_KEY.struct.unpack(key), abi.SESSION_VALUE.struct.unpack(value))

@@ -1,0 +1,17 @@
+"""Shared fixtures. Datapath and end-to-end tests need root (BPF, tc,
+network namespaces); `make test` runs as root, as CI does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: run `make test` as root")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,1 @@
+"""microseg.tui: the live Textual view (``microseg top``)."""
