@@ -7,6 +7,7 @@ compilation, event decoding and aggregation stay pure and never import BCC.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -253,14 +254,10 @@ class Datapath:
         if not self.config.pin_dir:
             return
         for name in self.config.map_specs():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.config.pin_dir, name))
-            except FileNotFoundError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self.config.pin_dir)
-        except OSError:
-            pass
 
     # -- attaching ---------------------------------------------------------
 
@@ -321,7 +318,7 @@ class Datapath:
                 keys = known.get(name, b"")
                 count = len(keys) // m.key_size
             else:  # unknown (fresh start): find the slot's keys
-                found = [k for k in m.keys() if _U32.unpack_from(k, 4)[0] == slot]
+                found = [k for k in m if _U32.unpack_from(k, 4)[0] == slot]
                 keys, count = b"".join(found), len(found)
             for i in range(count):
                 m.delete(keys[i * m.key_size:(i + 1) * m.key_size])
@@ -343,7 +340,7 @@ class Datapath:
                 sums = None
                 for cpu in range(bpfsys.possible_cpus()):
                     t = unpack(values, base + cpu * stride)
-                    sums = t if sums is None else tuple(a + b for a, b in zip(sums, t))
+                    sums = t if sums is None else tuple(map(sum, zip(sums, t, strict=True)))
                 if sums and any(sums):
                     out[idx] = sums
         return out

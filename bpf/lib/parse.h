@@ -160,14 +160,15 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off,
 			return PARSE_INVALID;
 		if ((void *)(th + 1) > data_end)
 			return PARSE_TRUNCATED;
+		/* Ports and flags first: a drop event should show them. */
+		p->sport = bswap16(th->source);
+		p->dport = bswap16(th->dest);
+		p->tcp_flags = th->flags;
 		__u32 doff = (th->doff_res >> 4) * 4;
 		if (doff < sizeof(*th) || doff > l4_len)
 			return PARSE_INVALID;
-		p->tcp_flags = th->flags;
 		if (!tcp_flags_valid(th->flags))
 			return PARSE_INVALID;
-		p->sport = bswap16(th->source);
-		p->dport = bswap16(th->dest);
 		return PARSE_OK;
 	}
 	if (p->proto == IPPROTO_UDP) {
@@ -176,12 +177,12 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off,
 			return PARSE_INVALID;
 		if ((void *)(uh + 1) > data_end)
 			return PARSE_TRUNCATED;
+		p->sport = bswap16(uh->source);
+		p->dport = bswap16(uh->dest);
 		__u32 ulen = bswap16(uh->len);
 		/* A first fragment carries only part of the datagram. */
 		if (p->frag == FRAG_NONE && (ulen < sizeof(*uh) || ulen > l4_len))
 			return PARSE_INVALID;
-		p->sport = bswap16(uh->source);
-		p->dport = bswap16(uh->dest);
 		return PARSE_OK;
 	}
 	if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {

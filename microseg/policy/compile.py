@@ -400,9 +400,9 @@ def lookup_identity(compiled: CompiledPolicy, ip: str) -> IdentityEntry | None:
     addr = ipaddress.ip_address(ip)
     best: IdentityEntry | None = None
     for e in compiled.identities:
-        if e.prefix.version == addr.version and addr in e.prefix:
-            if best is None or e.prefix.prefixlen > best.prefix.prefixlen:
-                best = e
+        if (e.prefix.version == addr.version and addr in e.prefix
+                and (best is None or e.prefix.prefixlen > best.prefix.prefixlen)):
+            best = e
     return best
 
 

@@ -1,0 +1,207 @@
+"""A lab of workloads in network namespaces on one bridge.
+
+Each workload is a namespace ``{prefix}-{name}`` whose ``eth0`` is one end
+of a veth pair; the host end, named ``{prefix}-{name}``, sits on the bridge
+``{prefix}br0`` (no dash: a daemon attached by the glob ``{prefix}-*`` must
+not attach to the bridge). Addresses are IPv4 and IPv6 from the lab's own
+subnets; nothing on the host gets an address or a route, so the lab touches
+nothing else. ``down()`` removes every piece with the prefix, including the
+stale leftovers of a lab that crashed, and the processes started in it.
+
+The end-to-end tests and ``microseg demo`` both build on this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    host: int  # last address byte/group: 10 gives 10.203.0.10 and fd00:203::10
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *argv], check=check, capture_output=True, text=True)
+
+
+class Lab:
+    def __init__(self, workloads: Sequence[WorkloadSpec], prefix: str = "msd",
+                 subnet4: str = "10.203.0.0/24", subnet6: str = "fd00:203::/64") -> None:
+        if len(prefix) > 6 or "-" in prefix:
+            raise ValueError("lab prefix: at most 6 characters, no dash")
+        self.prefix = prefix
+        self.workloads = list(workloads)
+        self.net4 = ipaddress.ip_network(subnet4)
+        self.net6 = ipaddress.ip_network(subnet6)
+        self.bridge = f"{prefix}br0"
+        self._procs: list[subprocess.Popen] = []
+
+    # -- names and addresses ---------------------------------------------
+
+    def ns(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def host_if(self, name: str) -> str:
+        return f"{self.prefix}-{name}"[:15]
+
+    @property
+    def glob(self) -> str:
+        return f"{self.prefix}-*"
+
+    def ipv4(self, name: str) -> str:
+        return str(self.net4.network_address + self._spec(name).host)
+
+    def ipv6(self, name: str) -> str:
+        return str(self.net6.network_address + int(str(self._spec(name).host), 16))
+
+    def _spec(self, name: str) -> WorkloadSpec:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+    def ifindex(self, name: str) -> int:
+        with open(f"/sys/class/net/{self.host_if(name)}/ifindex") as f:
+            return int(f.read())
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        self.down()  # stale pieces of an earlier lab with this prefix
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        cmds = [f"link add {self.bridge} type bridge",
+                f"link set {self.bridge} up"]
+        for w in self.workloads:
+            ns, hif = self.ns(w.name), self.host_if(w.name)
+            cmds += [f"netns add {ns}",
+                     f"link add {hif} type veth peer name eth0 netns {ns}",
+                     f"link set {hif} master {self.bridge}",
+                     f"link set {hif} up"]
+        _batch(cmds)
+        for w in self.workloads:
+            ns, hif = self.ns(w.name), self.host_if(w.name)
+            _sysctl(f"net.ipv6.conf.{hif}.disable_ipv6", "1")
+            plen4, plen6 = self.net4.prefixlen, self.net6.prefixlen
+            _batch(["link set lo up",
+                    f"addr add {self.ipv4(w.name)}/{plen4} dev eth0",
+                    f"addr add {self.ipv6(w.name)}/{plen6} dev eth0 nodad",
+                    "link set eth0 up"], netns=ns)
+        _sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1")
+
+    def down(self) -> None:
+        """Remove everything with this lab's prefix; never fails."""
+        for p in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self._procs:
+            with contextlib.suppress(Exception):
+                p.wait(timeout=5)
+        self._procs.clear()
+        for ns in self.stale_namespaces():
+            pids = _ip("netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _ip("netns", "del", ns, check=False)
+        for link in self.stale_links():
+            _ip("link", "del", link, check=False)
+
+    def stale_namespaces(self) -> list[str]:
+        out = _ip("netns", "list", check=False).stdout
+        names = [line.split()[0] for line in out.splitlines() if line.strip()]
+        return [n for n in names if n.startswith(f"{self.prefix}-")]
+
+    def stale_links(self) -> list[str]:
+        names = os.listdir("/sys/class/net")
+        return [n for n in names if n.startswith(f"{self.prefix}-") or n == self.bridge]
+
+    # -- running things inside ----------------------------------------------
+
+    def _argv(self, name: str, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(name), *argv]
+
+    def run(self, name: str, argv: Sequence[str], timeout: float = 30,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self._argv(name, argv), capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+    def spawn(self, name: str, argv: Sequence[str], **kw) -> subprocess.Popen:
+        """A long-running process in the workload's namespace; killed by down()."""
+        p = subprocess.Popen(self._argv(name, argv), start_new_session=True, **kw)
+        self._procs.append(p)
+        return p
+
+    def serve(self, name: str, tcp: Sequence[int] = (), udp: Sequence[int] = ()) -> None:
+        """Start echo servers in a workload and wait until they listen."""
+        argv = [sys.executable, "-m", "microseg.labtraffic", "serve"]
+        for p in tcp:
+            argv += ["--tcp", str(p)]
+        for p in udp:
+            argv += ["--udp", str(p)]
+        proc = self.spawn(name, argv, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"echo server in {name} failed to start")
+
+    def probe(self, name: str, proto: str, dst: str, port: int = 0,
+              timeout: float = 1.0) -> bool:
+        """True when dst answers from inside workload name (tcp/udp echo, ping)."""
+        if proto == "icmp":
+            r = self.run(name, ["ping", "-c", "1", "-W", str(max(1, int(timeout))), dst])
+            return r.returncode == 0
+        r = self.run(name, [sys.executable, "-m", "microseg.labtraffic", "probe", proto, dst,
+                            str(port), "--timeout", str(timeout)])
+        return r.returncode == 0
+
+
+def _batch(cmds: list[str], netns: str | None = None) -> None:
+    where = ["-n", netns] if netns else []
+    r = subprocess.run(["ip", *where, "-batch", "-"], input="\n".join(cmds) + "\n",
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"ip -batch failed: {r.stderr.strip()}")
+
+
+def _sysctl(key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write(value)
+
+
+def wait_for(cond, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return cond()
+
+
+def iter_specs(names: Sequence[str], start: int = 10, step: int = 10) -> Iterator[WorkloadSpec]:
+    for i, n in enumerate(names):
+        yield WorkloadSpec(n, start + i * step)

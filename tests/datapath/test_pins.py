@@ -1,0 +1,150 @@
+"""Pinned maps: created with BTF, reused across loads (sessions survive),
+checked before reuse, replaced with a warning when their layout or ABI no
+longer matches, removed by unpin."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from microseg import abi, bpfsys
+from microseg.datapath import Datapath, DatapathConfig
+from microseg.policy.compile import compile_policy
+
+from .harness import tcp
+from .policies import DB4, WEB4, shop
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[str]:
+    path = f"/sys/fs/bpf/microseg-test-{uuid.uuid4().hex[:8]}"
+    yield path
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+
+
+def _config(pin_dir: str, capacity: int = 4096) -> DatapathConfig:
+    return DatapathConfig(pin_dir=pin_dir, session_capacity=capacity, ringbuf_bytes=1 << 16)
+
+
+def _loaded(cfg: DatapathConfig) -> tuple[Datapath, object]:
+    dp = Datapath(cfg)
+    return dp, dp.load()
+
+
+def _open_session(dp: Datapath) -> None:
+    if dp.active_generation() == 0:
+        dp.apply_policy(compile_policy(shop()), grace_s=0)
+    assert dp.test_run(bytes(tcp(WEB4, DB4, 1234, 5432))).retval == 0
+
+
+def test_pins_are_created_checked_and_reused(pin_dir: str) -> None:
+    cfg = _config(pin_dir)
+    dp, report = _loaded(cfg)
+    try:
+        assert report.reused_pins == [] and report.warnings == []
+        assert sorted(os.listdir(pin_dir)) == sorted(cfg.map_specs())
+        for name, spec in cfg.map_specs().items():
+            info = bpfsys.map_info(dp.maps[name].fd)
+            assert (info.type, info.key_size, info.value_size, info.max_entries,
+                    info.map_flags) == tuple(spec), name
+        _open_session(dp)
+        gen = dp.active_generation()
+    finally:
+        dp.close()
+
+    dp, report = _loaded(cfg)
+    try:
+        assert sorted(report.reused_pins) == sorted(cfg.map_specs())
+        assert report.warnings == []
+        (s,) = list(dp.sessions())
+        assert (s.src_ip, s.dst_ip, s.dport) == (WEB4, DB4, 5432)
+        assert dp.active_generation() == gen
+        # The old policy still enforces under the new program.
+        assert dp.test_run(bytes(tcp(WEB4, DB4, 1, 22))).retval == 2
+    finally:
+        dp.close()
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="needs bpftool")
+def test_bpftool_reads_pins_with_btf(pin_dir: str) -> None:
+    dp, _ = _loaded(_config(pin_dir))
+    try:
+        _open_session(dp)
+        assert bpfsys.map_info(dp.maps["session_map"].fd).btf_id != 0
+        out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
+                              f"{pin_dir}/session_map"], check=True, capture_output=True,
+                             text=True).stdout
+        (entry,) = json.loads(out)
+        fmt = entry["formatted"]
+        assert fmt["key"]["port_hi"] == 5432 or fmt["key"]["port_lo"] == 5432
+        assert fmt["value"]["packets"] == [1, 0]
+        progs = subprocess.run(["bpftool", "-j", "prog", "show"], check=True,
+                               capture_output=True, text=True).stdout
+        names = {p.get("name") for p in json.loads(progs)}
+        assert {"mseg_ingress", "mseg_egress"} <= names
+    finally:
+        dp.close()
+
+
+def test_pin_with_other_capacity_is_replaced_with_a_warning(pin_dir: str) -> None:
+    dp, _ = _loaded(_config(pin_dir, capacity=4096))
+    _open_session(dp)
+    dp.close()
+    dp, report = _loaded(_config(pin_dir, capacity=8192))
+    try:
+        assert len(report.warnings) == 1 and "session_map" in report.warnings[0]
+        assert "session_map" not in report.reused_pins
+        assert "policy_map" in report.reused_pins
+        assert list(dp.sessions()) == []
+        assert bpfsys.map_info(dp.maps["session_map"].fd).max_entries == 8192
+    finally:
+        dp.close()
+
+
+def test_pin_of_another_kind_is_never_reused(pin_dir: str) -> None:
+    from bcc import BPF
+
+    os.makedirs(pin_dir)
+    other = BPF(text=b"BPF_ARRAY(impostor, u64, 4);")
+    bpfsys.obj_pin(other[b"impostor"].map_fd, f"{pin_dir}/session_map")
+    other.cleanup()
+    dp, report = _loaded(_config(pin_dir))
+    try:
+        # The impostor has no meta_map beside it: every pin is distrusted.
+        assert report.warnings and "replacing" in report.warnings[0]
+        info = bpfsys.map_info(dp.maps["session_map"].fd)
+        assert info.type == bpfsys.BPF_MAP_TYPE_LRU_HASH
+    finally:
+        dp.close()
+
+
+def test_pins_of_another_abi_are_all_replaced(pin_dir: str) -> None:
+    dp, _ = _loaded(_config(pin_dir))
+    _open_session(dp)
+    dp.maps["meta_map"].update(b"\0\0\0\0", (abi.ABI_VERSION + 1).to_bytes(4, "little"))
+    dp.close()
+    dp, report = _loaded(_config(pin_dir))
+    try:
+        assert any(f"ABI {abi.ABI_VERSION + 1}" in w for w in report.warnings)
+        assert report.reused_pins == []
+        assert list(dp.sessions()) == [] and dp.active_generation() == 0
+    finally:
+        dp.close()
+
+
+def test_unpin_removes_everything(pin_dir: str) -> None:
+    dp, _ = _loaded(_config(pin_dir))
+    dp.close()
+    dp.unpin()
+    assert not os.path.exists(pin_dir)
