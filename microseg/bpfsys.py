@@ -237,7 +237,7 @@ class BpfMap:
         _check(rc, f"delete from {self.name}")
         return True
 
-    def keys(self) -> Iterator[bytes]:
+    def iter_keys(self) -> Iterator[bytes]:
         """Every key by get_next_key: for maps without batch lookup (LPM)."""
         key = ctypes.create_string_buffer(self.key_size)
         nxt = ctypes.create_string_buffer(self.key_size)

@@ -318,7 +318,7 @@ class Datapath:
                 keys = known.get(name, b"")
                 count = len(keys) // m.key_size
             else:  # unknown (fresh start): find the slot's keys
-                found = [k for k in m if _U32.unpack_from(k, 4)[0] == slot]
+                found = [k for k in m.iter_keys() if _U32.unpack_from(k, 4)[0] == slot]
                 keys, count = b"".join(found), len(found)
             for i in range(count):
                 m.delete(keys[i * m.key_size:(i + 1) * m.key_size])

@@ -103,4 +103,4 @@ def test_ipv6_fragment_overlapping_tcp_header_is_invalid(dp: Harness) -> None:
 def test_unfragmented_tcp_is_not_remembered_as_fragment(dp: Harness) -> None:
     dp.install(shop())
     dp.send(eth(IP(src=WEB4, dst=API4) / TCP(dport=80, flags="S")))
-    assert list(dp.dp.maps["frag_map"].keys()) == []
+    assert list(dp.dp.maps["frag_map"].iter_keys()) == []
