@@ -15,6 +15,7 @@
 #include "microseg.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
+#include "lib/clock.h"
 #include "lib/stats.h"
 #include "lib/events.h"
 #include "lib/verdict.h"
@@ -22,57 +23,93 @@
 #include "lib/session.h"
 #include "lib/frag.h"
 
-/* ICMP errors and informational ICMP create no session: an error quoting
- * a tracked session passes as related; anything else is judged alone. */
-static __always_inline int judge_stateless(struct __sk_buff *skb,
-					   const struct packet *p, __u32 dir,
-					   __u32 gen, __u64 now,
-					   struct decision *d)
+/* Everything after parsing, for a packet that has its L4 header. The
+ * policy is consulted at one place: for a new flow in its own direction,
+ * for a session whose generation is stale in the session's original one. */
+static __always_inline int process(struct __sk_buff *skb, const struct packet *p,
+				   __u32 dir, struct decision *d)
 {
+	__u32 gen = active_generation();
+	int tcp = p->proto == IPPROTO_TCP;
+	__u8 tf = p->tcp_flags;
+	struct session_key key = {};
+	struct session_value *s = NULL;
+	int is_lo = 0, reported = 0;
+	__u32 side = 0;
+	/* ICMP errors and informational ICMP open no session. */
+	int stateless = p->icmp == ICMP_KIND_ERROR || p->icmp == ICMP_KIND_OTHER;
+
 	if (p->icmp == ICMP_KIND_ERROR) {
-		struct session_key k = {};
-		make_session_key(p->family, p->inner.proto, p->inner.saddr,
-				 p->inner.daddr, p->inner.sport, p->inner.dport,
-				 &k);
-		if (session_map.lookup(&k)) {
+		/* An ICMP error quoting a tracked session is related to it;
+		 * other ICMP errors open no session and are judged alone. */
+		struct quoted q = {};
+		if (parse_quote(skb, p, &q) != PARSE_OK)
+			return drop_packet(d, REASON_INVALID);
+		make_session_key(p->family, q.proto, q.saddr, q.daddr, q.sport,
+				 q.dport, &key);
+		if (session_map.lookup(&key)) {
 			d->verdict = VERDICT_ALLOWED;
 			d->reason = REASON_RELATED;
 			return pass_packet(dir, VERDICT_ALLOWED, REASON_RELATED,
 					   p->len);
 		}
+	} else if (!stateless) {
+		is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
+					 p->sport, p->dport, &key);
+		/* bpf_map_lookup_elem: the session, whichever direction. */
+		s = session_map.lookup(&key);
+		if (s && tcp && s->state == STATE_CLOSED &&
+		    (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+			s = NULL; /* a new connection on a closed tuple */
+		if (s)
+			side = is_lo == !!(s->flags & SESSION_ORIG_LO) ? 0 : 1;
 	}
-	match_policy(p->family, p->proto, p->saddr, p->daddr, p->dport, gen, d);
-	return apply_verdict(skb, p, dir, d, now);
+
+	if (!s || s->generation != gen) {
+		if (!s && tcp && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) ==
+					 (TCP_FLAG_SYN | TCP_FLAG_ACK))
+			return drop_packet(d, REASON_STATE); /* SYN-ACK, no SYN seen */
+		int reverse = s && side; /* a session: its original direction */
+		match_policy(p->family, p->proto, reverse ? p->daddr : p->saddr,
+			     reverse ? p->saddr : p->daddr,
+			     reverse ? p->sport : p->dport, gen, d);
+		if (!s) {
+			/* Denied, stateless ICMP, or an allowed RST (nothing to
+			 * track): the verdict is all. */
+			if (d->verdict == VERDICT_DENIED || stateless ||
+			    (tcp && (tf & TCP_FLAG_RST)))
+				return NEED_VERDICT;
+			return open_session(skb, p, dir, &key, is_lo, d);
+		}
+		int r = revalidate_session(skb, p, dir, &key, s, side, d);
+		if (r == REVAL_REVOKED)
+			return NEED_VERDICT;
+		reported = r == REVAL_REPORTED;
+	}
+	return account_session(skb, p, dir, s, side, reported, d);
 }
 
 static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir)
 {
 	struct packet p = {};
+	struct decision d = {};
 	int rc = parse_packet(skb, &p);
+	int act;
 
 	if (rc == PARSE_NON_IP)
 		return pass_packet(dir, VERDICT_ALLOWED, REASON_NON_IP, skb->len);
 	if (rc == PARSE_NEIGHBOR)
 		return pass_packet(dir, VERDICT_ALLOWED, REASON_NEIGHBOR, p.len);
-
-	/* bpf_ktime_get_ns: monotonic clock for events and session ages. */
-	__u64 now = bpf_ktime_get_ns();
-
 	if (rc != PARSE_OK)
-		return drop_packet(skb, &p, dir, REASON_INVALID, now);
-	if (p.frag == FRAG_LATER)
-		return follow_fragment(skb, &p, dir, now);
-
-	__u32 gen = active_generation();
-	struct decision d = {};
-	int act;
-
-	if (p.icmp == ICMP_KIND_ERROR || p.icmp == ICMP_KIND_OTHER)
-		act = judge_stateless(skb, &p, dir, gen, now, &d);
+		act = drop_packet(&d, REASON_INVALID);
+	else if (p.frag == FRAG_LATER)
+		act = follow_fragment(&p, dir, &d);
 	else
-		act = track_session(skb, &p, dir, gen, now, &d);
+		act = process(skb, &p, dir, &d);
+	if (act == NEED_VERDICT)
+		act = apply_verdict(skb, &p, dir, &d);
 	if (p.frag == FRAG_FIRST)
-		remember_first_fragment(&p, &d, now);
+		remember_first_fragment(&p, &d);
 	return act;
 }
 
@@ -85,3 +122,52 @@ int mseg_egress(struct __sk_buff *skb)
 {
 	return handle_packet(skb, DIR_EGRESS);
 }
+
+/* Never attached: userspace runs it (BPF_PROG_TEST_RUN) to sample the
+ * session clock and CLOCK_MONOTONIC at one instant. */
+int mseg_clock(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct clock_sample *c = clock_map.lookup(&zero);
+
+	if (c) {
+		c->jiffies = bpf_jiffies64();
+		c->ktime_ns = bpf_ktime_get_ns();
+	}
+	return TC_ACT_OK;
+}
+
+#ifdef MSEG_BENCH_HARNESS
+/*
+ * Benchmark harness, compiled only by bench/ (-DMSEG_BENCH_HARNESS) and never
+ * attached. BPF_PROG_TEST_RUN repeats one packet; to measure new flows, every
+ * repetition must be a new flow: mseg_bench_newflow rewrites the TCP source
+ * port from a per-CPU counter, then runs the real ingress path.
+ * mseg_bench_rewrite does only the rewrite: the floor for that comparison.
+ */
+BPF_TABLE("percpu_array", u32, struct bench_ctl, bench_ctl_map, 1);
+
+static __always_inline int bench_rewrite(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct bench_ctl *c = bench_ctl_map.lookup(&zero);
+
+	if (!c)
+		return -1;
+	__be16 port = bswap16((__u16)(c->base + c->next++));
+	/* bpf_skb_store_bytes: write the new source port into the packet. */
+	return bpf_skb_store_bytes(skb, c->sport_off, &port, sizeof(port), 0);
+}
+
+int mseg_bench_newflow(struct __sk_buff *skb)
+{
+	if (bench_rewrite(skb))
+		return TC_ACT_SHOT;
+	return handle_packet(skb, DIR_INGRESS);
+}
+
+int mseg_bench_rewrite(struct __sk_buff *skb)
+{
+	return bench_rewrite(skb) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+#endif

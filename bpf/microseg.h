@@ -74,19 +74,33 @@ enum mseg_action {
 	ACTION_DENY = 2,
 };
 
-/* identity_value.flags */
+/* ident_value.flags */
 enum mseg_ident_flags {
 	IDENT_AUDIT = 1,      /* traffic TO this identity: deny becomes audit */
-	IDENT_SRC_PAIR = 2,   /* src_class appears in some (src, dst) group */
-	IDENT_DST_PAIR = 4,   /* dst_class appears in some (src, dst) group */
-	IDENT_SRC_ANY = 8,    /* a (src_class, any) group exists */
-	IDENT_DST_ANY = 16,   /* an (any, dst_class) group exists */
+};
+
+/* Selector kinds, each with its own class space (see policy.h). A group
+ * (src class, dst class) pairs a class of one kind with one of another;
+ * the pair of kinds is a "combo", bit X * 4 + Y of the combo masks. */
+enum mseg_space {
+	SPACE_WORKLOAD = 0,
+	SPACE_LABELS = 1,
+	SPACE_CIDR = 2,
+	SPACE_ANY = 3,
+	SPACE_MAX = 3,        /* spaces with classes (ANY has none) */
 };
 
 /* policy_config.flags */
 enum mseg_config_flags {
-	CFG_AUDIT = 1,     /* global audit mode (applies to unknown dsts) */
-	CFG_ANY_ANY = 2,   /* an (any, any) group exists */
+	CFG_AUDIT = 1,        /* global audit mode (applies to unknown dsts) */
+	CFG_ANY_ANY = 2,      /* an (any, any) group exists */
+	CFG_PREFIX4 = 4,      /* ident4_map has entries: look up non-host IPv4 */
+	CFG_PREFIX6 = 8,      /* ident6_map has entries: look up non-host IPv6 */
+};
+
+/* policy_value.flags */
+enum mseg_policy_flags {
+	POLICY_EXCEPTIONS = 1, /* some port classes decide otherwise: look up */
 };
 
 /* session_value.flags */
@@ -110,7 +124,7 @@ enum mseg_session_flags {
 /* Rule ids are stable per rule name across generations (so hit counters
  * survive reloads); 0 means "no rule" (default verdict). */
 #define MAX_RULES 32768
-/* Policy classes: 0 is the wildcard "any" in policy_key. */
+/* Class ids are unique across spaces; 0 is "any" in policy_key. */
 #define CLASS_ANY 0
 /* Identity of an address that no prefix of the policy covers. */
 #define IDENTITY_WORLD 0
@@ -137,7 +151,7 @@ struct session_key {
 
 struct session_value {
 	__u64 created_ns;    /* bpf_ktime_get_ns() of the first packet */
-	__u64 last_seen_ns;
+	__u64 last_seen;     /* bpf_jiffies64() of the latest packet */
 	__u64 packets[2];    /* [0] original direction, [1] reply */
 	__u64 bytes[2];
 	__u32 rule_id;       /* rule that allowed it (0: default) */
@@ -152,10 +166,21 @@ struct session_value {
 	__u32 pad;
 };
 
-/* ---- identity tries: address prefix -> identity, per policy slot ------ */
+/* ---- identities: address -> identity and classes, per policy slot ---- */
 
-/* LPM keys: prefixlen counts the slot's 32 bits plus the address prefix,
- * so every generation slot is its own sub-trie (see docs/how-it-works.md). */
+/* Host addresses (/32, /128) by exact hash; only other prefixes need the
+ * LPM tries (prefixlen counts the slot's 32 bits plus the address prefix,
+ * so every generation slot is its own sub-trie). */
+struct host4_key {
+	__u32 slot;
+	__u8 addr[4];
+};
+
+struct host6_key {
+	__u32 slot;
+	__u8 addr[16];
+};
+
 struct ident4_key {
 	__u32 prefixlen;
 	__u32 slot;
@@ -170,38 +195,46 @@ struct ident6_key {
 
 struct ident_value {
 	__u32 identity;
-	__u32 src_class;  /* equivalence class as a rule source (0: none) */
-	__u32 dst_class;  /* equivalence class as a rule destination (0: none) */
-	__u32 flags;      /* enum mseg_ident_flags */
+	__u32 cls[SPACE_MAX];  /* class in each selector space; 0: none */
+	__u16 src_combos;      /* bit X*4+Y: a group pairs my X-class, as
+				* source, with some Y-class (or any) */
+	__u16 dst_combos;      /* bit X*4+Y: a group pairs my Y-class, as
+				* destination, with some X-class (or any) */
+	__u32 flags;           /* enum mseg_ident_flags */
 };
 
-/* ---- policy_map: LPM trie over (slot, src class, dst class, proto, port) */
-
-/* prefixlen: 96 = any protocol; 104 = this protocol, any port;
- * 104 + n = the first n bits of the destination port (a range is a set of
- * such prefixes). Port bytes are big-endian so prefixes follow port order. */
+/* ---- policy_map: hash over (slot, src class, dst class, proto, port class)
+ *
+ * Per group and protocol, one header entry (port_class 0) carries the
+ * decision for most ports; when some port classes decide otherwise it is
+ * flagged POLICY_EXCEPTIONS and those have entries under port_class =
+ * class + 1. proto 0 holds the any-protocol decision for protocols other
+ * than tcp, udp, icmp and icmpv6 (those four get their own headers). */
 struct policy_key {
-	__u32 prefixlen;
 	__u32 slot;
 	__u32 src_class;
 	__u32 dst_class;
-	__u8 proto;       /* 0 = any */
-	__u8 port[2];     /* big-endian destination port */
+	__u8 proto;
 	__u8 pad;
+	__u16 port_class;
 };
-#define POLICY_PREFIX_ANY_PROTO 96
-#define POLICY_PREFIX_PROTO 104
-#define POLICY_PREFIX_FULL 120
 
-/* Within one (src, dst) group the compiler already resolved deny-over-allow
- * so the longest prefix carries the answer; across the up to four groups a
- * packet can match, the datapath prefers deny, then the lowest priority. */
+/* Within a group the compiler already resolved deny-over-allow; across the
+ * groups a packet matches, the datapath prefers deny, then the lowest
+ * priority (the rule written first). ACTION_NONE: no rule of the group
+ * matches (a header that exists only to carry exceptions). */
 struct policy_value {
 	__u32 rule_id;
-	__u16 priority;   /* rule index in the file: lower wins among equals */
+	__u16 priority;
 	__u8 action;      /* enum mseg_action */
-	__u8 pad;
+	__u8 flags;       /* enum mseg_policy_flags */
 };
+
+/* port_class_map[PORT_CLASS_INDEX(slot, udp, port)]: ports that rules
+ * name, grouped into classes (0: named by no rule of that protocol). */
+#define PORT_CLASS_SLOTS (2 * 2 * 65536)
+#define PORT_CLASS_INDEX(slot, udp, port) \
+	((((slot) * 2 + (udp)) << 16) | (port))
 
 /* ---- config_map[slot] and active_map[0] -------------------------------- */
 
@@ -243,7 +276,7 @@ struct frag_key {
 };
 
 struct frag_value {
-	__u64 seen_ns;
+	__u64 seen;          /* bpf_jiffies64() */
 	__u32 rule_id;
 	__u32 generation;
 	__u8 verdict;
@@ -278,6 +311,22 @@ struct event {
 	__u8 state;           /* session events: enum mseg_state */
 	__u8 prev_state;
 	__u8 pad[11];         /* to 128 bytes */
+};
+
+/* clock_map[0], written by the mseg_clock entry when userspace runs it:
+ * one instant on both session clocks, to convert jiffies to time. */
+struct clock_sample {
+	__u64 jiffies;
+	__u64 ktime_ns;
+};
+
+/* bench/ only (MSEG_BENCH_HARNESS): where and from what to rewrite the
+ * TCP source port so every BPF_PROG_TEST_RUN repetition is a new flow. */
+struct bench_ctl {
+	__u32 sport_off;
+	__u32 base;
+	__u32 next;
+	__u32 pad;
 };
 
 #endif /* MICROSEG_H */

@@ -18,9 +18,12 @@ MAX_RULES = 32768
 CLASS_ANY = 0
 IDENTITY_WORLD = 0
 
-POLICY_PREFIX_ANY_PROTO = 96
-POLICY_PREFIX_PROTO = 104
-POLICY_PREFIX_FULL = 120
+PORT_CLASS_SLOTS = 2 * 2 * 65536
+
+
+def port_class_index(slot: int, udp: bool, port: int) -> int:
+    """Index into port_class_map, as PORT_CLASS_INDEX() in the header."""
+    return ((slot * 2 + int(udp)) << 16) | port
 
 
 class Direction(enum.IntEnum):
@@ -77,15 +80,31 @@ class Action(enum.IntEnum):
 
 class IdentFlag(enum.IntFlag):
     AUDIT = 1
-    SRC_PAIR = 2
-    DST_PAIR = 4
-    SRC_ANY = 8
-    DST_ANY = 16
+
+
+class Space(enum.IntEnum):
+    """Selector kinds, each with its own class space."""
+
+    WORKLOAD = 0
+    LABELS = 1
+    CIDR = 2
+    ANY = 3
+
+
+def combo_bit(src: Space, dst: Space) -> int:
+    """Bit of the (src space, dst space) combo in ident_value's masks."""
+    return 1 << (src * 4 + dst)
 
 
 class ConfigFlag(enum.IntFlag):
     AUDIT = 1
     ANY_ANY = 2
+    PREFIX4 = 4
+    PREFIX6 = 8
+
+
+class PolicyFlag(enum.IntFlag):
+    EXCEPTIONS = 1
 
 
 class SessionFlag(enum.IntFlag):
@@ -151,22 +170,25 @@ SESSION_KEY = Layout("session_key", (
     ("proto", "B"), ("family", "B"), ("_pad", "2x"),
 ))
 SESSION_VALUE = Layout("session_value", (
-    ("created_ns", "Q"), ("last_seen_ns", "Q"), ("packets", "2Q"), ("bytes", "2Q"),
+    ("created_ns", "Q"), ("last_seen", "Q"), ("packets", "2Q"), ("bytes", "2Q"),
     ("rule_id", "I"), ("generation", "I"), ("owner", "2I"),
     ("src_identity", "I"), ("dst_identity", "I"),
     ("state", "B"), ("flags", "B"), ("verdict", "B"), ("reason", "B"), ("_pad", "4x"),
 ))
+HOST4_KEY = Layout("host4_key", (("slot", "I"), ("addr", "4s")))
+HOST6_KEY = Layout("host6_key", (("slot", "I"), ("addr", "16s")))
 IDENT4_KEY = Layout("ident4_key", (("prefixlen", "I"), ("slot", "I"), ("addr", "4s")))
 IDENT6_KEY = Layout("ident6_key", (("prefixlen", "I"), ("slot", "I"), ("addr", "16s")))
 IDENT_VALUE = Layout("ident_value", (
-    ("identity", "I"), ("src_class", "I"), ("dst_class", "I"), ("flags", "I"),
+    ("identity", "I"), ("cls", "3I"), ("src_combos", "H"), ("dst_combos", "H"),
+    ("flags", "I"),
 ))
 POLICY_KEY = Layout("policy_key", (
-    ("prefixlen", "I"), ("slot", "I"), ("src_class", "I"), ("dst_class", "I"),
-    ("proto", "B"), ("port", "2s"), ("_pad", "x"),
+    ("slot", "I"), ("src_class", "I"), ("dst_class", "I"), ("proto", "B"), ("_pad", "x"),
+    ("port_class", "H"),
 ))
 POLICY_VALUE = Layout("policy_value", (
-    ("rule_id", "I"), ("priority", "H"), ("action", "B"), ("_pad", "x"),
+    ("rule_id", "I"), ("priority", "H"), ("action", "B"), ("flags", "B"),
 ))
 POLICY_CONFIG = Layout("policy_config", (
     ("generation", "I"), ("default_action", "B"), ("flags", "B"), ("_pad", "2x"),
@@ -179,7 +201,7 @@ FRAG_KEY = Layout("frag_key", (
     ("_pad", "2x"),
 ))
 FRAG_VALUE = Layout("frag_value", (
-    ("seen_ns", "Q"), ("rule_id", "I"), ("generation", "I"), ("verdict", "B"),
+    ("seen", "Q"), ("rule_id", "I"), ("generation", "I"), ("verdict", "B"),
     ("reason", "B"), ("_pad", "6x"),
 ))
 EVENT = Layout("event", (
@@ -193,8 +215,13 @@ EVENT = Layout("event", (
     ("prev_state", "B"), ("_pad", "11x"),
 ))
 
+CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
+BENCH_CTL = Layout("bench_ctl", (
+    ("sport_off", "I"), ("base", "I"), ("next", "I"), ("_pad", "4x"),
+))
+
 LAYOUTS = (
-    SESSION_KEY, SESSION_VALUE, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE, POLICY_KEY,
-    POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
-    FRAG_VALUE, EVENT,
+    SESSION_KEY, SESSION_VALUE, HOST4_KEY, HOST6_KEY, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE,
+    POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
+    FRAG_VALUE, EVENT, CLOCK_SAMPLE, BENCH_CTL,
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import abi, bpfsys, tc
+from .clock import ClockSample
 from .records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ FRAG_CAPACITY = 16384
 EVENT_TYPE_SLOTS = 4  # EVENT_TYPE_MAX
 PROG_INGRESS = "mseg_ingress"
 PROG_EGRESS = "mseg_egress"
+PROG_CLOCK = "mseg_clock"
 
 _U32 = struct.Struct("<I")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
@@ -50,6 +52,7 @@ class DatapathConfig:
     pin_dir: str | None = DEFAULT_PIN_DIR
     session_capacity: int = 1 << 20
     ringbuf_bytes: int = 16 << 20
+    bench_harness: bool = False  # bench/ only: the new-flow harness entries
 
     def __post_init__(self) -> None:
         rb = self.ringbuf_bytes
@@ -65,18 +68,24 @@ class DatapathConfig:
         return {
             "session_map": MapSpec(B.BPF_MAP_TYPE_LRU_HASH, abi.SESSION_KEY.size,
                                    abi.SESSION_VALUE.size, self.session_capacity, 0),
+            "host4_map": MapSpec(B.BPF_MAP_TYPE_HASH, abi.HOST4_KEY.size,
+                                 abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
+            "host6_map": MapSpec(B.BPF_MAP_TYPE_HASH, abi.HOST6_KEY.size,
+                                 abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
             "ident4_map": MapSpec(B.BPF_MAP_TYPE_LPM_TRIE, abi.IDENT4_KEY.size,
                                   abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
             "ident6_map": MapSpec(B.BPF_MAP_TYPE_LPM_TRIE, abi.IDENT6_KEY.size,
                                   abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
-            "policy_map": MapSpec(B.BPF_MAP_TYPE_LPM_TRIE, abi.POLICY_KEY.size,
+            "policy_map": MapSpec(B.BPF_MAP_TYPE_HASH, abi.POLICY_KEY.size,
                                   abi.POLICY_VALUE.size, POLICY_CAPACITY, B.BPF_F_NO_PREALLOC),
+            "port_class_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, abi.PORT_CLASS_SLOTS, 0),
             "config_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.POLICY_CONFIG.size, 2, 0),
             "active_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
             "stats_map": MapSpec(*percpu, abi.STATS_VALUE.size, abi.STATS_SLOTS, 0),
             "rule_stats_map": MapSpec(*percpu, abi.RULE_STATS.size, abi.MAX_RULES, 0),
             "event_stats_map": MapSpec(*percpu, abi.EVENT_STATS.size, EVENT_TYPE_SLOTS, 0),
             "meta_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
+            "clock_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.CLOCK_SAMPLE.size, 1, 0),
             "frag_map": MapSpec(B.BPF_MAP_TYPE_LRU_HASH, abi.FRAG_KEY.size,
                                 abi.FRAG_VALUE.size, FRAG_CAPACITY, 0),
             "events": MapSpec(B.BPF_MAP_TYPE_RINGBUF, 0, 0, self.ringbuf_bytes, 0),
@@ -93,6 +102,8 @@ class DatapathConfig:
         ]
         if self.pin_dir:
             flags.append(f'-DMSEG_PIN_DIR="{self.pin_dir}"')
+        if self.bench_harness:
+            flags.append("-DMSEG_BENCH_HARNESS")
         return flags
 
 
@@ -213,7 +224,9 @@ class Datapath:
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.ingress_fd = -1
         self.egress_fd = -1
+        self.clock_fd = -1
         self._slot_keys: dict[int, dict[str, bytes] | None] = {0: None, 1: None}
+        self._port_classes: dict[int, bytes] = {}
         self._generation = 0
         self._ipr = None
 
@@ -233,6 +246,7 @@ class Datapath:
         t1 = time.perf_counter()
         self.ingress_fd = self.bpf.load_func(PROG_INGRESS.encode(), BPF.SCHED_CLS).fd
         self.egress_fd = self.bpf.load_func(PROG_EGRESS.encode(), BPF.SCHED_CLS).fd
+        self.clock_fd = self.bpf.load_func(PROG_CLOCK.encode(), BPF.SCHED_CLS).fd
         t2 = time.perf_counter()
         for name in cfg.map_specs():
             self.maps[name] = bpfsys.BpfMap(self.bpf.get_table(name.encode()).map_fd, name)
@@ -294,13 +308,16 @@ class Datapath:
         self.clear_slot(slot)  # leftovers of an apply that was interrupted
         written: dict[str, bytes] = {}
         for name, (keys, values, n) in (
-            ("ident4_map", compiled.ident_records(4, slot)),
-            ("ident6_map", compiled.ident_records(6, slot)),
+            ("host4_map", compiled.host_records(4, slot)),
+            ("host6_map", compiled.host_records(6, slot)),
+            ("ident4_map", compiled.prefix_records(4, slot)),
+            ("ident6_map", compiled.prefix_records(6, slot)),
             ("policy_map", compiled.policy_records(slot)),
         ):
             self.maps[name].update_batch(keys, values, n)
             written[name] = keys
         self._slot_keys[slot] = written
+        self._write_port_classes(slot, compiled)
         self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
         self.maps["active_map"].update(_U32.pack(0), _U32.pack(gen))  # the switch
         self._generation = gen
@@ -309,20 +326,54 @@ class Datapath:
         self.clear_slot(slot ^ 1)
         return gen
 
+    def _write_port_classes(self, slot: int, compiled) -> None:
+        """Write the slot's stretch of port_class_map, only the 4 KiB pages
+        of it that differ from what the slot holds."""
+        _first, new = compiled.port_class_values(slot)
+        old = self._port_classes.get(slot)
+        base = abi.port_class_index(slot, False, 0)
+        chunk = 1024  # ports per write
+        m = self.maps["port_class_map"]
+        for start in range(0, len(new) // 4, chunk):
+            part = new[start * 4:(start + chunk) * 4]
+            if old is not None and old[start * 4:(start + chunk) * 4] == part:
+                continue
+            n = len(part) // 4
+            keys = b"".join(_U32.pack(base + start + i) for i in range(n))
+            m.update_batch(keys, part, n)
+        self._port_classes[slot] = new
+
+    _POLICY_MAPS = ("host4_map", "host6_map", "ident4_map", "ident6_map", "policy_map")
+    # Offset of the slot field in each map's key.
+    _SLOT_OFFSET = {"host4_map": 0, "host6_map": 0, "ident4_map": 4, "ident6_map": 4,
+                    "policy_map": 0}
+
     def clear_slot(self, slot: int) -> None:
         """Delete every identity and policy entry of a generation slot."""
         known = self._slot_keys.get(slot)
-        for name in ("ident4_map", "ident6_map", "policy_map"):
+        for name in self._POLICY_MAPS:
             m = self.maps[name]
             if known is not None:
                 keys = known.get(name, b"")
                 count = len(keys) // m.key_size
             else:  # unknown (fresh start): find the slot's keys
-                found = [k for k in m.iter_keys() if _U32.unpack_from(k, 4)[0] == slot]
+                off = self._SLOT_OFFSET[name]
+                found = [k for k in self._all_keys(m) if _U32.unpack_from(k, off)[0] == slot]
                 keys, count = b"".join(found), len(found)
-            for i in range(count):
-                m.delete(keys[i * m.key_size:(i + 1) * m.key_size])
+            m.delete_batch(keys, count)
         self._slot_keys[slot] = {}
+
+    @staticmethod
+    def _all_keys(m: bpfsys.BpfMap) -> Iterator[bytes]:
+        """Every key: batch lookups where the map has them (hash maps), one
+        get_next_key call per key where it does not (LPM tries)."""
+        if m.type == bpfsys.BPF_MAP_TYPE_LPM_TRIE:
+            yield from m.iter_keys()
+            return
+        ks = m.key_size
+        for keys, _values, count in m.lookup_batch_raw():
+            for i in range(count):
+                yield keys[i * ks:(i + 1) * ks]
 
     # -- reading -----------------------------------------------------------
 
@@ -385,6 +436,13 @@ class Datapath:
 
     def session_count(self) -> int:
         return sum(c for _, _, c in self.maps["session_map"].lookup_batch_raw())
+
+    def clock_sample(self) -> ClockSample:
+        """jiffies and CLOCK_MONOTONIC at one instant, read in the kernel."""
+        bpfsys.prog_test_run(self.clock_fd, bytes(64))
+        raw = self.maps["clock_map"].lookup(_U32.pack(0))
+        assert raw is not None
+        return ClockSample(*abi.CLOCK_SAMPLE.struct.unpack(raw))
 
     def run_stats(self) -> tuple[int, int]:
         """(run_time_ns, run_cnt) of both programs, from kernel bpf stats

@@ -82,8 +82,8 @@ class SessionEntry(NamedTuple):
     sport: int
     dst: bytes
     dport: int
-    created_ns: int
-    last_seen_ns: int
+    created_ns: int           # CLOCK_MONOTONIC
+    last_seen: int            # jiffies (see microseg.clock.SessionClock)
     packets: tuple[int, int]  # original, reply
     bytes: tuple[int, int]
     rule_id: int
@@ -127,6 +127,25 @@ def _session(k: tuple, v: tuple) -> SessionEntry:
     return SessionEntry(family, proto, src, sport, dst, dport, created, last, (p0, p1),
                         (b0, b1), rule_id, gen, (o0, o1), sid, did, state, flags, verdict,
                         reason)
+
+
+_U64X2 = struct.Struct("<QQ")
+
+
+def session_key(family: int, proto: int, saddr: bytes, daddr: bytes, sport: int,
+                dport: int) -> bytes:
+    """The canonical session_map key of a flow, as make_session_key() builds
+    it in bpf/lib/session.h (addresses as 16-byte fields, compared as two
+    little-endian u64 words, then ports)."""
+    lo = (*_U64X2.unpack(saddr), sport) <= (*_U64X2.unpack(daddr), dport)
+    a, b, pa, pb = (saddr, daddr, sport, dport) if lo else (daddr, saddr, dport, sport)
+    return abi.SESSION_KEY.struct.pack(a, b, pa, pb, proto, family)
+
+
+def addr16(ip: str) -> bytes:
+    """A 16-byte address field: IPv4 in the first 4 bytes, then zeros."""
+    packed = ipaddress.ip_address(ip).packed
+    return packed + bytes(16 - len(packed))
 
 
 def decode_session(key: bytes, value: bytes) -> SessionEntry:

@@ -19,12 +19,11 @@ static __always_inline void make_frag_key(const struct packet *p,
 }
 
 static __always_inline void remember_first_fragment(const struct packet *p,
-						    const struct decision *d,
-						    __u64 now)
+						    const struct decision *d)
 {
 	struct frag_key k = {};
 	struct frag_value v = {
-		.seen_ns = now,
+		.seen = session_clock(),
 		.rule_id = d->rule_id,
 		.generation = d->generation,
 		.verdict = d->verdict,
@@ -36,26 +35,22 @@ static __always_inline void remember_first_fragment(const struct packet *p,
 	frag_map.update(&k, &v);
 }
 
-static __always_inline int follow_fragment(struct __sk_buff *skb,
-					   const struct packet *p, __u32 dir,
-					   __u64 now)
+static __always_inline int follow_fragment(const struct packet *p, __u32 dir,
+					   struct decision *d)
 {
 	struct frag_key k = {};
 
 	make_frag_key(p, &k);
 	struct frag_value *v = frag_map.lookup(&k);
 	if (!v)
-		return drop_packet(skb, p, dir, REASON_FRAGMENT, now);
+		return drop_packet(d, REASON_FRAGMENT);
 	if (v->verdict == VERDICT_ALLOWED || v->verdict == VERDICT_AUDIT)
 		return pass_packet(dir, v->verdict, REASON_FRAGMENT, p->len);
-
-	struct decision d = {
-		.rule_id = v->rule_id,
-		.generation = v->generation,
-		.verdict = v->verdict,
-		.reason = v->reason,
-	};
-	return apply_verdict(skb, p, dir, &d, now);
+	d->rule_id = v->rule_id;
+	d->generation = v->generation;
+	d->verdict = v->verdict;
+	d->reason = v->reason;
+	return NEED_VERDICT;
 }
 
 #endif /* MSEG_FRAG_H */

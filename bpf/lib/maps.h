@@ -44,15 +44,22 @@
 MSEG_MAP("lru_hash", struct session_key, struct session_value, session_map,
 	 MSEG_SESSION_CAPACITY, 0);
 
-/* Address prefix -> identity, per generation slot. */
+/* Address -> identity, per generation slot: host addresses by exact
+ * hash, other prefixes by longest prefix match. */
+MSEG_MAP("hash", struct host4_key, struct ident_value, host4_map,
+	 MSEG_IDENT_CAPACITY, BPF_F_NO_PREALLOC);
+MSEG_MAP("hash", struct host6_key, struct ident_value, host6_map,
+	 MSEG_IDENT_CAPACITY, BPF_F_NO_PREALLOC);
 MSEG_MAP("lpm_trie", struct ident4_key, struct ident_value, ident4_map,
 	 MSEG_IDENT_CAPACITY, BPF_F_NO_PREALLOC);
 MSEG_MAP("lpm_trie", struct ident6_key, struct ident_value, ident6_map,
 	 MSEG_IDENT_CAPACITY, BPF_F_NO_PREALLOC);
 
-/* (slot, src class, dst class, proto, port prefix) -> rule decision. */
-MSEG_MAP("lpm_trie", struct policy_key, struct policy_value, policy_map,
+/* (slot, src class, dst class, proto, port class) -> group decision. */
+MSEG_MAP("hash", struct policy_key, struct policy_value, policy_map,
 	 MSEG_POLICY_CAPACITY, BPF_F_NO_PREALLOC);
+/* (slot, tcp/udp, port) -> port class. */
+MSEG_MAP("array", u32, u32, port_class_map, PORT_CLASS_SLOTS, 0);
 
 /* config_map[slot]: default action and flags of the generation in slot. */
 MSEG_MAP("array", u32, struct policy_config, config_map, 2, 0);
@@ -66,6 +73,9 @@ MSEG_MAP("percpu_array", u32, struct rule_stats, rule_stats_map, MAX_RULES, 0);
 /* Ring-buffer records submitted and lost, per event type. */
 MSEG_MAP("percpu_array", u32, struct event_stats, event_stats_map,
 	 EVENT_TYPE_MAX, 0);
+
+/* clock_map[0]: see struct clock_sample. */
+MSEG_MAP("array", u32, struct clock_sample, clock_map, 1, 0);
 
 /* meta_map[0]: MSEG_ABI_VERSION of whoever created these pins. */
 MSEG_MAP("array", u32, u32, meta_map, 1, 0);

@@ -68,8 +68,8 @@ struct packet {
 	__u8 tcp_flags;
 	__u8 frag;           /* enum frag_kind */
 	__u8 icmp;           /* enum icmp_kind */
-	__u8 pad[3];
-	struct quoted inner; /* ICMP_KIND_ERROR only */
+	__u8 pad;
+	__u16 quote_off;     /* ICMP_KIND_ERROR: offset of the quoted packet */
 } __attribute__((aligned(8))); /* addresses are compared as u64 words */
 
 /* Valid TCP flag combinations (FIN SYN RST PSH ACK URG bits; ECE/CWR are
@@ -95,6 +95,8 @@ static __always_inline void copy_addr16(__u8 *dst, const __u8 *src)
 static __always_inline int parse_quoted4(void *data, void *data_end, __u32 off,
 					 struct quoted *q)
 {
+	if (off > MAX_L4_OFFSET)
+		return PARSE_INVALID;
 	struct ipv4_hdr *ip = data + off;
 
 	if ((void *)(ip + 1) > data_end)
@@ -127,6 +129,8 @@ static __always_inline int parse_quoted4(void *data, void *data_end, __u32 off,
 static __always_inline int parse_quoted6(void *data, void *data_end, __u32 off,
 					 struct quoted *q)
 {
+	if (off > MAX_L4_OFFSET)
+		return PARSE_INVALID;
 	struct ipv6_hdr *ip6 = data + off;
 
 	if ((void *)(ip6 + 1) > data_end)
@@ -210,11 +214,17 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off,
 				    type == ICMP_PARAMETERPROB)) ||
 			   (v6 && type >= ICMPV6_DEST_UNREACH &&
 			    type <= ICMPV6_PARAMPROB)) {
+			/* The quoted packet is parsed when needed
+			 * (parse_quote); its header must be here. */
+			__u32 qlen = v6 ? sizeof(struct ipv6_hdr) + 8
+					: sizeof(struct ipv4_hdr) + 8;
 			p->icmp = ICMP_KIND_ERROR;
-			if (p->frag != FRAG_NONE)
+			p->quote_off = off + sizeof(*ic);
+			if (p->frag != FRAG_NONE || l4_len < sizeof(*ic) + qlen)
 				return PARSE_INVALID;
-			return v6 ? parse_quoted6(data, data_end, off + 8, &p->inner)
-				  : parse_quoted4(data, data_end, off + 8, &p->inner);
+			if ((void *)(ic + 1) + qlen > data_end)
+				return PARSE_TRUNCATED;
+			return PARSE_OK;
 		} else {
 			p->icmp = ICMP_KIND_OTHER;
 			return PARSE_OK;
@@ -289,8 +299,10 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, void *data,
 	__u32 l3_end = off + sizeof(*ip6) + plen;
 	off += sizeof(*ip6);
 
-	/* Extension headers: a bounded walk; a longer chain is invalid. */
-#pragma unroll
+	/* Extension headers: a bounded walk (a real loop, not unrolled: the
+	 * verifier bounds it, and the program stays small); a longer chain is
+	 * invalid. */
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < MAX_IPV6_EXT; i++) {
 		if (off > MAX_L4_OFFSET)
 			return PARSE_INVALID;
@@ -373,26 +385,43 @@ static __always_inline int parse_once(struct __sk_buff *skb, struct packet *p)
 	return PARSE_NON_IP;
 }
 
+/* The quoted packet of an ICMP error (its first header is within the
+ * linear area: parse_packet() already made it so). */
+static __always_inline int parse_quote(struct __sk_buff *skb,
+				       const struct packet *p, struct quoted *q)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (p->family == 4)
+		return parse_quoted4(data, data_end, p->quote_off, q);
+	return parse_quoted6(data, data_end, p->quote_off, q);
+}
+
 /* Parse the packet; when its headers are not all in the linear area,
  * bpf_skb_pull_data() makes them so (it may copy, hence only on demand)
  * and the parse is retried once. */
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
 {
-	int rc = parse_once(skb, p);
+	int rc = PARSE_INVALID;
 
-	if (rc == PARSE_TRUNCATED) {
+	/* At most two passes, as a loop so the parser is emitted once. */
+#pragma clang loop unroll(disable)
+	for (int pass = 0; pass < 2; pass++) {
+		rc = parse_once(skb, p);
+		if (rc != PARSE_TRUNCATED || pass)
+			break;
 		__u32 linear = skb->data_end - skb->data;
-		if (skb->len > linear) {
-			__u32 want = skb->len < MAX_PULL_LEN ? skb->len : MAX_PULL_LEN;
-			/* bpf_skb_pull_data: make `want` bytes directly readable. */
-			if (bpf_skb_pull_data(skb, want) == 0) {
-				__builtin_memset(p, 0, sizeof(*p));
-				rc = parse_once(skb, p);
-			}
-		}
-		if (rc == PARSE_TRUNCATED)
-			rc = PARSE_INVALID;
+		if (skb->len <= linear)
+			break;
+		__u32 want = skb->len < MAX_PULL_LEN ? skb->len : MAX_PULL_LEN;
+		/* bpf_skb_pull_data: make `want` bytes directly readable. */
+		if (bpf_skb_pull_data(skb, want))
+			break;
+		__builtin_memset(p, 0, sizeof(*p));
 	}
+	if (rc == PARSE_TRUNCATED)
+		rc = PARSE_INVALID;
 	p->len = skb->len;
 	return rc;
 }

@@ -2,18 +2,30 @@
 /*
  * policy.h — identity and policy lookup for a session's first packet.
  *
- * Generation slots: every policy map key carries slot = generation & 1.
- * The daemon writes a new generation into the idle slot, then stores its
- * number in active_map[0]; a packet reads that word once and does all its
- * lookups in that slot, so it is judged by one generation, never a mix.
+ * Generation slots: every identity and policy key carries slot =
+ * generation & 1. The daemon writes a new generation into the idle slot,
+ * then stores its number in active_map[0]; a packet reads that word once
+ * and does all its lookups in that slot: one generation, never a mix.
  *
- * Cost: two LPM lookups (source and destination identity) and at most four
- * policy LPM lookups — (src, dst), (src, any), (any, dst), (any, any)
- * groups — whatever the number of rules. Flags on the identities skip the
- * groups that cannot exist.
+ * Classes: each address maps to an identity that has a class in each
+ * selector space (workload, labels, cidr). Keeping the spaces apart is what
+ * keeps the compiled policy small: a label rule pairs label classes (one
+ * per distinct label set), never the per-workload classes of workload rules.
+ *
+ * Cost per new flow, whatever the number of rules: one hash lookup per
+ * endpoint identity (an LPM lookup only for addresses outside every host
+ * entry), one array read for the port class, and per (src space, dst
+ * space) combo that the two identities' masks allow, a group header hash
+ * lookup plus an exception lookup when the header says the port class may
+ * decide otherwise. At most 16 combos; typical policies touch two to four.
  */
 #ifndef MSEG_POLICY_H
 #define MSEG_POLICY_H
+
+/* Combo bits of the ANY row (src any) and ANY column (dst any). */
+#define COMBOS_SRC_ANY 0xF000
+#define COMBOS_DST_ANY 0x8888
+#define COMBO_ANY_ANY 0x8000
 
 static __always_inline __u32 active_generation(void)
 {
@@ -24,29 +36,65 @@ static __always_inline __u32 active_generation(void)
 }
 
 static __always_inline struct ident_value *
-lookup_identity(__u8 family, const __u8 *addr, __u32 slot)
+lookup_identity(__u8 family, const __u8 *addr, __u32 slot, __u8 cfg_flags)
 {
+	struct ident_value *v;
+
 	if (family == 4) {
+		struct host4_key hk = { .slot = slot };
+		__builtin_memcpy(hk.addr, addr, 4);
+		/* bpf_map_lookup_elem: workload addresses are exact hits. */
+		v = host4_map.lookup(&hk);
+		if (v || !(cfg_flags & CFG_PREFIX4))
+			return v;
 		struct ident4_key k = { .prefixlen = 64, .slot = slot };
 		__builtin_memcpy(k.addr, addr, 4);
-		/* LPM lookup: the most specific prefix of the policy. */
+		/* LPM lookup: the most specific CIDR of the policy. */
 		return ident4_map.lookup(&k);
 	}
+	struct host6_key hk = { .slot = slot };
+	__builtin_memcpy(hk.addr, addr, 16);
+	v = host6_map.lookup(&hk);
+	if (v || !(cfg_flags & CFG_PREFIX6))
+		return v;
 	struct ident6_key k = { .prefixlen = 160, .slot = slot };
 	__builtin_memcpy(k.addr, addr, 16);
 	return ident6_map.lookup(&k);
 }
 
-/* Keep the better of the current best and v: deny beats allow; among
- * equal actions the rule written first (lowest priority) decides. */
-static __always_inline void consider(struct policy_value *best,
-				     const struct policy_value *v)
+/* cls[space] without a variable stack offset (which the verifier only
+ * accepts from newer kernels on). */
+static __always_inline __u32 pick_class(const __u32 *cls, int space)
 {
-	if (!v)
+	if (space == 0)
+		return cls[0];
+	if (space == 1)
+		return cls[1];
+	if (space == 2)
+		return cls[2];
+	return CLASS_ANY;
+}
+
+/* The group's decision for this protocol and port class, if it has one. */
+static __always_inline void consider_group(struct policy_key *k, __u32 pc,
+					   struct policy_value *best)
+{
+	k->port_class = 0;
+	struct policy_value *h = policy_map.lookup(k);
+	if (!h)
 		return;
-	if (v->action > best->action ||
-	    (v->action == best->action && v->priority < best->priority))
-		*best = *v;
+	struct policy_value dec = *h;
+	if (dec.flags & POLICY_EXCEPTIONS) {
+		k->port_class = pc + 1;
+		struct policy_value *e = policy_map.lookup(k);
+		if (e)
+			dec = *e;
+	}
+	/* Deny beats allow; among equals the rule written first decides. */
+	if (dec.action > best->action ||
+	    (dec.action == best->action && dec.action != ACTION_NONE &&
+	     dec.priority < best->priority))
+		*best = dec;
 }
 
 /* Judge the flow saddr -> daddr:dport under generation gen. */
@@ -68,52 +116,56 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		d->reason = REASON_DEFAULT;
 		return;
 	}
-
-	struct ident_value *si = lookup_identity(family, saddr, slot);
-	struct ident_value *di = lookup_identity(family, daddr, slot);
-	__u32 sclass = CLASS_ANY, dclass = CLASS_ANY, sflags = 0, dflags = 0;
-	int audit = cfg->flags & CFG_AUDIT;
+	__u8 cflags = cfg->flags;
+	struct ident_value *si = lookup_identity(family, saddr, slot, cflags);
+	struct ident_value *di = lookup_identity(family, daddr, slot, cflags);
+	__u32 scls[4] = {}, dcls[4] = {};
+	__u32 src_bits = COMBOS_SRC_ANY, dst_bits = COMBOS_DST_ANY;
+	int audit = cflags & CFG_AUDIT;
 
 	if (si) {
 		d->src_identity = si->identity;
-		sclass = si->src_class;
-		sflags = si->flags;
+		scls[0] = si->cls[0];
+		scls[1] = si->cls[1];
+		scls[2] = si->cls[2];
+		src_bits |= si->src_combos;
 	}
 	if (di) {
 		d->dst_identity = di->identity;
-		dclass = di->dst_class;
-		dflags = di->flags;
-		audit = dflags & IDENT_AUDIT;
+		dcls[0] = di->cls[0];
+		dcls[1] = di->cls[1];
+		dcls[2] = di->cls[2];
+		dst_bits |= di->dst_combos;
+		audit = di->flags & IDENT_AUDIT;
+	}
+	__u32 combos = src_bits & dst_bits;
+	if (!(cflags & CFG_ANY_ANY))
+		combos &= ~COMBO_ANY_ANY;
+
+	/* Port class: direct index into an array, for tcp and udp. Other
+	 * protocols than the four rules can name share proto 0 headers. */
+	__u32 pc = 0;
+	__u8 kproto = proto;
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		__u32 idx = PORT_CLASS_INDEX(slot, proto == IPPROTO_UDP, dport);
+		__u32 *c = port_class_map.lookup(&idx);
+		if (c)
+			pc = *c;
+	} else if (proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6) {
+		kproto = 0;
 	}
 
-	struct policy_key k = {
-		.prefixlen = POLICY_PREFIX_FULL,
-		.slot = slot,
-		.proto = proto,
-		.port = { dport >> 8, dport & 0xFF },
-	};
+	struct policy_key k = { .slot = slot, .proto = kproto };
 	struct policy_value best = { .priority = 0xFFFF };
-
-	if (sclass && dclass && (sflags & IDENT_SRC_PAIR) &&
-	    (dflags & IDENT_DST_PAIR)) {
-		k.src_class = sclass;
-		k.dst_class = dclass;
-		consider(&best, policy_map.lookup(&k));
-	}
-	if (sclass && (sflags & IDENT_SRC_ANY)) {
-		k.src_class = sclass;
-		k.dst_class = CLASS_ANY;
-		consider(&best, policy_map.lookup(&k));
-	}
-	if (dclass && (dflags & IDENT_DST_ANY)) {
-		k.src_class = CLASS_ANY;
-		k.dst_class = dclass;
-		consider(&best, policy_map.lookup(&k));
-	}
-	if (cfg->flags & CFG_ANY_ANY) {
-		k.src_class = CLASS_ANY;
-		k.dst_class = CLASS_ANY;
-		consider(&best, policy_map.lookup(&k));
+	/* One pass per combo the masks allow: a loop (not unrolled, to keep
+	 * the program small) over the set bits, at most 16. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 16; i++) {
+		if (!(combos & (1 << i)))
+			continue;
+		k.src_class = pick_class(scls, i >> 2);
+		k.dst_class = pick_class(dcls, i & 3);
+		consider_group(&k, pc, &best);
 	}
 
 	__u8 action = best.action;

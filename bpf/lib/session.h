@@ -125,22 +125,21 @@ static __always_inline __u8 tcp_next_state(__u8 state, __u8 *flags, __u32 d,
 /* A session event, endpoints in the session's original direction. */
 static __always_inline void emit_session_event(struct __sk_buff *skb,
 					       const struct packet *p,
-					       __u32 dir, __u32 d,
+					       __u32 dir, __u32 side,
 					       const struct session_value *s,
-					       __u8 state, __u8 prev_state,
-					       __u64 now)
+					       __u8 state, __u8 prev_state)
 {
 	struct event *e = reserve_event(EVENT_SESSION);
 
 	if (!e)
 		return;
-	e->ts_ns = now;
+	e->ts_ns = precise_now();
 	e->created_ns = s->created_ns;
 	e->packets[0] = s->packets[0];
 	e->packets[1] = s->packets[1];
 	e->bytes[0] = s->bytes[0];
 	e->bytes[1] = s->bytes[1];
-	if (d == 0)
+	if (side == 0)
 		fill_endpoints(e, p->saddr, p->daddr, p->sport, p->dport);
 	else
 		fill_endpoints(e, p->daddr, p->saddr, p->dport, p->sport);
@@ -161,35 +160,78 @@ static __always_inline void emit_session_event(struct __sk_buff *skb,
 	submit_event(e);
 }
 
+/* A packet of a known session: the fast path. side is 0 for the
+ * originator's packets, 1 for the responder's. With `reported`, *out holds
+ * a decision (an audited revalidation) the caller still has to report. */
+static __always_inline int account_session(struct __sk_buff *skb,
+					   const struct packet *p, __u32 dir,
+					   struct session_value *s, __u32 side,
+					   int reported, struct decision *out)
+{
+	if (!reported) {
+		out->verdict = s->verdict;
+		out->reason = REASON_SESSION;
+		out->rule_id = s->rule_id;
+		out->generation = s->generation;
+	}
+
+	__u32 me = hook_id(skb, dir);
+	if (s->owner[side] != me) {
+		if (s->owner[side] && !reported)
+			return TC_ACT_OK; /* accounted at the hook that owns it */
+		if (!s->owner[side])
+			s->owner[side] = me;
+	}
+
+	__u8 state = s->state, flags = s->flags, next = state;
+	if (p->proto == IPPROTO_TCP) {
+		next = tcp_next_state(state, &flags, side, p->tcp_flags);
+		if (next == TRANSITION_INVALID)
+			return drop_packet(out, REASON_STATE);
+	} else if (side == 1 && state == STATE_NEW) {
+		next = STATE_ESTABLISHED; /* UDP / ICMP echo: first reply */
+	}
+
+	/* Both directions may be handled on different CPUs at once. */
+	__sync_fetch_and_add(&s->packets[side], 1);
+	__sync_fetch_and_add(&s->bytes[side], p->len);
+	s->last_seen = session_clock();
+
+	if (next != state || flags != s->flags) {
+		s->state = next;
+		s->flags = flags;
+		if (public_state(next) != public_state(state))
+			emit_session_event(skb, p, dir, side, s, next,
+					   public_state(state));
+	}
+	if (reported)
+		return NEED_VERDICT;
+	return pass_packet(dir, s->verdict, REASON_SESSION, p->len);
+}
+
 enum revalidation {
 	REVAL_KEEP = 0,     /* still allowed: carry on */
-	REVAL_REPORTED = 1, /* audit: packet accounted by apply_verdict */
-	REVAL_REVOKED = 2,  /* denied: packet dropped, session closed */
+	REVAL_REPORTED = 1, /* audit: carry on, and report *out */
+	REVAL_REVOKED = 2,  /* denied: report *out, the session is closed */
 };
 
-/* The policy changed since the session was judged: judge it again in its
- * original direction, under the active generation. */
+/* The policy changed since the session was judged; *out is the active
+ * generation's decision for the session's original direction. */
 static __always_inline int revalidate_session(struct __sk_buff *skb,
 					      const struct packet *p, __u32 dir,
 					      struct session_key *key,
-					      struct session_value *s, __u32 d,
-					      __u32 gen, __u64 now,
-					      struct decision *out)
+					      struct session_value *s,
+					      __u32 side, struct decision *out)
 {
-	const __u8 *osrc = d ? p->daddr : p->saddr;
-	const __u8 *odst = d ? p->saddr : p->daddr;
-	__u16 odport = d ? p->sport : p->dport;
-
-	match_policy(p->family, p->proto, osrc, odst, odport, gen, out);
 	if (out->verdict == VERDICT_DENIED) {
 		out->reason = REASON_REVOKED;
-		emit_session_event(skb, p, dir, d, s, STATE_CLOSED,
-				   public_state(s->state), now);
+		emit_session_event(skb, p, dir, side, s, STATE_CLOSED,
+				   public_state(s->state));
+		/* bpf_map_delete_elem: later packets are judged afresh. */
 		session_map.delete(key);
-		apply_verdict(skb, p, dir, out, now);
 		return REVAL_REVOKED;
 	}
-	s->generation = gen;
+	s->generation = out->generation;
 	s->rule_id = out->rule_id;
 	s->reason = out->reason;
 	s->src_identity = out->src_identity;
@@ -199,7 +241,6 @@ static __always_inline int revalidate_session(struct __sk_buff *skb,
 		s->verdict = VERDICT_AUDIT;
 		s->flags |= SESSION_AUDIT;
 		out->reason = REASON_REVOKED;
-		apply_verdict(skb, p, dir, out, now);
 		return REVAL_REPORTED;
 	}
 	s->verdict = VERDICT_ALLOWED;
@@ -207,37 +248,21 @@ static __always_inline int revalidate_session(struct __sk_buff *skb,
 	return REVAL_KEEP;
 }
 
-/* First packet of a session (or a new SYN on a closed one). */
+/* First packet of an allowed (or audited) session: *out is the policy's
+ * decision for it. The verdict event comes first, then "new". */
 static __always_inline int open_session(struct __sk_buff *skb,
 					const struct packet *p, __u32 dir,
 					struct session_key *key, int is_lo,
-					__u32 gen, __u64 now,
 					struct decision *out)
 {
 	__u8 tf = p->tcp_flags;
-	int tcp = p->proto == IPPROTO_TCP;
-
-	if (tcp && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) ==
-			   (TCP_FLAG_SYN | TCP_FLAG_ACK)) {
-		/* A SYN-ACK answers a SYN this table never saw. */
-		out->verdict = VERDICT_DROPPED;
-		out->reason = REASON_STATE;
-		return drop_packet(skb, p, dir, REASON_STATE, now);
-	}
-
-	match_policy(p->family, p->proto, p->saddr, p->daddr, p->dport, gen,
-		     out);
-	/* Denied, or an allowed RST (nothing to track): verdict only. */
-	if (out->verdict == VERDICT_DENIED || (tcp && (tf & TCP_FLAG_RST)))
-		return apply_verdict(skb, p, dir, out, now);
-
 	struct session_value nv = {
-		.created_ns = now,
-		.last_seen_ns = now,
+		.created_ns = precise_now(),
+		.last_seen = session_clock(),
 		.packets = { 1, 0 },
 		.bytes = { p->len, 0 },
 		.rule_id = out->rule_id,
-		.generation = gen,
+		.generation = out->generation,
 		.owner = { hook_id(skb, dir), 0 },
 		.src_identity = out->src_identity,
 		.dst_identity = out->dst_identity,
@@ -248,7 +273,7 @@ static __always_inline int open_session(struct __sk_buff *skb,
 	};
 	if (out->verdict == VERDICT_AUDIT)
 		nv.flags |= SESSION_AUDIT;
-	if (tcp && !(tf & TCP_FLAG_SYN)) {
+	if (p->proto == IPPROTO_TCP && !(tf & TCP_FLAG_SYN)) {
 		/* Mid-stream pickup (e.g. after a restart without pinned
 		 * state): allowed, so it continues as established. */
 		nv.flags |= SESSION_PICKUP;
@@ -262,76 +287,9 @@ static __always_inline int open_session(struct __sk_buff *skb,
 	 * map evicts the least recently used entry when full. */
 	session_map.update(key, &nv);
 
-	int act = apply_verdict(skb, p, dir, out, now);
-	emit_session_event(skb, p, dir, 0, &nv, nv.state, STATE_NONE, now);
+	int act = apply_verdict(skb, p, dir, out);
+	emit_session_event(skb, p, dir, 0, &nv, nv.state, STATE_NONE);
 	return act;
-}
-
-static __always_inline int track_session(struct __sk_buff *skb,
-					 const struct packet *p, __u32 dir,
-					 __u32 gen, __u64 now,
-					 struct decision *out)
-{
-	struct session_key key = {};
-	int is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
-				     p->sport, p->dport, &key);
-	int tcp = p->proto == IPPROTO_TCP;
-	__u8 tf = p->tcp_flags;
-	/* bpf_map_lookup_elem: the session, whichever direction this is. */
-	struct session_value *s = session_map.lookup(&key);
-
-	if (!s || (tcp && s->state == STATE_CLOSED &&
-		   (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN))
-		return open_session(skb, p, dir, &key, is_lo, gen, now, out);
-
-	__u32 d = is_lo == !!(s->flags & SESSION_ORIG_LO) ? 0 : 1;
-	int reported = 0;
-
-	if (s->generation != gen) {
-		int r = revalidate_session(skb, p, dir, &key, s, d, gen, now, out);
-		if (r == REVAL_REVOKED)
-			return TC_ACT_SHOT;
-		reported = r == REVAL_REPORTED;
-	}
-	out->verdict = s->verdict;
-	out->reason = REASON_SESSION;
-	out->rule_id = s->rule_id;
-	out->generation = s->generation;
-
-	__u32 me = hook_id(skb, dir);
-	if (s->owner[d] != me) {
-		if (s->owner[d])
-			return TC_ACT_OK; /* accounted at the hook that owns it */
-		s->owner[d] = me;
-	}
-
-	__u8 state = s->state, flags = s->flags, next = state;
-	if (tcp) {
-		next = tcp_next_state(state, &flags, d, tf);
-		if (next == TRANSITION_INVALID) {
-			out->verdict = VERDICT_DROPPED;
-			out->reason = REASON_STATE;
-			return drop_packet(skb, p, dir, REASON_STATE, now);
-		}
-	} else if (d == 1 && state == STATE_NEW) {
-		next = STATE_ESTABLISHED; /* UDP / ICMP echo: first reply */
-	}
-
-	/* Both directions may be handled on different CPUs at once. */
-	__sync_fetch_and_add(&s->packets[d], 1);
-	__sync_fetch_and_add(&s->bytes[d], p->len);
-	s->last_seen_ns = now;
-
-	if (next != state || flags != s->flags) {
-		s->state = next;
-		s->flags = flags;
-		if (public_state(next) != public_state(state))
-			emit_session_event(skb, p, dir, d, s, next,
-					   public_state(state), now);
-	}
-	if (reported)
-		return TC_ACT_OK;
-	return pass_packet(dir, s->verdict, REASON_SESSION, p->len);
 }
 
 #endif /* MSEG_SESSION_H */

@@ -4,7 +4,10 @@
  *
  * apply_verdict() is the only path to TC_ACT_SHOT and the only place a
  * verdict or drop event is made: it bumps the per-CPU counter and writes
- * the event together, so counters and events can never disagree.
+ * the event together, so counters and events can never disagree. Stages
+ * return NEED_VERDICT and handle_packet() calls it; only the two paths
+ * that report a decision and still go on (a new session's verdict before
+ * its "new" event, an audited revalidation) call it in place.
  * pass_packet() accounts packets that need no event (established
  * sessions, non-IP, neighbour discovery, related ICMP).
  */
@@ -13,6 +16,10 @@
 
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
+/* Returned by the stages below when the packet's outcome is a decision in
+ * *d that handle_packet() must account and report: the single call site
+ * of apply_verdict() for every drop and every judged packet. */
+#define NEED_VERDICT (-1)
 
 /* The outcome of a policy decision (or of a drop). */
 struct decision {
@@ -34,9 +41,10 @@ static __always_inline int pass_packet(__u32 dir, __u32 verdict, __u32 reason,
 
 static __always_inline int apply_verdict(struct __sk_buff *skb,
 					 const struct packet *p, __u32 dir,
-					 const struct decision *d, __u64 now)
+					 const struct decision *d)
 {
 	int drop = d->verdict == VERDICT_DENIED || d->verdict == VERDICT_DROPPED;
+	__u64 now = precise_now();
 
 	count_packet(dir, d->verdict, d->reason, p->len);
 	if (d->rule_id && d->verdict != VERDICT_DROPPED)
@@ -65,16 +73,12 @@ static __always_inline int apply_verdict(struct __sk_buff *skb,
 }
 
 /* A drop that is not a policy decision: invalid, fragment or state. */
-static __always_inline int drop_packet(struct __sk_buff *skb,
-				       const struct packet *p, __u32 dir,
-				       __u8 reason, __u64 now)
+static __always_inline int drop_packet(struct decision *d, __u8 reason)
 {
-	struct decision d = {
-		.verdict = VERDICT_DROPPED,
-		.reason = reason,
-	};
-
-	return apply_verdict(skb, p, dir, &d, now);
+	d->verdict = VERDICT_DROPPED;
+	d->reason = reason;
+	d->rule_id = 0;
+	return NEED_VERDICT;
 }
 
 #endif /* MSEG_VERDICT_H */

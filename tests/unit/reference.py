@@ -13,10 +13,9 @@ Tests compare them on random policies and packets.
 from __future__ import annotations
 
 import ipaddress
-from collections import defaultdict
 
 from microseg import abi
-from microseg.policy.compile import CompiledPolicy, PolicyEntry, lookup_identity
+from microseg.policy.compile import NO_DECISION, CompiledPolicy, lookup_identity
 from microseg.policy.model import Policy, Selector, Workload
 
 
@@ -78,45 +77,38 @@ def reference_verdict(policy: Policy, src: str, dst: str, proto: int,
     return (abi.Verdict.AUDIT if mode == "audit" else abi.Verdict.DENIED), name
 
 
-def _lpm(entries: list[PolicyEntry], proto: int, dport: int) -> PolicyEntry | None:
-    best = None
-    for e in entries:
-        if e.prefixlen == abi.POLICY_PREFIX_ANY_PROTO:
-            ok = True
-        elif e.proto != proto:
-            ok = False
-        else:
-            bits = e.prefixlen - abi.POLICY_PREFIX_PROTO
-            ok = bits == 0 or (dport >> (16 - bits)) == (e.port >> (16 - bits))
-        if ok and (best is None or e.prefixlen > best.prefixlen):
-            best = e
-    return best
-
-
 def simulate_datapath(compiled: CompiledPolicy, src: str, dst: str, proto: int,
                       dport: int) -> tuple[abi.Verdict, str | None]:
-    groups: dict[tuple[int, int], list[PolicyEntry]] = defaultdict(list)
-    for e in compiled.entries:
-        groups[(e.src_class, e.dst_class)].append(e)
+    """match_policy() of bpf/lib/policy.h, in Python, on the compiled maps."""
+    entries = {(e.src_class, e.dst_class, e.proto, e.port_class): e for e in compiled.entries}
     si, di = lookup_identity(compiled, src), lookup_identity(compiled, dst)
-    sc, sf = (si.src_class, si.flags) if si else (0, abi.IdentFlag(0))
-    dc, df = (di.dst_class, di.flags) if di else (0, abi.IdentFlag(0))
-    audit = bool(df & abi.IdentFlag.AUDIT) if di else bool(compiled.flags & abi.ConfigFlag.AUDIT)
-    lookups = []
-    if sc and dc and sf & abi.IdentFlag.SRC_PAIR and df & abi.IdentFlag.DST_PAIR:
-        lookups.append((sc, dc))
-    if sc and sf & abi.IdentFlag.SRC_ANY:
-        lookups.append((sc, 0))
-    if dc and df & abi.IdentFlag.DST_ANY:
-        lookups.append((0, dc))
-    if compiled.flags & abi.ConfigFlag.ANY_ANY:
-        lookups.append((0, 0))
-    best = None
-    for g in lookups:
-        e = _lpm(groups.get(g, []), proto, dport)
-        if e is not None and e.decision.beats(best):
-            best = e.decision
-    if best is None:
+    scls = (*si.cls, 0) if si else (0, 0, 0, 0)
+    dcls = (*di.cls, 0) if di else (0, 0, 0, 0)
+    src_bits = 0xF000 | (si.src_combos if si else 0)
+    dst_bits = 0x8888 | (di.dst_combos if di else 0)
+    combos = src_bits & dst_bits
+    if not compiled.flags & abi.ConfigFlag.ANY_ANY:
+        combos &= ~0x8000
+    audit = bool(di.flags & abi.IdentFlag.AUDIT) if di else bool(
+        compiled.flags & abi.ConfigFlag.AUDIT)
+    pc = compiled.port_classes[proto][dport] if proto in (6, 17) else 0
+    kproto = proto if proto in (6, 17, 1, 58) else 0
+    best = NO_DECISION
+    for x in range(4):
+        for y in range(4):
+            if not combos & (1 << (x * 4 + y)):
+                continue
+            head = entries.get((scls[x], dcls[y], kproto, 0))
+            if head is None:
+                continue
+            dec = head.decision
+            if head.flags & abi.PolicyFlag.EXCEPTIONS:
+                exc = entries.get((scls[x], dcls[y], kproto, pc + 1))
+                if exc is not None:
+                    dec = exc.decision
+            if dec.beats(best):
+                best = dec
+    if best == NO_DECISION:
         action, name = compiled.default_action, None
     else:
         action, name = best.action, compiled.rule_names[best.rule_id]

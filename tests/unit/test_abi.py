@@ -27,6 +27,8 @@ ENUMS = {
     "mseg_action": (abi.Action, "ACTION_"),
     "mseg_ident_flags": (abi.IdentFlag, "IDENT_"),
     "mseg_config_flags": (abi.ConfigFlag, "CFG_"),
+    "mseg_space": (abi.Space, "SPACE_"),
+    "mseg_policy_flags": (abi.PolicyFlag, "POLICY_"),
     "mseg_session_flags": (abi.SessionFlag, "SESSION_"),
 }
 
@@ -68,8 +70,8 @@ def test_bounds_and_constants() -> None:
     assert defines["MAX_RULES"] == abi.MAX_RULES
     assert defines["CLASS_ANY"] == abi.CLASS_ANY
     assert defines["IDENTITY_WORLD"] == abi.IDENTITY_WORLD
-    for name in ("POLICY_PREFIX_ANY_PROTO", "POLICY_PREFIX_PROTO", "POLICY_PREFIX_FULL"):
-        assert defines[name] == getattr(abi, name)
+    assert abi.PORT_CLASS_SLOTS == 2 * 2 * 65536  # PORT_CLASS_SLOTS
+    assert abi.port_class_index(1, True, 80) == ((1 * 2 + 1) << 16) | 80
     assert {k.removeprefix("TCP_FLAG_"): v for k, v in defines.items()
             if k.startswith("TCP_FLAG_")} == {f.name: f.value for f in abi.TcpFlag}
     assert enums["mseg_event_type"]["EVENT_TYPE_MAX"] == EVENT_TYPE_SLOTS

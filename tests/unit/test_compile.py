@@ -5,7 +5,6 @@ what a literal reading of the policy answers."""
 from __future__ import annotations
 
 import ipaddress
-import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +14,6 @@ from microseg.policy.compile import (
     assign_rule_ids,
     compile_policy,
     lookup_identity,
-    port_range_prefixes,
 )
 from microseg.policy.model import Policy, Rule, Workload
 from microseg.policy.model import Selector as S
@@ -23,19 +21,20 @@ from microseg.policy.model import Selector as S
 from .reference import reference_verdict, simulate_datapath
 
 
-@given(st.integers(0, 65535), st.integers(0, 65535))
-def test_port_range_prefixes_cover_exactly(a: int, b: int) -> None:
-    lo, hi = min(a, b), max(a, b)
-    covered = []
-    for start, bits in port_range_prefixes(lo, hi):
-        size = 1 << (16 - bits)
-        assert start % size == 0, "a prefix starts on its own boundary"
-        covered.append((start, start + size - 1))
-    covered.sort()
-    assert covered[0][0] == lo and covered[-1][1] == hi
-    for (_, e1), (s2, _) in itertools.pairwise(covered):
-        assert s2 == e1 + 1
-    assert len(covered) <= 30  # at most 2 per bit
+def test_port_classes_group_ports_named_by_the_same_rules() -> None:
+    wl = (Workload.make("a", ["10.0.0.1"]), Workload.make("b", ["10.0.0.2"]))
+    pol = Policy(workloads=wl, rules=(
+        Rule.make("web", S.of_workload("a"), S.of_workload("b"), "allow", "tcp", [80, 443]),
+        Rule.make("range", S.of_workload("a"), S.of_workload("b"), "allow", "tcp",
+                  [(400, 500)]),
+        Rule.make("dns", S.any(), S.of_workload("b"), "allow", "udp", [53]),
+    ))
+    pcs = compile_policy(pol).port_classes
+    tcp, udp = pcs[6], pcs[17]
+    assert tcp[80] != 0 and tcp[80] != tcp[443]  # 443 is also in the range
+    assert tcp[400] == tcp[442] == tcp[444] == tcp[500] != tcp[443]
+    assert tcp[399] == tcp[501] == tcp[53] == 0
+    assert udp[53] != 0 and udp[80] == 0
 
 
 def test_rule_ids_are_stable_and_reuse_nothing() -> None:
@@ -53,8 +52,24 @@ def test_workloads_matched_alike_share_a_class() -> None:
                   [5432]),
     ))
     c = compile_policy(pol)
-    assert len({e.src_class for e in c.identities if e.workload.startswith("web")}) == 1
-    assert len(c.entries) == 1  # one group, one port
+    assert len({e.cls for e in c.identities if e.workload.startswith("web")}) == 1
+    # One group: a header (no rule for other ports) and one exception.
+    assert len(c.entries) == 2
+
+
+def test_label_rules_do_not_multiply_with_workload_rules() -> None:
+    """Every workload is unique to workload rules; label rules still pair
+    label classes (one per label set), not workloads."""
+    wl = tuple(Workload.make(f"w{i}", [f"10.0.{i // 200}.{i % 200 + 1}"],
+                             {"tier": f"t{i % 4}", "app": f"a{i % 5}"}) for i in range(400))
+    pair_rules = tuple(Rule.make(f"p{i}", S.of_workload(f"w{i}"), S.of_workload(f"w{i + 1}"),
+                                 "allow", "tcp", [80]) for i in range(399))
+    label_rules = tuple(Rule.make(f"l{t}{a}", S.of_labels({"tier": f"t{t}"}),
+                                  S.of_labels({"app": f"a{a}"}), "allow", "tcp", [443])
+                        for t in range(4) for a in range(5))
+    c = compile_policy(Policy(workloads=wl, rules=pair_rules + label_rules))
+    groups = {(e.src_class, e.dst_class) for e in c.entries}
+    assert len(groups) <= 399 + 20 * 20
 
 
 def test_nested_prefixes_belong_to_the_most_specific_workload() -> None:
@@ -66,7 +81,7 @@ def test_nested_prefixes_belong_to_the_most_specific_workload() -> None:
     assert lookup_identity(c, "10.0.1.1") is None
 
 
-def test_deny_inside_an_allowed_range_splits_the_range() -> None:
+def test_deny_inside_an_allowed_range_is_an_exception() -> None:
     pol = Policy(workloads=(Workload.make("a", ["10.0.0.1"]), Workload.make("b", ["10.0.0.2"])),
                  rules=(Rule.make("allow-range", S.of_workload("a"), S.of_workload("b"), "allow",
                                   "tcp", [(1000, 2000)]),
@@ -152,5 +167,6 @@ def test_entries_do_not_grow_with_unrelated_rules() -> None:
     c = compile_policy(Policy(workloads=wl, rules=rules))
     groups = {(e.src_class, e.dst_class) for e in c.entries}
     assert len(groups) == 200
-    flags = {e.flags & (abi.IdentFlag.SRC_ANY | abi.IdentFlag.DST_ANY) for e in c.identities}
-    assert flags == {abi.IdentFlag(0)}
+    # Only the workload x workload combo is ever looked up.
+    ww = abi.combo_bit(abi.Space.WORKLOAD, abi.Space.WORKLOAD)
+    assert {e.src_combos | e.dst_combos for e in c.identities} == {ww}

@@ -1,0 +1,226 @@
+"""Datapath cost per packet through BPF_PROG_TEST_RUN, next to the floor.
+
+Every figure comes from the same run, interleaved round by round: an empty
+TC program (the floor) and microseg for established TCP, a denied packet
+(with its event) and a new allowed flow, IPv4 and IPv6 — with N sessions
+and a large policy loaded, then again with a 10-rule policy to show the cost
+does not follow the rule count.
+
+Method: the kernel runs one packet `repeat` times and reports the mean ns
+per run; each figure is the median over `runs` such runs. A new flow cannot
+repeat (its second run is an established packet), so new flows go through
+the benchmark harness entry of bpf/microseg.bpf.c (compiled only here): it
+rewrites the TCP source port from a per-CPU counter, then runs the real
+ingress path, so every repetition is a new session. Its floor is the same
+rewrite with nothing after it. A run creates `new_flows` sessions; they are
+deleted before the next run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from microseg import abi, bpfsys
+from microseg.datapath import Datapath, DatapathConfig
+from microseg.policy.compile import compile_policy
+from microseg.policy.model import Policy
+from microseg.records import addr16, session_key
+from microseg.ringbuf import RingBuffer
+
+from .policygen import synthetic_policy, workload_ip4, workload_ip6
+
+
+def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
+    ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip
+                 / TCP(sport=sport, dport=dport, flags=flags))
+
+
+class _Drainer:
+    """Drains the ring buffer in a thread while the kernel produces events,
+    so denied-packet runs measure a working event path, not a full ring."""
+
+    def __init__(self, ring: RingBuffer) -> None:
+        self.ring = ring
+        self.count = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            b = self.ring.drain(1 << 16)
+            self.count += b.count
+            if not b.count:
+                time.sleep(0.0005)
+
+    def __enter__(self) -> _Drainer:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.count += self.ring.drain(1 << 30).count
+
+
+@dataclass
+class Scenario:
+    name: str
+    policy: Policy
+    sessions: int
+
+
+def fill_sessions(dp: Datapath, n: int, gen: int) -> None:
+    """n established TCP sessions between workload addresses, written
+    straight into session_map (as the datapath would have left them)."""
+    ks, vs = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    keys, values = bytearray(), bytearray()
+    for i in range(n):
+        a = bytes(map(int, workload_ip4(i % 1000).split("."))) + bytes(12)
+        b = bytes(map(int, workload_ip4((i + 1) % 1000).split("."))) + bytes(12)
+        sport, dport = 10000 + i // 1000, 443
+        lo = (a, sport) <= (b, dport)
+        k = ks.pack(a if lo else b, b if lo else a, sport if lo else dport,
+                    dport if lo else sport, 6, 4)
+        v = vs.pack(now, now, 10, 10, 1000, 1000, 1, gen, 2, 4, 1, 2,
+                    abi.State.ESTABLISHED, abi.SessionFlag.ORIG_LO if lo else 0,
+                    abi.Verdict.ALLOWED, abi.Reason.RULE)
+        keys += k
+        values += v
+        if len(keys) >= 8192 * ks.size or i == n - 1:
+            dp.maps["session_map"].update_batch(bytes(keys), bytes(values),
+                                                len(keys) // ks.size)
+            keys.clear()
+            values.clear()
+
+
+def measure(runs: int = 5, repeat: int = 1_000_000, new_flows: int = 60_000,
+            sessions: int = 100_000, big_rules: int = 10_000,
+            workloads: int = 1_000) -> dict:
+    from bcc import BPF
+
+    floor_bpf = BPF(text=b"int empty_tc(struct __sk_buff *skb) { return 0; }")
+    floor_fd = floor_bpf.load_func(b"empty_tc", BPF.SCHED_CLS).fd
+    dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1 << 20,
+                                 ringbuf_bytes=1 << 26, bench_harness=True))
+    load = dp.load()
+    ring = RingBuffer(dp.maps["events"].fd, abi.EVENT.size)
+    results: dict = {"compile_s": round(load.compile_s, 3), "load_s": round(load.load_s, 3),
+                     "scenarios": {}}
+    try:
+        for label, n_rules in (("rules_10000", big_rules), ("rules_10", 10)):
+            pol = synthetic_policy(workloads, n_rules)
+            t0 = time.perf_counter()
+            compiled = compile_policy(pol)
+            t1 = time.perf_counter()
+            dp.reset_state()
+            gen = dp.apply_policy(compiled, grace_s=0)
+            t2 = time.perf_counter()
+            fill_sessions(dp, sessions, gen)
+            results["scenarios"][label] = _scenario(dp, ring, floor_fd, pol, runs, repeat,
+                                                    new_flows, workloads)
+            results["scenarios"][label].update(
+                compile_s=round(t1 - t0, 3), apply_s=round(t2 - t1, 3),
+                policy_entries=len(compiled.entries), sessions=dp.session_count())
+    finally:
+        ring.close()
+        dp.close()
+        floor_bpf.cleanup()
+    return results
+
+
+def _allowed_pair(pol: Policy) -> tuple[int, int, int]:
+    """A (src workload, dst workload, port) some allow rule admits."""
+    for r in pol.rules:
+        s, d = r.sources[0], r.destinations[0]
+        if (r.action == "allow" and s.kind == d.kind == "workload" and r.protocol == 6
+                and r.ports):
+            return int(s.workload[1:]), int(d.workload[1:]), r.ports[0][0]
+    raise ValueError("no workload-to-workload tcp allow rule")
+
+
+def _scenario(dp: Datapath, ring: RingBuffer, floor_fd: int, pol: Policy, runs: int,
+              repeat: int, new_flows: int, workloads: int) -> dict:
+    src, dst, port = _allowed_pair(pol)
+    s4, d4 = workload_ip4(src), workload_ip4(dst)
+    s6, d6 = workload_ip6(src), workload_ip6(dst)
+    # Establish one v4 and one v6 session through the program itself.
+    for a, b in ((s4, d4), (s6, d6)):
+        for pkt in (tcp_packet(a, b, 40000, port, "S"), tcp_packet(b, a, port, 40000, "SA"),
+                    tcp_packet(a, b, 40000, port, "A")):
+            assert dp.test_run(pkt).retval == 0
+    ring.drain(1 << 30)
+    # Denied: default deny between two workloads no rule pairs (checked).
+    rogue4, rogue6 = "10.99.0.1", "fd00:99::1"
+    deny4 = tcp_packet(rogue4, d4, 40000, port, "S")
+    deny6 = tcp_packet(rogue6, d6, 40000, port, "S")
+    assert dp.test_run(deny4).retval == 2 and dp.test_run(deny6).retval == 2
+    cases = {
+        "floor": (floor_fd, tcp_packet(s4, d4, 40000, port, "A")),
+        "established_v4": (dp.ingress_fd, tcp_packet(s4, d4, 40000, port, "A")),
+        "established_v6": (dp.ingress_fd, tcp_packet(s6, d6, 40000, port, "A")),
+        "denied_v4": (dp.ingress_fd, deny4),
+        "denied_v6": (dp.ingress_fd, deny6),
+    }
+    samples: dict[str, list[int]] = {k: [] for k in cases}
+    with _Drainer(ring):
+        for _ in range(runs):  # interleaved: every case once per round
+            for name, (fd, pkt) in cases.items():
+                samples[name].append(bpfsys.prog_test_run(fd, pkt, repeat=repeat).duration_ns)
+    out = {name: {"median_ns": statistics.median(v), "runs_ns": v}
+           for name, v in samples.items()}
+
+    # New flows through the harness: every repetition a fresh source port.
+    newflow_fd = dp.bpf.load_func(b"mseg_bench_newflow", _SCHED_CLS).fd
+    rewrite_fd = dp.bpf.load_func(b"mseg_bench_rewrite", _SCHED_CLS).fd
+    ctl = bpfsys.BpfMap(dp.bpf.get_table(b"bench_ctl_map").map_fd)
+    nsamples: dict[str, list[int]] = {"rewrite_floor": [], "new_flow_v4": [], "new_flow_v6": []}
+    flows = (("new_flow_v4", s4, d4, 34), ("new_flow_v6", s6, d6, 54))
+    with _Drainer(ring):
+        for _ in range(runs):
+            for name, a, b, off in flows:
+                _arm(ctl, off)
+                pkt = tcp_packet(a, b, 0, port, "S")
+                nsamples["rewrite_floor"].append(
+                    bpfsys.prog_test_run(rewrite_fd, pkt, repeat=new_flows).duration_ns)
+                _arm(ctl, off)
+                r = bpfsys.prog_test_run(newflow_fd, pkt, repeat=new_flows)
+                assert r.retval == 0, "new flows must be allowed"
+                nsamples[name].append(r.duration_ns)
+                _delete_flows(dp, a, b, port, new_flows)
+    ctl.close()
+    for name, v in nsamples.items():
+        out[name] = {"median_ns": statistics.median(v), "runs_ns": v}
+    floor = out["floor"]["median_ns"]
+    for k in ("established_v4", "established_v6", "denied_v4", "denied_v6"):
+        out[k]["over_floor_ns"] = out[k]["median_ns"] - floor
+    rf = out["rewrite_floor"]["median_ns"]
+    for k in ("new_flow_v4", "new_flow_v6"):
+        out[k]["over_floor_ns"] = out[k]["median_ns"] - rf
+    return out
+
+
+_SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
+_BASE_PORT = 1024
+
+
+def _arm(ctl: bpfsys.BpfMap, sport_off: int) -> None:
+    """Reset the harness counter on every CPU (the run lands on one)."""
+    one = abi.BENCH_CTL.struct.pack(sport_off, _BASE_PORT, 0)
+    ctl.update(b"\0\0\0\0", one * bpfsys.possible_cpus())
+
+
+def _delete_flows(dp: Datapath, src: str, dst: str, dport: int, n: int) -> None:
+    """Remove the sessions a harness run created (the base load stays)."""
+    fam = 6 if ":" in src else 4
+    a, b = addr16(src), addr16(dst)
+    keys = b"".join(session_key(fam, 6, a, b, _BASE_PORT + i, dport) for i in range(n))
+    dp.maps["session_map"].delete_batch(keys, n)
