@@ -1,10 +1,10 @@
-# microseg — `make demo` and `make test` do all set-up on a fresh machine.
+# microseg — `make test` and `make bench` do all set-up on a fresh machine.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH  ?= full
 
-.PHONY: all setup test lint demo bench clean
+.PHONY: all setup test lint bench clean
 
 all: test
 
@@ -13,15 +13,13 @@ setup:
 
 # pytest's exit code 5 means "no tests collected": never a silent pass.
 test: setup
+	@$(VENV)/bin/ruff check microseg tui exporters tests bench
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check microseg tui exporters tests bench
-
-demo: setup
-	$(VENV)/bin/microseg demo
 
 bench: setup
 	$(PY) -m bench --mode $(BENCH)

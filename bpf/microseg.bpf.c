@@ -107,7 +107,7 @@ static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir)
 	else
 		act = process(skb, &p, dir, &d);
 	if (act == NEED_VERDICT)
-		act = apply_verdict(skb, &p, dir, &d);
+		act = apply_verdict(skb, &p, dir, &d, precise_now());
 	if (p.frag == FRAG_FIRST)
 		remember_first_fragment(&p, &d);
 	return act;

@@ -127,13 +127,14 @@ static __always_inline void emit_session_event(struct __sk_buff *skb,
 					       const struct packet *p,
 					       __u32 dir, __u32 side,
 					       const struct session_value *s,
-					       __u8 state, __u8 prev_state)
+					       __u8 state, __u8 prev_state,
+					       __u64 now)
 {
 	struct event *e = reserve_event(EVENT_SESSION);
 
 	if (!e)
 		return;
-	e->ts_ns = precise_now();
+	e->ts_ns = now;
 	e->created_ns = s->created_ns;
 	e->packets[0] = s->packets[0];
 	e->packets[1] = s->packets[1];
@@ -202,7 +203,7 @@ static __always_inline int account_session(struct __sk_buff *skb,
 		s->flags = flags;
 		if (public_state(next) != public_state(state))
 			emit_session_event(skb, p, dir, side, s, next,
-					   public_state(state));
+					   public_state(state), precise_now());
 	}
 	if (reported)
 		return NEED_VERDICT;
@@ -226,7 +227,7 @@ static __always_inline int revalidate_session(struct __sk_buff *skb,
 	if (out->verdict == VERDICT_DENIED) {
 		out->reason = REASON_REVOKED;
 		emit_session_event(skb, p, dir, side, s, STATE_CLOSED,
-				   public_state(s->state));
+				   public_state(s->state), precise_now());
 		/* bpf_map_delete_elem: later packets are judged afresh. */
 		session_map.delete(key);
 		return REVAL_REVOKED;
@@ -256,8 +257,9 @@ static __always_inline int open_session(struct __sk_buff *skb,
 					struct decision *out)
 {
 	__u8 tf = p->tcp_flags;
+	__u64 now = precise_now(); /* one clock read for the session and both events */
 	struct session_value nv = {
-		.created_ns = precise_now(),
+		.created_ns = now,
 		.last_seen = session_clock(),
 		.packets = { 1, 0 },
 		.bytes = { p->len, 0 },
@@ -287,8 +289,8 @@ static __always_inline int open_session(struct __sk_buff *skb,
 	 * map evicts the least recently used entry when full. */
 	session_map.update(key, &nv);
 
-	int act = apply_verdict(skb, p, dir, out);
-	emit_session_event(skb, p, dir, 0, &nv, nv.state, STATE_NONE);
+	int act = apply_verdict(skb, p, dir, out, now);
+	emit_session_event(skb, p, dir, 0, &nv, nv.state, STATE_NONE, now);
 	return act;
 }
 

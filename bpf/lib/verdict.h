@@ -5,9 +5,9 @@
  * apply_verdict() is the only path to TC_ACT_SHOT and the only place a
  * verdict or drop event is made: it bumps the per-CPU counter and writes
  * the event together, so counters and events can never disagree. Stages
- * return NEED_VERDICT and handle_packet() calls it; only the two paths
- * that report a decision and still go on (a new session's verdict before
- * its "new" event, an audited revalidation) call it in place.
+ * return NEED_VERDICT and handle_packet() calls it; only open_session()
+ * calls it in place, to report a new session's verdict before its "new"
+ * session event.
  * pass_packet() accounts packets that need no event (established
  * sessions, non-IP, neighbour discovery, related ICMP).
  */
@@ -41,10 +41,9 @@ static __always_inline int pass_packet(__u32 dir, __u32 verdict, __u32 reason,
 
 static __always_inline int apply_verdict(struct __sk_buff *skb,
 					 const struct packet *p, __u32 dir,
-					 const struct decision *d)
+					 const struct decision *d, __u64 now)
 {
 	int drop = d->verdict == VERDICT_DENIED || d->verdict == VERDICT_DROPPED;
-	__u64 now = precise_now();
 
 	count_packet(dir, d->verdict, d->reason, p->len);
 	if (d->rule_id && d->verdict != VERDICT_DROPPED)

@@ -1,0 +1,117 @@
+"""`make bench`: measure, compare with the SPEC §12 targets, print a table,
+write bench/results.json.
+
+    python -m bench                 # full: 5 runs x 1M repeats
+    python -m bench --mode quick    # smoke: seconds, same code paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from . import datapath
+
+RESULTS = Path(__file__).with_name("results.json")
+
+MODES = {
+    "full": {"runs": 5, "repeat": 1_000_000, "new_flows": 60_000, "sessions": 100_000,
+             "big_rules": 10_000, "workloads": 1_000},
+    "quick": {"runs": 2, "repeat": 20_000, "new_flows": 5_000, "sessions": 5_000,
+              "big_rules": 500, "workloads": 100},
+}
+
+# SPEC §12: (figure, limit over the floor in ns)
+DATAPATH_TARGETS = {
+    "established_v4": 60, "established_v6": 60,
+    "new_flow_v4": 300, "new_flow_v6": 300,
+    "denied_v4": 300, "denied_v6": 300,
+}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
+            "memory_gib": round(mem_gib, 1), "python": platform.python_version()}
+
+
+def datapath_table(res: dict) -> list[str]:
+    big, small = res["scenarios"]["rules_10000"], res["scenarios"]["rules_10"]
+    lines = [
+        f"Datapath, BPF_PROG_TEST_RUN ns/packet (median of {res['params']['runs']} runs x "
+        f"{res['params']['repeat']:,} repeats; new flows {res['params']['new_flows']:,} per run)",
+        f"  {big['sessions']:,} sessions loaded; large policy: {res['params']['big_rules']:,} rules"
+        f" / {res['params']['workloads']:,} workloads ({big['policy_entries']:,} entries, "
+        f"compile {big['compile_s']} s, apply {big['apply_s']} s); small: 10 rules",
+        f"  BCC compile {res['compile_s']} s, verifier load {res['load_s']} s",
+        "",
+        f"  {'':26s}{'large policy':>18s}{'10 rules':>18s}   target        result",
+    ]
+
+    def row(label: str, key: str, floor_key: str | None = None) -> None:
+        b, s = big[key], small[key]
+        over_b, over_s = b.get("over_floor_ns"), s.get("over_floor_ns")
+        cell_b = f"{b['median_ns']:.0f}" + (f" (+{over_b:.0f})" if over_b is not None else "")
+        cell_s = f"{s['median_ns']:.0f}" + (f" (+{over_s:.0f})" if over_s is not None else "")
+        limit = DATAPATH_TARGETS.get(key)
+        target = f"floor+{limit}" if limit else ""
+        verdict = ""
+        if limit is not None and over_b is not None:
+            verdict = "met" if over_b <= limit else "NOT met"
+        lines.append(f"  {label:26s}{cell_b:>18s}{cell_s:>18s}   {target:13s} {verdict}")
+
+    row("empty program (floor)", "floor")
+    row("established TCP v4", "established_v4")
+    row("established TCP v6", "established_v6")
+    row("denied + event v4", "denied_v4")
+    row("denied + event v6", "denied_v6")
+    row("rewrite harness (floor)", "rewrite_floor")
+    row("new allowed flow v4", "new_flow_v4")
+    row("new allowed flow v6", "new_flow_v6")
+    est = big["established_v4"]["median_ns"]
+    lines.append(f"  => {1e9 / est / 1e6:.1f} Mpps per core on the established path (1e9 / ns)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=sorted(MODES), default="full")
+    ap.add_argument("--output", type=Path, default=RESULTS,
+                    help="where to write the JSON results (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (BPF)", file=sys.stderr)
+        return 3
+    params = MODES[args.mode]
+    started = dt.datetime.now(dt.UTC)
+    res = datapath.measure(**params)
+    res["params"] = params
+    out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
+           "machine": machine(), "datapath": res}
+    m = out["machine"]
+    print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
+          f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
+    print()
+    print("\n".join(datapath_table(res)))
+    tmp = args.output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(args.output)
+    print(f"\nresults: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`make bench BENCH=quick` runs in the test suite, so the benchmark code
+cannot rot: every figure present, positive, and the JSON written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    r = subprocess.run([sys.executable, "-m", "bench", "--mode", "quick", "--output", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "established TCP v4" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["mode"] == "quick" and res["machine"]["kernel"]
+    for scenario in res["datapath"]["scenarios"].values():
+        for key in ("floor", "established_v4", "established_v6", "denied_v4", "denied_v6",
+                    "new_flow_v4", "new_flow_v6", "rewrite_floor"):
+            assert scenario[key]["median_ns"] > 0, key
+        assert scenario["sessions"] > 0 and scenario["policy_entries"] > 0
