@@ -39,6 +39,21 @@ static __always_inline void fill_endpoints(struct event *e, const __u8 *saddr,
 	e->dport = dport;
 }
 
+/* Fields every record of a packet carries; the caller adds its own. */
+static __always_inline void fill_packet_fields(struct event *e,
+					       struct __sk_buff *skb,
+					       const struct packet *p, __u32 dir,
+					       __u64 now)
+{
+	e->ts_ns = now;
+	e->ifindex = skb->ifindex;
+	e->pkt_len = p->len;
+	e->direction = dir;
+	e->family = p->family;
+	e->proto = p->proto;
+	e->tcp_flags = p->tcp_flags;
+}
+
 static __always_inline void submit_event(struct event *e)
 {
 	/* bpf_ringbuf_submit: publish the record; 0 = wake the reader only

@@ -91,6 +91,23 @@ static __always_inline void copy_addr16(__u8 *dst, const __u8 *src)
 	__builtin_memcpy(dst, src, 16);
 }
 
+/* The first 8 bytes of a quoted packet's L4 header: ports, or the echo id
+ * of a quoted ping (icmp_proto: this family's ICMP). */
+static __always_inline int parse_quoted_l4(__u8 *l4, void *data_end,
+					   __u8 icmp_proto, struct quoted *q)
+{
+	if ((void *)(l4 + 8) > data_end)
+		return PARSE_TRUNCATED;
+	if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
+		q->sport = bswap16(*(__be16 *)l4);
+		q->dport = bswap16(*(__be16 *)(l4 + 2));
+	} else if (q->proto == icmp_proto) {
+		struct icmp_hdr *ic = (void *)l4;
+		q->sport = q->dport = bswap16(ic->id);
+	}
+	return PARSE_OK;
+}
+
 /* ICMP error quoting an IPv4 packet: its header and first 8 L4 bytes. */
 static __always_inline int parse_quoted4(void *data, void *data_end, __u32 off,
 					 struct quoted *q)
@@ -110,17 +127,7 @@ static __always_inline int parse_quoted4(void *data, void *data_end, __u32 off,
 	off += hlen;
 	if (off > MAX_L4_OFFSET)
 		return PARSE_INVALID;
-	__u8 *l4 = data + off;
-	if ((void *)(l4 + 8) > data_end)
-		return PARSE_TRUNCATED;
-	if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
-		q->sport = bswap16(*(__be16 *)l4);
-		q->dport = bswap16(*(__be16 *)(l4 + 2));
-	} else if (q->proto == IPPROTO_ICMP) {
-		struct icmp_hdr *ic = (void *)l4;
-		q->sport = q->dport = bswap16(ic->id);
-	}
-	return PARSE_OK;
+	return parse_quoted_l4(data + off, data_end, IPPROTO_ICMP, q);
 }
 
 /* ICMPv6 error quoting an IPv6 packet. Extension headers in the quote are
@@ -138,17 +145,7 @@ static __always_inline int parse_quoted6(void *data, void *data_end, __u32 off,
 	copy_addr16(q->saddr, ip6->saddr);
 	copy_addr16(q->daddr, ip6->daddr);
 	q->proto = ip6->nexthdr;
-	__u8 *l4 = (void *)(ip6 + 1);
-	if ((void *)(l4 + 8) > data_end)
-		return PARSE_TRUNCATED;
-	if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
-		q->sport = bswap16(*(__be16 *)l4);
-		q->dport = bswap16(*(__be16 *)(l4 + 2));
-	} else if (q->proto == IPPROTO_ICMPV6) {
-		struct icmp_hdr *ic = (void *)l4;
-		q->sport = q->dport = bswap16(ic->id);
-	}
-	return PARSE_OK;
+	return parse_quoted_l4((void *)(ip6 + 1), data_end, IPPROTO_ICMPV6, q);
 }
 
 /* L4 at offset off, l4_len bytes long according to the IP header. */

@@ -134,7 +134,7 @@ static __always_inline void emit_session_event(struct __sk_buff *skb,
 
 	if (!e)
 		return;
-	e->ts_ns = now;
+	fill_packet_fields(e, skb, p, dir, now);
 	e->created_ns = s->created_ns;
 	e->packets[0] = s->packets[0];
 	e->packets[1] = s->packets[1];
@@ -144,18 +144,12 @@ static __always_inline void emit_session_event(struct __sk_buff *skb,
 		fill_endpoints(e, p->saddr, p->daddr, p->sport, p->dport);
 	else
 		fill_endpoints(e, p->daddr, p->saddr, p->dport, p->sport);
-	e->ifindex = skb->ifindex;
 	e->rule_id = s->rule_id;
 	e->generation = s->generation;
-	e->pkt_len = p->len;
 	e->src_identity = s->src_identity;
 	e->dst_identity = s->dst_identity;
 	e->verdict = s->verdict;
 	e->reason = s->reason;
-	e->direction = dir;
-	e->family = p->family;
-	e->proto = p->proto;
-	e->tcp_flags = p->tcp_flags;
 	e->state = state;
 	e->prev_state = prev_state;
 	submit_event(e);

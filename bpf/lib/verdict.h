@@ -52,20 +52,14 @@ static __always_inline int apply_verdict(struct __sk_buff *skb,
 	struct event *e = reserve_event(d->verdict == VERDICT_DROPPED ?
 						EVENT_DROP : EVENT_VERDICT);
 	if (e) {
-		e->ts_ns = now;
+		fill_packet_fields(e, skb, p, dir, now);
 		fill_endpoints(e, p->saddr, p->daddr, p->sport, p->dport);
-		e->ifindex = skb->ifindex;
 		e->rule_id = d->rule_id;
 		e->generation = d->generation;
-		e->pkt_len = p->len;
 		e->src_identity = d->src_identity;
 		e->dst_identity = d->dst_identity;
 		e->verdict = d->verdict;
 		e->reason = d->reason;
-		e->direction = dir;
-		e->family = p->family;
-		e->proto = p->proto;
-		e->tcp_flags = p->tcp_flags;
 		submit_event(e);
 	}
 	return drop ? TC_ACT_SHOT : TC_ACT_OK;

@@ -1,6 +1,6 @@
-"""Pinned maps: created with BTF, reused across loads (sessions survive),
-checked before reuse, replaced with a warning when their layout or ABI no
-longer matches, removed by unpin."""
+"""The loader: pinned maps created with BTF, reused across loads (sessions
+survive), checked before reuse, replaced with a warning when their layout
+or ABI no longer matches, removed by unpin; kernel run-time stats."""
 
 from __future__ import annotations
 
@@ -148,3 +148,21 @@ def test_unpin_removes_everything(pin_dir: str) -> None:
     dp.close()
     dp.unpin()
     assert not os.path.exists(pin_dir)
+
+
+def test_kernel_run_time_stats() -> None:
+    """With kernel bpf stats on, run count and run time of both programs add
+    up (BPF_PROG_TEST_RUN counts like real traffic)."""
+    dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1024, ringbuf_bytes=1 << 16))
+    dp.load()
+    stats_fd = bpfsys.enable_run_time_stats()
+    try:
+        dp.apply_policy(compile_policy(shop()), grace_s=0)
+        before_ns, before_cnt = dp.run_stats()
+        dp.test_run(bytes(tcp(WEB4, DB4, 1, 5432)), repeat=1000)
+        after_ns, after_cnt = dp.run_stats()
+        assert after_cnt - before_cnt == 1000
+        assert after_ns > before_ns
+    finally:
+        os.close(stats_fd)
+        dp.close()
