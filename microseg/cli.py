@@ -1,18 +1,22 @@
 """The `microseg` command line.
 
 Errors are one line on stderr and a non-zero exit: 1 for a failed operation,
-2 for a usage error, 3 for missing privileges. Output to a closed pipe exits
-quietly.
+2 for a usage error, 3 for missing privileges. Colour only on a TTY and
+never with NO_COLOR. Output to a closed pipe exits quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+import orjson
+
 from . import __version__
+from .client import Client, DaemonError, default_socket
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -20,16 +24,209 @@ EXIT_PRIVILEGES = 3
 
 
 class CommandError(Exception):
-    """A failed operation: its message is the one line the user sees."""
+    """A failed operation: its message is what the user sees."""
 
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
 
 
+def use_colour(stream=sys.stdout) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def _size(text: str) -> int:
+    """'16MiB', '1048576', '64k' -> bytes."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in "kmg" else t
+    try:
+        return int(digits) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 16MiB") from None
+
+
+# -- microseg run -----------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import RunConfig, run
+
+    if not args.interface:
+        raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
+    return run(RunConfig(
+        interfaces=args.interface, policy_path=args.policy,
+        policy_default_audit=args.policy_default == "audit",
+        socket_path=args.socket or default_socket(), socket_group=args.socket_group,
+        pin_dir=args.pin_dir, keep_on_exit=args.keep_on_exit,
+        session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes))
+
+
+# -- microseg policy ... ----------------------------------------------------
+
+def _daemon(args: argparse.Namespace, coro: Callable[[Client], object]) -> object:
+    async def go() -> object:
+        async with Client(args.socket) as c:
+            return await coro(c)
+
+    try:
+        return asyncio.run(go())
+    except DaemonError as e:
+        raise CommandError(str(e), EXIT_PRIVILEGES if e.privileges else EXIT_FAILED) from None
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from .policy.parse import PolicyError, load_policy_file
+
+    try:
+        loaded = load_policy_file(args.file)
+    except PolicyError as e:
+        for issue in e.issues:
+            print(issue.format(args.file), file=sys.stderr)
+        n = len(e.errors)
+        print(f"{args.file}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        return EXIT_FAILED
+    for w in loaded.warnings:
+        print(w.format(args.file), file=sys.stderr)
+    p = loaded.policy
+    print(f"{args.file}: valid ({len(p.workloads)} workloads, {len(p.rules)} rules, "
+          f"{p.mode}, default {p.default})")
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    show = _daemon(args, lambda c: c.get("/v1/policy"))
+    assert isinstance(show, dict)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(show, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    print(f"generation {show['generation']}  {show.get('mode')}, default {show.get('default')}")
+    print(f"source     {show.get('source')}")
+    print(f"sha256     {show.get('sha256')}")
+    print(f"loaded at  {show.get('loaded_at')}")
+    wl = show.get("workloads", [])
+    print(f"workloads  {len(wl)}: " + ", ".join(w["name"] for w in wl))
+    rules = show.get("rules", [])
+    print(f"rules      {len(rules)}")
+    if rules:
+        rows = [("NAME", "ACTION", "FROM", "TO", "PROTO", "PORTS", "HITS", "LAST HIT")]
+        for r in rules:
+            rows.append((r["name"], r["action"], ",".join(r["from"]), ",".join(r["to"]),
+                         r["protocol"], ",".join(r["ports"]) or "*", str(r["hits"]),
+                         r["last_hit"] or "never"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    never = show.get("never_hit", [])
+    print(f"never hit  {', '.join(never) if never else '-'}")
+    return 0
+
+
+def _apply_text(args: argparse.Namespace, data: bytes, label: str) -> int:
+    """Validate, write over the daemon's policy file, reload, report."""
+    from .policy.edit import write_atomically
+    from .policy.parse import PolicyError, parse_policy
+
+    try:
+        loaded = parse_policy(data, label)
+    except PolicyError as e:
+        for issue in e.issues:
+            print(issue.format(label), file=sys.stderr)
+        raise CommandError(f"{label}: invalid, not applied") from None
+
+    async def go(c: Client) -> dict:
+        status = await c.get("/v1/status")
+        path = status["policy"]["path"]
+        if os.path.realpath(path) != os.path.realpath(label) or not os.path.exists(label):
+            write_atomically(path, data)
+        return await c.post("/v1/policy/reload")
+
+    try:
+        res = _daemon(args, go)
+    except PermissionError as e:
+        raise CommandError(f"cannot write the daemon's policy file: {e}", EXIT_PRIVILEGES) \
+            from None
+    assert isinstance(res, dict)
+    if res["result"] == "rejected":
+        for err in res["errors"]:
+            print(err, file=sys.stderr)
+        raise CommandError(f"the daemon refused the policy; generation {res['generation']} "
+                           "is still enforced")
+    if res.get("sha256") not in (None, loaded.sha256):
+        raise CommandError("the policy file changed again while applying; check "
+                           "`microseg policy show`")
+    took = f", applied in {res['apply_ms']:.0f} ms" if res["result"] == "applied" else ""
+    print(f"generation {res['generation']} active ({res['rules']} rules, "
+          f"{res['workloads']} workloads{took})")
+    for w in loaded.warnings:
+        print(w.format(label), file=sys.stderr)
+    return 0
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CommandError(f"{args.file}: {e.strerror}") from None
+    return _apply_text(args, data, args.file)
+
+
+def _edit(args: argparse.Namespace, change: Callable[[str, str], str]) -> int:
+    from .policy.edit import EditError, write_atomically
+    from .policy.parse import PolicyError, parse_policy
+
+    path = args.file
+    if path is None:
+        status = _daemon(args, lambda c: c.get("/v1/status"))
+        assert isinstance(status, dict)
+        path = status["policy"]["path"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise CommandError(f"{path}: {e.strerror}") from None
+    try:
+        new = change(text, path)
+        parse_policy(new.encode(), path)
+    except EditError as e:
+        raise CommandError(str(e)) from None
+    except PolicyError as e:
+        for issue in e.issues:
+            print(issue.format(path), file=sys.stderr)
+        raise CommandError(f"{path}: the edit would make the policy invalid; file unchanged") \
+            from None
+    write_atomically(path, new.encode())
+    print(f"{path}: updated")
+    if args.file is not None and args.no_apply:
+        return 0
+    return _apply_text(args, new.encode(), path)
+
+
+def cmd_rule_add(args: argparse.Namespace) -> int:
+    from .policy.edit import add_rule
+
+    return _edit(args, lambda text, path: add_rule(
+        text, path, name=args.name, sources=args.src, destinations=args.dst,
+        action=args.action, protocol=args.protocol, ports=args.ports))
+
+
+def cmd_rule_delete(args: argparse.Namespace) -> int:
+    from .policy.edit import delete_rule
+
+    return _edit(args, lambda text, path: delete_rule(text, path, args.name))
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"microseg {__version__}")
     return 0
+
+
+# -- the parser -----------------------------------------------------------------
+
+def _socket_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", metavar="PATH", default=None,
+                   help="the daemon's control socket (default: $MICROSEG_SOCKET, else "
+                        "/run/microseg/microseg.sock)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +236,74 @@ def build_parser() -> argparse.ArgumentParser:
                     "(TC eBPF).")
     ap.add_argument("--version", action="version", version=f"microseg {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="the daemon: attach, enforce, report",
+                       description="Run the daemon: load the datapath, attach it to the "
+                                   "interfaces, enforce the policy file and follow its "
+                                   "changes, serve the control socket.")
+    p.add_argument("-i", "--interface", action="append", default=[], metavar="NAME",
+                   help="interface name or shell glob (veth*, msd-*); repeatable; "
+                        "links that appear later and match are attached too")
+    p.add_argument("--policy", default="/etc/microseg/policy.yaml", metavar="FILE",
+                   help="policy file (default: %(default)s)")
+    p.add_argument("--policy-default", choices=["audit"], default=None,
+                   help="with no policy file yet, run the built-in policy: default allow "
+                        "in audit mode (observe everything, enforce nothing)")
+    _socket_option(p)
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="let this group use the control socket (mode 0660)")
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/microseg", metavar="DIR",
+                   help="where maps are pinned (default: %(default)s)")
+    p.add_argument("--keep-on-exit", action="store_true",
+                   help="leave the datapath attached and enforcing when the daemon stops")
+    p.add_argument("--session-capacity", type=int, default=1 << 20, metavar="N",
+                   help="session table size (default: %(default)s)")
+    p.add_argument("--ringbuf-bytes", type=_size, default=16 << 20, metavar="N",
+                   help="event ring buffer size, a power of two (default: 16MiB)")
+    p.set_defaults(func=cmd_run)
+
+    pol = sub.add_parser("policy", help="check, show, apply and edit the policy")
+    psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    p = psub.add_parser("check", help="validate a policy file (no daemon needed)")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_policy_check)
+    p = psub.add_parser("show", help="the active policy, with per-rule hits")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    _socket_option(p)
+    p.set_defaults(func=cmd_policy_show)
+    p = psub.add_parser("apply", help="validate FILE, make it the daemon's policy and wait "
+                                      "until it is active")
+    p.add_argument("file", metavar="FILE")
+    _socket_option(p)
+    p.set_defaults(func=cmd_policy_apply)
+
+    rule = psub.add_parser("rule", help="add or delete a rule in the policy file")
+    rsub = rule.add_subparsers(dest="rule_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("add", help="append a rule, keeping the file's comments and order",
+                        description="Selectors: any, workload:NAME, labels:k=v[,k=v], "
+                                    "cidr:PREFIX; several separated by ';' or by repeating "
+                                    "--from/--to. Ports: 80,443,8000-8100.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--from", dest="src", action="append", required=True, metavar="SEL")
+    p.add_argument("--to", dest="dst", action="append", required=True, metavar="SEL")
+    p.add_argument("--protocol", choices=["tcp", "udp", "icmp", "icmpv6", "any"])
+    p.add_argument("--ports", metavar="LIST")
+    p.add_argument("--action", choices=["allow", "deny"], required=True)
+    p.add_argument("--file", metavar="FILE",
+                   help="edit this file instead of the daemon's policy file")
+    p.add_argument("--no-apply", action="store_true",
+                   help="with --file: only edit, do not apply")
+    _socket_option(p)
+    p.set_defaults(func=cmd_rule_add)
+    p = rsub.add_parser("delete", help="remove a rule by name")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--file", metavar="FILE",
+                   help="edit this file instead of the daemon's policy file")
+    p.add_argument("--no-apply", action="store_true",
+                   help="with --file: only edit, do not apply")
+    _socket_option(p)
+    p.set_defaults(func=cmd_rule_delete)
+
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
     return ap
@@ -51,11 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except CommandError as e:
+        if e.code == EXIT_USAGE:
+            parser.print_usage(sys.stderr)
         print(f"microseg: {e}", file=sys.stderr)
         return e.code
-    except PermissionError as e:
-        print(f"microseg: {e.strerror or e}: run as root", file=sys.stderr)
-        return EXIT_PRIVILEGES
     except BrokenPipeError:
         # `microseg ... | head`: the reader left; exit quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -225,8 +225,9 @@ class Datapath:
         self.ingress_fd = -1
         self.egress_fd = -1
         self.clock_fd = -1
-        self._slot_keys: dict[int, dict[str, bytes] | None] = {0: None, 1: None}
-        self._port_classes: dict[int, bytes] = {}
+        # What each generation slot holds (None until read or written).
+        self._slots: dict[int, tuple[dict[str, dict[bytes, bytes]], bytes]] = {}
+        self._converge: tuple[int, dict[str, dict[bytes, bytes]], bytes] | None = None
         self._generation = 0
         self._ipr = None
 
@@ -294,86 +295,104 @@ class Datapath:
         raw = self.maps["active_map"].lookup(_U32.pack(0))
         return _U32.unpack_from(raw)[0] if raw else 0
 
-    def apply_policy(self, compiled, *, grace_s: float = 0.01) -> int:
-        """Write compiled (a CompiledPolicy) as a new generation into the idle
-        slot, switch to it with one 4-byte write, then clear the old slot.
+    # The maps a generation lives in, and where each key holds its slot.
+    _POLICY_MAPS = ("host4_map", "host6_map", "ident4_map", "ident6_map", "policy_map")
+    _LPM_MAPS = ("ident4_map", "ident6_map")  # key: prefixlen, slot, addr
 
-        Packets read the active generation once and do all their lookups in
-        its slot, so a packet sees either the old or the new generation. The
-        old slot is cleared after grace_s, long past the few microseconds
-        a packet in flight needs to finish.
+    def apply_policy(self, compiled, *, grace_s: float | None = 0.01) -> int:
+        """Switch to compiled (a CompiledPolicy) as a new generation.
+
+        The new generation is written fully into the idle slot — only the
+        entries that differ from what that slot holds — then switched in
+        with one 4-byte write to active_map. Packets read the active
+        generation once and do all their lookups in its slot, so a packet
+        sees either the old or the new generation, never a mix.
+
+        Then the old slot is brought to the same content (converge()): the
+        old generation is gone, and the next generation's diff is small.
+        With grace_s=None the caller calls converge() itself, after a grace
+        period that lets packets still in the old generation finish.
         """
+        if self._converge is not None:
+            self.converge()
+        contents, ports = compiled.map_contents(), compiled.port_class_values()
         gen = max(self.active_generation(), self._generation) + 1
         slot = gen & 1
-        self.clear_slot(slot)  # leftovers of an apply that was interrupted
-        written: dict[str, bytes] = {}
-        for name, (keys, values, n) in (
-            ("host4_map", compiled.host_records(4, slot)),
-            ("host6_map", compiled.host_records(6, slot)),
-            ("ident4_map", compiled.prefix_records(4, slot)),
-            ("ident6_map", compiled.prefix_records(6, slot)),
-            ("policy_map", compiled.policy_records(slot)),
-        ):
-            self.maps[name].update_batch(keys, values, n)
-            written[name] = keys
-        self._slot_keys[slot] = written
-        self._write_port_classes(slot, compiled)
+        self._write_slot(slot, contents, ports)
         self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
         self.maps["active_map"].update(_U32.pack(0), _U32.pack(gen))  # the switch
         self._generation = gen
-        if grace_s:
+        self._converge = (slot ^ 1, contents, ports)
+        if grace_s is not None:
             time.sleep(grace_s)
-        self.clear_slot(slot ^ 1)
+            self.converge()
         return gen
 
-    def _write_port_classes(self, slot: int, compiled) -> None:
-        """Write the slot's stretch of port_class_map, only the 4 KiB pages
-        of it that differ from what the slot holds."""
-        _first, new = compiled.port_class_values(slot)
-        old = self._port_classes.get(slot)
+    def converge(self) -> None:
+        """Rewrite the previous generation's slot with the active content."""
+        if self._converge is not None:
+            slot, contents, ports = self._converge
+            self._write_slot(slot, contents, ports)
+            self._converge = None
+
+    def _slot_key(self, name: str, slot: int, rest: bytes) -> bytes:
+        if name in self._LPM_MAPS:
+            return rest[:4] + _U32.pack(slot) + rest[4:]
+        return _U32.pack(slot) + rest
+
+    def _write_slot(self, slot: int, contents: dict[str, dict[bytes, bytes]],
+                    ports: bytes) -> None:
+        cur, cur_ports = self._slots.get(slot) or self._read_slot(slot)
+        for name in self._POLICY_MAPS:
+            m, old, new = self.maps[name], cur.get(name, {}), contents[name]
+            gone = [self._slot_key(name, slot, k) for k in old if k not in new]
+            m.delete_batch(b"".join(gone), len(gone))
+            changed = [(k, v) for k, v in new.items() if old.get(k) != v]
+            m.update_batch(b"".join(self._slot_key(name, slot, k) for k, _ in changed),
+                           b"".join(v for _, v in changed), len(changed))
+        self._write_port_classes(slot, cur_ports, ports)
+        self._slots[slot] = (contents, ports)
+
+    def _write_port_classes(self, slot: int, old: bytes, new: bytes) -> None:
+        """Write the 4 KiB stretches of the slot's port classes that differ."""
         base = abi.port_class_index(slot, False, 0)
         chunk = 1024  # ports per write
         m = self.maps["port_class_map"]
         for start in range(0, len(new) // 4, chunk):
             part = new[start * 4:(start + chunk) * 4]
-            if old is not None and old[start * 4:(start + chunk) * 4] == part:
+            if old[start * 4:(start + chunk) * 4] == part:
                 continue
             n = len(part) // 4
             keys = b"".join(_U32.pack(base + start + i) for i in range(n))
             m.update_batch(keys, part, n)
-        self._port_classes[slot] = new
 
-    _POLICY_MAPS = ("host4_map", "host6_map", "ident4_map", "ident6_map", "policy_map")
-    # Offset of the slot field in each map's key.
-    _SLOT_OFFSET = {"host4_map": 0, "host6_map": 0, "ident4_map": 4, "ident6_map": 4,
-                    "policy_map": 0}
-
-    def clear_slot(self, slot: int) -> None:
-        """Delete every identity and policy entry of a generation slot."""
-        known = self._slot_keys.get(slot)
+    def _read_slot(self, slot: int) -> tuple[dict[str, dict[bytes, bytes]], bytes]:
+        """What a slot holds in the kernel (after a restart, or a crash in
+        the middle of an apply), without the slot fields."""
+        contents: dict[str, dict[bytes, bytes]] = {}
         for name in self._POLICY_MAPS:
-            m = self.maps[name]
-            if known is not None:
-                keys = known.get(name, b"")
-                count = len(keys) // m.key_size
-            else:  # unknown (fresh start): find the slot's keys
-                off = self._SLOT_OFFSET[name]
-                found = [k for k in self._all_keys(m) if _U32.unpack_from(k, off)[0] == slot]
-                keys, count = b"".join(found), len(found)
-            m.delete_batch(keys, count)
-        self._slot_keys[slot] = {}
+            m, off = self.maps[name], 4 if name in self._LPM_MAPS else 0
+            mine = contents[name] = {}
+            for key, value in self._all_items(m):
+                if _U32.unpack_from(key, off)[0] == slot:
+                    mine[key[:off] + key[off + 4:]] = value
+        # The array in index order: batch lookups walk it from index 0.
+        whole = b"".join(values for _k, values, _n in
+                         self.maps["port_class_map"].lookup_batch_raw(chunk=65536))
+        first = abi.port_class_index(slot, False, 0)
+        return contents, whole[first * 4:(first + 2 * 65536) * 4]
 
     @staticmethod
-    def _all_keys(m: bpfsys.BpfMap) -> Iterator[bytes]:
-        """Every key: batch lookups where the map has them (hash maps), one
-        get_next_key call per key where it does not (LPM tries)."""
+    def _all_items(m: bpfsys.BpfMap) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value): batch lookups where the map has them (hash
+        maps), get_next_key and lookup where it does not (LPM tries)."""
         if m.type == bpfsys.BPF_MAP_TYPE_LPM_TRIE:
-            yield from m.iter_keys()
+            for key in m.iter_keys():
+                value = m.lookup(key)
+                if value is not None:
+                    yield key, value
             return
-        ks = m.key_size
-        for keys, _values, count in m.lookup_batch_raw():
-            for i in range(count):
-                yield keys[i * ks:(i + 1) * ks]
+        yield from m.lookup_batch()
 
     # -- reading -----------------------------------------------------------
 

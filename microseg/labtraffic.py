@@ -2,6 +2,8 @@
 
     python -m microseg.labtraffic serve --tcp 80 --udp 53   # prints "ready"
     python -m microseg.labtraffic probe tcp 10.203.0.20 80  # exit 0 if echoed
+    python -m microseg.labtraffic hold tcp 10.203.0.20 80   # one long-lived connection:
+                                                            # a line per exchange, ok|timeout
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+import time
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -64,6 +67,41 @@ def probe(proto: str, host: str, port: int, timeout: float, payload: bytes = b"p
             return False
 
 
+def hold(proto: str, host: str, port: int, interval: float, timeout: float,
+         count: int) -> int:
+    """Keep one connection (or UDP flow) and exchange a numbered message
+    every `interval`: print `ok N` or `timeout N` for each, flushing."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(family, kind) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+        except OSError as e:
+            print(f"connect-failed {e}", flush=True)
+            return 1
+        print("connected", flush=True)
+        n = 0
+        while count <= 0 or n < count:
+            n += 1
+            msg = f"{n:08d}".encode()
+            try:
+                s.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    chunk = s.recv(len(msg) - len(got))
+                    if not chunk:
+                        raise OSError("closed")
+                    got += chunk
+                print(f"ok {n}" if got == msg else f"mismatch {n}", flush=True)
+            except (TimeoutError, OSError):
+                print(f"timeout {n}", flush=True)
+                if proto == "tcp":
+                    return 1  # a TCP stream cannot resync after a lost exchange
+            time.sleep(interval)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m microseg.labtraffic")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -75,11 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--timeout", type=float, default=1.0)
+    h = sub.add_parser("hold")
+    h.add_argument("proto", choices=["tcp", "udp"])
+    h.add_argument("host")
+    h.add_argument("port", type=int)
+    h.add_argument("--interval", type=float, default=0.05)
+    h.add_argument("--timeout", type=float, default=1.0)
+    h.add_argument("--count", type=int, default=0, help="exchanges (0: until killed)")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(args.tcp, args.udp))
         return 0
+    if args.cmd == "hold":
+        return hold(args.proto, args.host, args.port, args.interval, args.timeout, args.count)
     return 0 if probe(args.proto, args.host, args.port, args.timeout) else 1
 
 

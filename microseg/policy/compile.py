@@ -24,15 +24,21 @@ half of this contract):
    classes that decide otherwise are exceptions with entries of their own.
    Deny beats allow, then the rule written first — resolved here within a
    group, and by the datapath across groups.
+
+Identity and class ids are kept from the previous compile where the thing
+they name is unchanged (``previous=``), so a small edit changes few map
+entries and the datapath rewrites only those.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import struct
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .. import abi
 from .model import IPNetwork, Policy, Selector
@@ -44,44 +50,44 @@ NAMED_PROTOCOLS = (TCP, UDP, ICMP, ICMPV6)
 W, L, C, A = abi.Space.WORKLOAD, abi.Space.LABELS, abi.Space.CIDR, abi.Space.ANY
 
 
-@dataclass(frozen=True)
-class Decision:
-    """A group's answer: which rule, how it ranks, what it does."""
+class Decision(NamedTuple):
+    """A group's answer, ordered so that the better decision compares
+    greater: deny over allow over none, then the rule written first (rank is
+    minus the rule's index)."""
 
+    action: int
+    rank: int
     rule_id: int
-    priority: int
-    action: abi.Action
 
-    def beats(self, other: Decision | None) -> bool:
-        """Deny over allow, then the rule written first."""
-        if other is None or other.action == abi.Action.NONE:
-            return self.action != abi.Action.NONE
-        return (self.action, -self.priority) > (other.action, -other.priority)
+    @property
+    def priority(self) -> int:
+        return -self.rank
 
-
-NO_DECISION = Decision(0, 0xFFFF, abi.Action.NONE)
-_NO_FLAGS = abi.PolicyFlag(0)
+    @classmethod
+    def of(cls, action: abi.Action, priority: int, rule_id: int) -> Decision:
+        return cls(int(action), -priority, rule_id)
 
 
-@dataclass(frozen=True)
-class IdentityEntry:
+NO_DECISION = Decision(int(abi.Action.NONE), -0xFFFF, 0)
+
+
+class IdentityEntry(NamedTuple):
     identity: int
     prefix: IPNetwork
     workload: str | None
     cls: tuple[int, int, int]  # class in the workload, labels, cidr spaces
     src_combos: int
     dst_combos: int
-    flags: abi.IdentFlag
+    flags: int                 # abi.IdentFlag
 
 
-@dataclass(frozen=True)
-class PolicyEntry:
+class PolicyEntry(NamedTuple):
     src_class: int
     dst_class: int
     proto: int       # 0: protocols no rule can name
     port_class: int  # 0: the header; n + 1: exception for port class n
     decision: Decision
-    flags: abi.PolicyFlag = _NO_FLAGS
+    flags: int = 0   # abi.PolicyFlag
 
 
 @dataclass
@@ -92,6 +98,7 @@ class CompiledPolicy:
     entries: list[PolicyEntry]
     port_classes: dict[int, array]   # TCP/UDP -> class of every port
     rule_ids: dict[str, int]         # rule name -> stable id
+    ids: dict[str, dict]             # what identity and class ids name, for the next compile
     workload_of_identity: dict[int, str | None] = field(default_factory=dict)
     rule_names: dict[int, str] = field(default_factory=dict)
 
@@ -99,64 +106,71 @@ class CompiledPolicy:
         self.workload_of_identity = {e.identity: e.workload for e in self.identities}
         self.rule_names = {i: n for n, i in self.rule_ids.items()}
 
-    # -- map contents ----------------------------------------------------
+    # -- map contents, without the generation slot --------------------------
 
-    def _ident_value(self, e: IdentityEntry) -> bytes:
-        return abi.IDENT_VALUE.struct.pack(e.identity, *e.cls, e.src_combos, e.dst_combos,
-                                           int(e.flags))
+    def map_contents(self) -> dict[str, dict[bytes, bytes]]:
+        """Map name -> {key without its slot field: value}. The datapath
+        puts the slot in (microseg/datapath.py) and writes only what differs
+        from what the slot holds."""
+        ident_value = abi.IDENT_VALUE.struct.pack
+        out: dict[str, dict[bytes, bytes]] = {
+            "host4_map": {}, "host6_map": {}, "ident4_map": {}, "ident6_map": {}}
+        for e in self.identities:
+            p = e.prefix
+            full = 32 if p.version == 4 else 128
+            value = ident_value(e.identity, *e.cls, e.src_combos, e.dst_combos, e.flags)
+            if p.prefixlen == full:
+                out[f"host{p.version}_map"][p.network_address.packed] = value
+            else:
+                key = (32 + p.prefixlen).to_bytes(4, "little") + p.network_address.packed
+                out[f"ident{p.version}_map"][key] = value
+        rest = _POLICY_KEY_REST.pack
+        value = _POLICY_VALUE.pack
+        out["policy_map"] = {
+            rest(e.src_class, e.dst_class, e.proto, e.port_class):
+            value(e.decision.rule_id, -e.decision.rank, e.decision.action, e.flags)
+            for e in self.entries}
+        return out
 
-    def host_records(self, family: int, slot: int) -> tuple[bytes, bytes, int]:
-        """(keys, values, count) for host4_map / host6_map in slot."""
-        layout = abi.HOST4_KEY if family == 4 else abi.HOST6_KEY
-        full = 32 if family == 4 else 128
-        chosen = [e for e in self.identities
-                  if e.prefix.version == family and e.prefix.prefixlen == full]
-        keys = b"".join(layout.struct.pack(slot, e.prefix.network_address.packed)
-                        for e in chosen)
-        return keys, b"".join(self._ident_value(e) for e in chosen), len(chosen)
-
-    def prefix_records(self, family: int, slot: int) -> tuple[bytes, bytes, int]:
-        """(keys, values, count) for the ident4_map / ident6_map tries."""
-        layout = abi.IDENT4_KEY if family == 4 else abi.IDENT6_KEY
-        full = 32 if family == 4 else 128
-        chosen = [e for e in self.identities
-                  if e.prefix.version == family and e.prefix.prefixlen < full]
-        keys = b"".join(layout.struct.pack(32 + e.prefix.prefixlen, slot,
-                                           e.prefix.network_address.packed) for e in chosen)
-        return keys, b"".join(self._ident_value(e) for e in chosen), len(chosen)
-
-    def policy_records(self, slot: int) -> tuple[bytes, bytes, int]:
-        kp, vp = abi.POLICY_KEY.struct.pack, abi.POLICY_VALUE.struct.pack
-        keys = b"".join(kp(slot, e.src_class, e.dst_class, e.proto, e.port_class)
-                        for e in self.entries)
-        values = b"".join(vp(e.decision.rule_id, e.decision.priority, int(e.decision.action),
-                             int(e.flags)) for e in self.entries)
-        return keys, values, len(self.entries)
-
-    def port_class_values(self, slot: int) -> tuple[int, bytes]:
-        """(first index, values) of the slot's stretch of port_class_map:
-        tcp's 65536 classes then udp's, one u32 each."""
-        del slot  # the stretch is contiguous; the caller places it
-        return 0, self.port_classes[TCP].tobytes() + self.port_classes[UDP].tobytes()
+    def port_class_values(self) -> bytes:
+        """The slot's stretch of port_class_map: tcp's 65536 classes, then
+        udp's, one u32 each."""
+        return self.port_classes[TCP].tobytes() + self.port_classes[UDP].tobytes()
 
     def config_record(self, generation: int) -> bytes:
         return abi.POLICY_CONFIG.struct.pack(generation, int(self.default_action),
                                              int(self.flags))
 
 
+# policy_key after its slot field, and policy_value (abi.POLICY_KEY/VALUE).
+_POLICY_KEY_REST = struct.Struct(
+    "<" + "".join(fmt for name, fmt in abi.POLICY_KEY.fields if name != "slot"))
+_POLICY_VALUE = abi.POLICY_VALUE.struct
+
+
 def assign_rule_ids(names: Iterable[str], previous: Mapping[str, int]) -> dict[str, int]:
     """Stable ids: a rule keeps its id (and so its hit counters) across
     reloads; new names take the lowest free ids. 0 means "no rule"."""
-    names = list(names)
-    ids = {n: previous[n] for n in names if n in previous}
+    return _assign((n for n in names), previous, limit=abi.MAX_RULES,
+                   what="rules")
+
+
+def _assign(keys: Iterable[Hashable], previous: Mapping, *, limit: int = 1 << 32,
+            what: str = "ids", start: int = 1) -> dict:
+    """Give each key its previous id when it had one, else the lowest free id."""
+    keys = list(dict.fromkeys(keys))
+    ids = {k: previous[k] for k in keys if k in previous}
     used = set(ids.values())
-    free = (i for i in range(1, abi.MAX_RULES) if i not in used)
-    for n in names:
-        if n not in ids:
-            try:
-                ids[n] = next(free)
-            except StopIteration:
-                raise ValueError(f"more than {abi.MAX_RULES - 1} rules") from None
+    nxt = start
+    for k in keys:
+        if k in ids:
+            continue
+        while nxt in used:
+            nxt += 1
+        if nxt >= limit:
+            raise ValueError(f"more than {limit - 1} {what}")
+        ids[k] = nxt
+        used.add(nxt)
     return ids
 
 
@@ -165,20 +179,17 @@ def assign_rule_ids(names: Iterable[str], previous: Mapping[str, int]) -> dict[s
 class _Identities:
     """Prefixes -> identities, owners, CIDR membership."""
 
-    def __init__(self, policy: Policy) -> None:
-        prefixes: set[IPNetwork] = set()
+    def __init__(self, policy: Policy, previous: Mapping[IPNetwork, int]) -> None:
         owners: dict[IPNetwork, str] = {}
         for w in policy.workloads:
             for a in w.addresses:
-                prefixes.add(a)
                 owners.setdefault(a, w.name)  # first declared wins a tie
         self.cidrs: set[IPNetwork] = {
             s.cidr for r in policy.rules for s in r.sources + r.destinations
             if s.kind == "cidr" and s.cidr is not None}
-        prefixes |= self.cidrs
-        ordered = sorted(prefixes, key=lambda p: (p.version, int(p.network_address),
-                                                  p.prefixlen))
-        self.ids: dict[IPNetwork, int] = {p: i + 1 for i, p in enumerate(ordered)}
+        ordered = sorted(set(owners) | self.cidrs,
+                         key=lambda p: (p.version, int(p.network_address), p.prefixlen))
+        self.ids: dict[IPNetwork, int] = _assign(ordered, previous, what="identities")
         self.owner: dict[int, str | None] = {}
         self.cidrs_of: dict[int, frozenset[IPNetwork]] = {}
         owner_lens = _lengths(owners, reverse=True)
@@ -214,46 +225,38 @@ def _first_supernet(p: IPNetwork, lens_desc: list[int], table: dict[IPNetwork, s
 # -- classes ----------------------------------------------------------------
 
 class _Classes:
-    """Class ids per space (unique across spaces) and what each selector
-    covers, as (space, class) pairs."""
+    """Class ids per space (unique across spaces; stable across compiles for
+    the same workload, set of label selectors, set of CIDRs) and what each
+    selector covers, as (space, class) pairs."""
 
-    def __init__(self, policy: Policy, idents: _Identities) -> None:
-        self._next = 1
+    def __init__(self, policy: Policy, idents: _Identities, previous: Mapping) -> None:
         labels_of = {w.name: frozenset(w.labels) for w in policy.workloads}
         sels = [s for r in policy.rules for s in r.sources + r.destinations]
 
-        named = sorted({s.workload for s in sels if s.kind == "workload" and s.workload})
-        self.workload_class = {name: self._new() for name in named if name in labels_of}
-
+        named = sorted({s.workload for s in sels if s.kind == "workload" and s.workload}
+                       & set(labels_of))
         label_sels = sorted({s.labels for s in sels if s.kind == "labels"})
-        sig_of_set: dict[frozenset, tuple] = {}
-        for ls in set(labels_of.values()):
-            sig_of_set[ls] = tuple(i for i, want in enumerate(label_sels) if set(want) <= ls)
-        label_class_of_sig: dict[tuple, int] = {}
-        for sig in sorted(set(sig_of_set.values())):
-            if sig:
-                label_class_of_sig[sig] = self._new()
-        self.label_class = {name: label_class_of_sig.get(sig_of_set[ls], 0)
+        sig_of_set = {ls: frozenset(want for want in label_sels if set(want) <= ls)
+                      for ls in set(labels_of.values())}
+        label_sigs = sorted({sig for sig in sig_of_set.values() if sig}, key=sorted)
+        cidr_sigs = sorted({sig for sig in idents.cidrs_of.values() if sig},
+                           key=lambda sig: sorted(map(str, sig)))
+        keys = ([("w", n) for n in named] + [("l", sig) for sig in label_sigs]
+                + [("c", sig) for sig in cidr_sigs])
+        self.ids: dict[tuple, int] = _assign(keys, previous, what="classes")
+
+        self.workload_class = {n: self.ids[("w", n)] for n in named}
+        self.label_class = {name: self.ids.get(("l", sig_of_set[ls]), 0)
                             for name, ls in labels_of.items()}
         self.classes_of_label_sel: dict[tuple, set[int]] = defaultdict(set)
-        for sig, cls in label_class_of_sig.items():
-            for i in sig:
-                self.classes_of_label_sel[label_sels[i]].add(cls)
-
-        cidr_class_of_sig: dict[frozenset, int] = {}
-        for ident in sorted(idents.cidrs_of):
-            sig = idents.cidrs_of[ident]
-            if sig and sig not in cidr_class_of_sig:
-                cidr_class_of_sig[sig] = self._new()
-        self.cidr_class = {i: cidr_class_of_sig.get(s, 0) for i, s in idents.cidrs_of.items()}
+        for sig in label_sigs:
+            for want in sig:
+                self.classes_of_label_sel[want].add(self.ids[("l", sig)])
+        self.cidr_class = {i: self.ids.get(("c", s), 0) for i, s in idents.cidrs_of.items()}
         self.classes_of_cidr: dict[IPNetwork, set[int]] = defaultdict(set)
-        for sig, cls in cidr_class_of_sig.items():
+        for sig in cidr_sigs:
             for c in sig:
-                self.classes_of_cidr[c].add(cls)
-
-    def _new(self) -> int:
-        self._next += 1
-        return self._next - 1
+                self.classes_of_cidr[c].add(self.ids[("c", sig)])
 
     def identity_classes(self, idents: _Identities, ident: int) -> tuple[int, int, int]:
         owner = idents.owner[ident]
@@ -318,89 +321,103 @@ def _port_classes(ranges_by_rule: dict[int, tuple[tuple[int, int], ...]]
 
 # -- groups -----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _RuleView:
-    index: int
+class _RuleView(NamedTuple):
     decision: Decision
     proto: int | None
+    port_classes: tuple[int, ...] | None  # None: all ports
 
 
-def _best(decisions: Iterable[Decision]) -> Decision:
-    best = NO_DECISION
-    for d in decisions:
-        if d.beats(best):
-            best = d
-    return best
+# A group's entries without its classes: (proto, port_class, decision, flags).
+_Template = list[tuple[int, int, Decision, int]]
 
 
-def _group_entries(src: int, dst: int, rules: list[_RuleView],
-                   covers: dict[int, dict[int, list[int]]], n_classes: dict[int, int],
-                   ported: set[int]) -> list[PolicyEntry]:
-    out: list[PolicyEntry] = []
-    base = _best(r.decision for r in rules if r.proto is None)
+def _resolve(rules: list[_RuleView], n_classes: Mapping[int, int]) -> _Template:
+    """A group's entries, whatever its classes: the header of each protocol
+    and the port classes that decide otherwise."""
+    out: _Template = []
+    base = max((r.decision for r in rules if r.proto is None), default=NO_DECISION)
     if base != NO_DECISION:
-        out.append(PolicyEntry(src, dst, 0, 0, base))
+        out.append((0, 0, base, 0))
+    whole: dict[int, Decision] = {}
+    ported: set[int] = set()
+    for r in rules:
+        if r.proto is None:
+            continue
+        if r.port_classes is None:
+            if r.decision > whole.get(r.proto, NO_DECISION):
+                whole[r.proto] = r.decision
+        else:
+            ported.add(r.proto)
     for proto in NAMED_PROTOCOLS:
-        mine = [r for r in rules if r.proto == proto]
-        v0 = _best([base] + [r.decision for r in mine if r.index not in ported])
-        exceptions: dict[int, Decision] = {}
-        header = v0
-        port_rules = [r for r in mine if r.index in ported]
-        if port_rules:
+        v0 = max(base, whole.get(proto, NO_DECISION))
+        header, exceptions = v0, {}
+        if proto in ported:
             per_class: dict[int, Decision] = {}
-            for r in port_rules:
-                for pc in covers[proto][r.index]:
-                    cur = per_class.get(pc, v0)
-                    if r.decision.beats(cur):
-                        per_class[pc] = r.decision
+            for r in rules:
+                if r.proto == proto and r.port_classes is not None:
+                    for pc in r.port_classes:
+                        if r.decision > per_class.get(pc, v0):
+                            per_class[pc] = r.decision
             # Header: the most common decision over all port classes (0..n),
             # so that as few classes as possible need an exception.
-            counts = Counter(per_class.values())
-            counts[v0] += n_classes[proto] + 1 - len(per_class)
-            header = max(counts, key=lambda d: (counts[d], d == v0))
-            exceptions = {pc: d for pc, d in per_class.items() if d != header}
-            if header != v0:
-                exceptions.update({pc: v0 for pc in range(n_classes[proto] + 1)
-                                   if pc not in per_class})
+            n_all = n_classes[proto] + 1
+            top, top_count = (Counter(per_class.values()).most_common(1)[0] if per_class
+                              else (v0, 0))
+            v0_count = n_all - len(per_class)  # port rules never decide v0 itself
+            if top != v0 and top_count > v0_count:
+                header = top
+                exceptions = {pc: d for pc, d in per_class.items() if d != top}
+                exceptions.update((pc, v0) for pc in range(n_all) if pc not in per_class)
+            else:
+                exceptions = {pc: d for pc, d in per_class.items() if d != v0}
         if header == NO_DECISION and not exceptions:
             continue
-        flags = abi.PolicyFlag.EXCEPTIONS if exceptions else abi.PolicyFlag(0)
-        out.append(PolicyEntry(src, dst, proto, 0, header, flags))
-        out.extend(PolicyEntry(src, dst, proto, pc + 1, d) for pc, d in exceptions.items())
+        out.append((proto, 0, header, int(abi.PolicyFlag.EXCEPTIONS) if exceptions else 0))
+        out.extend((proto, pc + 1, d, 0) for pc, d in exceptions.items())
     return out
 
 
-def compile_policy(policy: Policy, previous_rule_ids: Mapping[str, int] | None = None
-                   ) -> CompiledPolicy:
-    rule_ids = assign_rule_ids((r.name for r in policy.rules), previous_rule_ids or {})
-    idents = _Identities(policy)
-    classes = _Classes(policy, idents)
+def compile_policy(policy: Policy, previous: CompiledPolicy | None = None) -> CompiledPolicy:
+    """Compile; with `previous`, keep the rule, identity and class ids of the
+    things that did not change."""
+    prev_ids = previous.ids if previous else {}
+    rule_ids = assign_rule_ids((r.name for r in policy.rules),
+                               previous.rule_ids if previous else {})
+    idents = _Identities(policy, prev_ids.get("identities", {}))
+    classes = _Classes(policy, idents, prev_ids.get("classes", {}))
 
-    ported = {i for i, r in enumerate(policy.rules) if r.ports}
     port_arrays: dict[int, array] = {}
     covers: dict[int, dict[int, list[int]]] = {}
-    n_classes: dict[int, int] = {}
+    n_classes: dict[int, int] = {ICMP: 0, ICMPV6: 0}
     for proto in (TCP, UDP):
         ranges = {i: r.ports for i, r in enumerate(policy.rules)
                   if r.ports and r.protocol == proto}
         port_arrays[proto], covers[proto], n_classes[proto] = _port_classes(ranges)
-    for proto in (ICMP, ICMPV6):
-        covers[proto], n_classes[proto] = {}, 0
 
-    groups: dict[tuple[int, int], list[_RuleView]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    views: list[_RuleView] = []
     pairs: set[tuple[abi.Space, int, abi.Space, int]] = set()
     for idx, rule in enumerate(policy.rules):
-        view = _RuleView(idx, Decision(rule_ids[rule.name], idx, _ACTIONS[rule.action]),
-                         rule.protocol)
+        pcs = None
+        if rule.ports and rule.protocol in (TCP, UDP):
+            pcs = tuple(covers[rule.protocol].get(idx, ()))
+        views.append(_RuleView(Decision.of(_ACTIONS[rule.action], idx, rule_ids[rule.name]),
+                               rule.protocol, pcs))
         dsts = classes.side(rule.destinations)
         for sx, sc in classes.side(rule.sources):
             for dy, dc in dsts:
-                groups[(sc, dc)].append(view)
+                groups[(sc, dc)].append(idx)
                 pairs.add((sx, sc, dy, dc))
 
+    # Groups with the same rules resolve alike: label groups share a few.
+    templates: dict[tuple[int, ...], _Template] = {}
     entries: list[PolicyEntry] = []
-    for (s, d), views in groups.items():
-        entries.extend(_group_entries(s, d, views, covers, n_classes, ported))
+    for (s, d), members in groups.items():
+        key = tuple(members)
+        tpl = templates.get(key)
+        if tpl is None:
+            tpl = templates[key] = _resolve([views[i] for i in members], n_classes)
+        entries.extend(PolicyEntry(s, d, proto, pc, dec, flags) for proto, pc, dec, flags in tpl)
 
     # Which spaces each class pairs with, for the identities' combo masks.
     src_spaces: dict[int, set[abi.Space]] = defaultdict(set)
@@ -423,7 +440,7 @@ def compile_policy(policy: Policy, previous_rule_ids: Mapping[str, int] | None =
                 for other in dst_spaces.get(c, ()):
                     dst_combos |= abi.combo_bit(other, space)
         mode = (modes.get(owner) if owner else None) or policy.mode
-        flags = abi.IdentFlag.AUDIT if mode == "audit" else abi.IdentFlag(0)
+        flags = int(abi.IdentFlag.AUDIT) if mode == "audit" else 0
         identities.append(IdentityEntry(ident, prefix, owner, cls, src_combos, dst_combos,
                                         flags))
 
@@ -437,7 +454,7 @@ def compile_policy(policy: Policy, previous_rule_ids: Mapping[str, int] | None =
     if any(e.prefix.version == 6 and e.prefix.prefixlen < 128 for e in identities):
         cfg |= abi.ConfigFlag.PREFIX6
     return CompiledPolicy(_ACTIONS[policy.default], cfg, identities, entries, port_arrays,
-                          rule_ids)
+                          rule_ids, {"identities": idents.ids, "classes": classes.ids})
 
 
 def lookup_identity(compiled: CompiledPolicy, ip: str) -> IdentityEntry | None:

@@ -28,3 +28,7 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
                     "new_flow_v4", "new_flow_v6", "rewrite_floor"):
             assert scenario[key]["median_ns"] > 0, key
         assert scenario["sessions"] > 0 and scenario["policy_entries"] > 0
+    pol = res["policy"]
+    assert all(r["compile_apply_s"] > 0 for r in pol["compile_apply"].values())
+    assert all(r["median_ms"] > 0 for r in pol["write_to_enforced"].values())
+    assert "Policy file written" in r.stdout

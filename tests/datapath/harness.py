@@ -87,8 +87,7 @@ class Harness:
         self.ring.drain(1 << 30)
 
     def install(self, policy: Policy) -> CompiledPolicy:
-        previous = self.compiled.rule_ids if self.compiled else None
-        self.compiled = compile_policy(policy, previous)
+        self.compiled = compile_policy(policy, self.compiled)
         self.generation = self.dp.apply_policy(self.compiled, grace_s=0)
         return self.compiled
 

@@ -106,12 +106,11 @@ def simulate_datapath(compiled: CompiledPolicy, src: str, dst: str, proto: int,
                 exc = entries.get((scls[x], dcls[y], kproto, pc + 1))
                 if exc is not None:
                     dec = exc.decision
-            if dec.beats(best):
-                best = dec
+            best = max(best, dec)
     if best == NO_DECISION:
         action, name = compiled.default_action, None
     else:
-        action, name = best.action, compiled.rule_names[best.rule_id]
+        action, name = abi.Action(best.action), compiled.rule_names[best.rule_id]
     if action == abi.Action.ALLOW:
         return abi.Verdict.ALLOWED, name
     return (abi.Verdict.AUDIT if audit else abi.Verdict.DENIED), name

@@ -21,3 +21,43 @@ def test_version() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     r = run("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_policy_check_valid(tmp_path) -> None:
+    from .test_policy_parse import GOOD
+
+    f = tmp_path / "p.yaml"
+    f.write_text(GOOD)
+    r = run("policy", "check", str(f))
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"{f}: valid (2 workloads, 3 rules, enforce, default deny)"
+    assert "warning: rules[1] (clients-to-web).from[1].labels" in r.stderr
+
+
+def test_policy_check_prints_every_error_with_line_and_column(tmp_path) -> None:
+    f = tmp_path / "broken.yaml"
+    f.write_text("version: 1\nmode: strict\nrules:\n"
+                 "  - {name: a, from: any, to: {workload: ghost}, action: allow}\n"
+                 "  - {name: b, from: any, to: any, ports: [99999], protocol: tcp, "
+                 "action: allow}\n")
+    r = run("policy", "check", str(f))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        f"{f}:2:7: mode: 'strict' is not one of enforce | audit",
+        f"{f}:4:41: rules[0] (a).to.workload: undefined workload 'ghost'",
+        f"{f}:5:43: rules[1] (b).ports[0]: 99999 is outside 1-65535",
+        f"{f}: 3 errors",
+    ]
+    assert r.stdout == ""
+
+
+def test_policy_check_missing_file(tmp_path) -> None:
+    r = run("policy", "check", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 1 and "cannot read" in r.stderr
+
+
+def test_client_commands_without_a_daemon_fail_with_one_line(tmp_path) -> None:
+    r = run("policy", "show", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "daemon not reachable" in r.stderr

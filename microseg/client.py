@@ -1,0 +1,93 @@
+"""Talk to a running daemon over its control socket (see microseg/api.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+DEFAULT_SOCKET = "/run/microseg/microseg.sock"
+
+
+def default_socket() -> str:
+    return os.environ.get("MICROSEG_SOCKET") or DEFAULT_SOCKET
+
+
+class DaemonError(Exception):
+    """The daemon could not be reached or refused the request."""
+
+    def __init__(self, message: str, privileges: bool = False) -> None:
+        super().__init__(message)
+        self.privileges = privileges
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, timeout: float | None = 30) -> None:
+        self.socket_path = socket_path or default_socket()
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        if not os.path.exists(self.socket_path):
+            raise DaemonError(f"daemon not reachable: no socket at {self.socket_path} "
+                              "(is `microseg run` running? --socket or $MICROSEG_SOCKET)")
+        conn = aiohttp.UnixConnector(path=self.socket_path)
+        self._session = aiohttp.ClientSession(connector=conn, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _url(self, path: str) -> str:
+        return f"http://microseg{path}"
+
+    async def _check(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status < 400:
+            return
+        try:
+            message = (await resp.json(loads=orjson.loads))["error"]
+        except (ValueError, KeyError, aiohttp.ContentTypeError):
+            message = f"HTTP {resp.status}"
+        raise DaemonError(message, privileges=resp.status == 403)
+
+    async def request(self, method: str, path: str, **params: object) -> dict:
+        assert self._session is not None
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        try:
+            async with self._session.request(method, self._url(path), params=query) as resp:
+                await self._check(resp)
+                return await resp.json(loads=orjson.loads)
+        except PermissionError as e:
+            raise DaemonError(f"permission denied on {self.socket_path}: run as root or "
+                              "as a member of the daemon's --socket-group", True) from e
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, PermissionError):
+                raise DaemonError(f"permission denied on {self.socket_path}: run as root or "
+                                  "as a member of the daemon's --socket-group", True) from e
+            raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
+                              ) from e
+
+    async def get(self, path: str, **params: object) -> dict:
+        return await self.request("GET", path, **params)
+
+    async def post(self, path: str, **params: object) -> dict:
+        return await self.request("POST", path, **params)
+
+    async def stream(self, path: str, **params: object) -> AsyncIterator[dict]:
+        """NDJSON lines from a streaming endpoint, one dict each."""
+        assert self._session is not None
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        try:
+            async with self._session.get(self._url(path), params=query,
+                                         timeout=timeout) as resp:
+                await self._check(resp)
+                async for line in resp.content:
+                    if line.strip():
+                        yield orjson.loads(line)
+        except aiohttp.ClientConnectorError as e:
+            raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
+                              ) from e

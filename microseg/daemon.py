@@ -1,0 +1,303 @@
+"""`microseg run`: the daemon.
+
+One asyncio loop: it loads the datapath, applies the policy and follows the
+policy file, attaches interfaces, serves the control socket, and answers
+SIGHUP (reload) and SIGINT/SIGTERM (stop). Blocking work — BCC compiles,
+netlink, map writes — runs in worker threads so the loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from . import __version__, api
+from .clock import wall_offset_ns
+from .datapath import DEFAULT_PIN_DIR, Datapath, DatapathConfig
+from .events import EventHub, rfc3339
+from .interfaces import InterfaceManager
+from .policy.manager import PolicyManager
+from .policy.model import PROTOCOL_NAMES
+from .policy.parse import PolicyError, load_policy_file
+from .policy.watch import watch_policy
+
+log = logging.getLogger("microseg")
+
+DEFAULT_POLICY = "/etc/microseg/policy.yaml"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is the one line to print."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RunConfig:
+    interfaces: list[str] = field(default_factory=list)
+    policy_path: str = DEFAULT_POLICY
+    policy_default_audit: bool = False
+    socket_path: str = "/run/microseg/microseg.sock"
+    socket_group: str | None = None
+    pin_dir: str = DEFAULT_PIN_DIR
+    keep_on_exit: bool = False
+    session_capacity: int = 1 << 20
+    ringbuf_bytes: int = 16 << 20
+
+
+class OneLineFormatter(logging.Formatter):
+    """`2026-11-27T07:40:12.123Z INFO  microseg.policy: message` — exceptions
+    folded into the same line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += " | " + repr(record.exc_info[1])
+        return f"{t}.{int(record.msecs):03d}Z {record.levelname:<5} {record.name}: " + \
+            msg.replace("\n", " | ")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # logs every change at INFO
+
+
+def _selector_text(sel) -> str:
+    return str(sel)
+
+
+def _ports_text(ports: tuple[tuple[int, int], ...]) -> list[str]:
+    return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports]
+
+
+class Daemon:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.hub = EventHub()
+        self.datapath = Datapath(DatapathConfig(
+            pin_dir=cfg.pin_dir, session_capacity=cfg.session_capacity,
+            ringbuf_bytes=cfg.ringbuf_bytes))
+        self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
+                                    builtin_fallback=cfg.policy_default_audit)
+        self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
+        self.started_ns = time.time_ns()
+        self.ready = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._runner: web.AppRunner | None = None
+        self._group_gid: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def check_policy_file(self) -> None:
+        """Refuse to start on a missing (without --policy-default audit) or
+        invalid policy file: an operator must see that at once."""
+        path = self.cfg.policy_path
+        if not os.path.exists(path):
+            if self.cfg.policy_default_audit:
+                log.warning("policy file %s not found: running the built-in audit policy "
+                            "(observe everything, enforce nothing) until it appears", path)
+                return
+            raise StartupError(f"policy file {path} not found (use --policy-default audit to "
+                               "observe without one)")
+        try:
+            load_policy_file(path)
+        except PolicyError as e:
+            raise StartupError(f"invalid policy:\n{e}") from None
+
+    async def run(self) -> int:
+        t0 = time.perf_counter()
+        self.check_policy_file()
+        self._group_gid = api.group_id(self.cfg.socket_group)
+        api.prepare_socket(self.cfg.socket_path)
+        try:
+            await self._start(t0)
+        except BaseException:
+            await self.shutdown()
+            raise
+        await self._stop.wait()
+        await self.shutdown()
+        return 0
+
+    async def _start(self, t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(None, self.datapath.load)
+        for w in report.warnings:
+            log.warning("%s", w)
+        log.info("datapath loaded compile_s=%.2f load_s=%.2f pin_dir=%s reused_pins=%d",
+                 report.compile_s, report.load_s, self.cfg.pin_dir, len(report.reused_pins))
+        res = await self.policy.reload("start", force=True)
+        if res.result != "applied":
+            raise StartupError("invalid policy:\n" + "\n".join(res.errors))
+        await loop.run_in_executor(None, self.interfaces.sync)
+        for name in self.interfaces.missing():
+            log.warning("interface %s not found (yet)", name)
+        await self._serve()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self._tasks.append(asyncio.create_task(
+            watch_policy(self.cfg.policy_path, self._on_file_change, self._stop),
+            name="policy-watch"))
+        self.ready = True
+        log.info("ready in %.2fs socket=%s interfaces=%s generation=%d", time.perf_counter() - t0,
+                 self.cfg.socket_path, ",".join(a.name for a in self.interfaces.attached.values())
+                 or "-", self.policy.generation)
+
+    async def _serve(self) -> None:
+        app = api.build_app(self, self._group_gid)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.UnixSite(self._runner, self.cfg.socket_path)
+        old = os.umask(0o177)  # the socket is born 0600, then widened if asked
+        try:
+            await site.start()
+        finally:
+            os.umask(old)
+        api.secure_socket(self.cfg.socket_path, self._group_gid)
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading the policy")
+        self._tasks.append(asyncio.create_task(self.policy.reload("SIGHUP", force=True)))
+
+    async def _on_file_change(self) -> None:
+        await self.policy.reload("file changed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        log.info("stopping%s", " (datapath stays attached: --keep-on-exit)"
+                 if self.cfg.keep_on_exit else "")
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._runner is not None:
+            await self._runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.socket_path)
+        if self.datapath.bpf is None:
+            return  # never loaded: nothing to undo
+        await loop.run_in_executor(None, self.policy.converge_now)
+        if not self.cfg.keep_on_exit:
+            await loop.run_in_executor(None, self.interfaces.detach_all)
+            self.datapath.close()
+            self.datapath.unpin()
+        else:
+            self.datapath.close()
+        log.info("stopped")
+
+    # -- what the API shows ----------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        """Routes of the pieces beyond status and policy (events, sessions)."""
+
+    def status(self) -> dict:
+        a = self.policy.active
+        p = a.loaded.policy if a else None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "started_at": rfc3339(self.started_ns),
+            "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),
+            "socket": self.cfg.socket_path,
+            "interfaces": {
+                "patterns": self.cfg.interfaces,
+                "attached": sorted(x.name for x in self.interfaces.attached.values()),
+                "missing": self.interfaces.missing(),
+                "failed": self.interfaces.failed,
+            },
+            "policy": {
+                "path": os.path.abspath(self.cfg.policy_path),
+                "generation": self.policy.generation,
+                "source": a.loaded.source if a else None,
+                "sha256": a.loaded.sha256 if a else None,
+                "loaded_at": rfc3339(a.loaded_at_ns) if a else None,
+                "mode": p.mode if p else None,
+                "default": p.default if p else None,
+                "rules": len(p.rules) if p else 0,
+                "workloads": len(p.workloads) if p else 0,
+                "reloads_total": self.policy.reloads_total,
+                "reload_failures_total": self.policy.reload_failures_total,
+                "last_reload": self.policy.last.as_dict() if self.policy.last else None,
+            },
+            "datapath": {
+                "pin_dir": self.cfg.pin_dir,
+                "session_capacity": self.cfg.session_capacity,
+                "ringbuf_bytes": self.cfg.ringbuf_bytes,
+                "keep_on_exit": self.cfg.keep_on_exit,
+            },
+        }
+
+    async def policy_show(self) -> dict:
+        loop = asyncio.get_running_loop()
+        stats = await loop.run_in_executor(None, self.datapath.read_rule_stats)
+        a = self.policy.active
+        if a is None:
+            return {"generation": 0, "rules": [], "workloads": [], "never_hit": []}
+        p, ids = a.loaded.policy, a.compiled.rule_ids
+        offset = wall_offset_ns()
+        rules = []
+        for r in p.rules:
+            hits, last_ns = stats.get(ids[r.name], (0, 0))
+            rules.append({
+                "name": r.name,
+                "from": [_selector_text(s) for s in r.sources],
+                "to": [_selector_text(s) for s in r.destinations],
+                "protocol": PROTOCOL_NAMES.get(r.protocol, "any") if r.protocol else "any",
+                "ports": _ports_text(r.ports),
+                "action": r.action,
+                "hits": hits,
+                "last_hit": rfc3339(last_ns + offset) if hits else None,
+            })
+        return {
+            "generation": a.generation,
+            "source": a.loaded.source,
+            "sha256": a.loaded.sha256,
+            "loaded_at": rfc3339(a.loaded_at_ns),
+            "mode": p.mode,
+            "default": p.default,
+            "workloads": [{"name": w.name, "labels": dict(w.labels),
+                           "addresses": [str(x) for x in w.addresses], "mode": w.mode}
+                          for w in p.workloads],
+            "rules": rules,
+            "never_hit": [r["name"] for r in rules if not r["hits"]],
+            "last_reload": self.policy.last.as_dict() if self.policy.last else None,
+        }
+
+
+def run(cfg: RunConfig) -> int:
+    """Entry point of `microseg run`."""
+    setup_logging()
+    if os.geteuid() != 0:
+        print("microseg: run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+              file=sys.stderr)
+        return 3
+    daemon = Daemon(cfg)
+    try:
+        return asyncio.run(daemon.run())
+    except StartupError as e:
+        print(f"microseg: {e}", file=sys.stderr)
+        return e.code
+    except OSError as e:
+        print(f"microseg: {e}", file=sys.stderr)
+        return 1

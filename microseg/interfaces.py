@@ -1,0 +1,103 @@
+"""Which interfaces the datapath is attached to: names and shell-style globs
+(`veth*`, `msd-*`), matched against the host's links whenever they change.
+
+`sync()` attaches to every matching link not yet attached and forgets links
+that vanished (the kernel drops their filters with them). It blocks (netlink),
+so the daemon runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+log = logging.getLogger("microseg.interfaces")
+
+SYS_NET = "/sys/class/net"
+
+
+def current_links() -> dict[int, str]:
+    """ifindex -> name of the links in this network namespace."""
+    out = {}
+    try:
+        names = os.listdir(SYS_NET)
+    except OSError:
+        return out
+    for name in names:
+        try:
+            with open(os.path.join(SYS_NET, name, "ifindex")) as f:
+                out[int(f.read())] = name
+        except (OSError, ValueError):
+            continue  # vanished between listdir and open
+    return out
+
+
+@dataclass
+class Attached:
+    name: str
+    created_clsact: bool
+
+
+class InterfaceManager:
+    def __init__(self, datapath, patterns: list[str]) -> None:
+        self.datapath = datapath
+        self.patterns = patterns
+        self.attached: dict[int, Attached] = {}
+        self.failed: dict[str, str] = {}  # name -> why, for status
+        self._names: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def sync(self) -> tuple[list[str], list[str]]:
+        """Attach new matching links, forget vanished ones: (added, removed)."""
+        with self._lock:
+            links = current_links()
+            self._names = links
+            added, removed = [], []
+            for idx in list(self.attached):
+                if idx not in links or links[idx] != self.attached[idx].name:
+                    removed.append(self.attached.pop(idx).name)
+            for idx, name in sorted(links.items()):
+                if idx in self.attached or not self.matches(name):
+                    continue
+                try:
+                    a = self.datapath.attach(idx)
+                except Exception as e:  # netlink errors come in many kinds
+                    self.failed[name] = str(e)
+                    log.error("attach %s failed: %s", name, e)
+                    continue
+                self.failed.pop(name, None)
+                self.attached[idx] = Attached(name, a.created_clsact)
+                added.append(name)
+            for name in added:
+                log.info("attached interface=%s", name)
+            for name in removed:
+                log.info("interface gone interface=%s", name)
+            return added, removed
+
+    def missing(self) -> list[str]:
+        """Exact names asked for that do not exist (globs may match later)."""
+        names = {a.name for a in self.attached.values()}
+        return [p for p in self.patterns
+                if not any(c in p for c in "*?[") and p not in names]
+
+    def detach_all(self) -> None:
+        with self._lock:
+            for idx, a in list(self.attached.items()):
+                try:
+                    self.datapath.detach(idx, remove_clsact=a.created_clsact)
+                    log.info("detached interface=%s", a.name)
+                except Exception as e:
+                    log.error("detach %s failed: %s", a.name, e)
+            self.attached.clear()
+
+    def name_of(self, ifindex: int) -> str | None:
+        """The name of an interface events come from (attached ones, or any
+        link seen at the last sync)."""
+        a = self.attached.get(ifindex)
+        return a.name if a is not None else self._names.get(ifindex)

@@ -1,0 +1,538 @@
+"""Read and validate a policy file (SPEC §5) into a Policy.
+
+Validation works on the YAML node tree (ruamel.yaml's composer), where every
+scalar knows its line and column, duplicate keys are still visible and an
+alias is the same node seen twice. Every problem is collected — not just the
+first — as ``FILE:LINE:COL: message`` with the field path and what was
+expected. Hostile input gets the same treatment: files over 16 MiB, invalid
+UTF-8, aliases (billion laughs), nesting too deep for the parser.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.resolver import BaseResolver
+
+from .. import abi
+from .model import PROTOCOLS, IPNetwork, Policy, Rule, Selector, Workload
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_NESTING = 500
+MAX_NAME = 63
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PORT_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+TOP_KEYS = ("version", "mode", "default", "workloads", "rules")
+WORKLOAD_KEYS = ("labels", "addresses", "mode")
+RULE_KEYS = ("name", "from", "to", "protocol", "ports", "action")
+SELECTOR_KEYS = ("workload", "labels", "cidr")
+
+
+@dataclass(frozen=True)
+class Issue:
+    line: int  # 1-based
+    col: int   # 1-based
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def format(self, filename: str) -> str:
+        tag = "warning: " if self.severity == "warning" else ""
+        return f"{filename}:{self.line}:{self.col}: {tag}{self.message}"
+
+
+class PolicyError(Exception):
+    """The file is not a valid policy; `issues` says every reason."""
+
+    def __init__(self, filename: str, issues: list[Issue]) -> None:
+        self.filename = filename
+        self.issues = sorted(issues, key=lambda i: (i.line, i.col))
+        super().__init__("\n".join(i.format(filename) for i in issues))
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+
+@dataclass
+class LoadedPolicy:
+    policy: Policy
+    source: str
+    sha256: str
+    warnings: list[Issue] = field(default_factory=list)
+
+
+def load_policy_file(path: str | Path) -> LoadedPolicy:
+    """Read, size-check and validate a policy file."""
+    p = Path(path)
+    name = str(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise PolicyError(name, [Issue(1, 1, f"file is {size} bytes, over the 16 MiB limit")])
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise PolicyError(name, [Issue(1, 1, f"cannot read: {e.strerror or e}")]) from None
+    return parse_policy(data, name)
+
+
+def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
+    """Validate policy text; raise PolicyError with every problem found."""
+    if len(data) > MAX_FILE_BYTES:
+        raise PolicyError(filename, [Issue(1, 1, f"file is {len(data)} bytes, "
+                                                 "over the 16 MiB limit")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PolicyError(filename, [Issue(line, col, "not valid UTF-8")]) from None
+    depth = nesting_bound(text)
+    if depth > MAX_NESTING:
+        raise PolicyError(filename, [Issue(1, 1, f"nesting too deep (up to {depth} levels; "
+                                                 f"at most {MAX_NESTING})")])
+    try:
+        # libyaml's parser (ruamel.yaml.clib) when present: 10x faster, and
+        # nodes keep their marks; nesting is bounded above, so its recursive
+        # composer stays far from the C stack's limit.
+        root = _yaml().compose(text)
+    except ReaderError as e:  # a character YAML does not allow
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise PolicyError(filename, [Issue(line, col, f"YAML syntax error: character "
+                                                      f"{e.character!r} is not allowed")]) from None
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join((e.problem or e.context or "invalid YAML").split())
+        raise PolicyError(filename, [Issue(line, col, f"YAML syntax error: {what}")]) from None
+    except (YAMLError, ValueError) as e:
+        what = " ".join(str(e).split())
+        raise PolicyError(filename, [Issue(1, 1, f"YAML error: {what}")]) from None
+    except RecursionError:
+        raise PolicyError(filename, [Issue(1, 1, "nesting too deep")]) from None
+    v = _Validator()
+    policy = v.policy(root)
+    if v.errors or policy is None:
+        raise PolicyError(filename, v.issues)
+    return LoadedPolicy(policy, filename, hashlib.sha256(data).hexdigest(),
+                        [i for i in v.issues if i.severity == "warning"])
+
+
+class _TextResolver(BaseResolver):
+    """Every scalar stays text: the validator reads each one itself, and
+    ruamel's implicit-tag resolution would cost most of the parse time."""
+
+    def __init__(self, version: object = None, loadumper: object = None) -> None:
+        super().__init__(loadumper)
+
+    def resolve(self, kind: type, value: object, implicit: object) -> str:
+        if kind is ScalarNode:
+            return "tag:yaml.org,2002:str"
+        return "tag:yaml.org,2002:seq" if kind is SequenceNode else "tag:yaml.org,2002:map"
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="safe", pure=False)
+    y.Resolver = _TextResolver
+    return y
+
+
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nesting_bound(text: str) -> int:
+    """An upper bound of the YAML nesting depth: the deepest flow bracket
+    nesting plus the widest block indentation (spaces and `- ` markers)."""
+    steps = map(_BRACKET_STEP.__getitem__, re.findall(r"[\[\]{}]", text))
+    # Clamped at 0: closers in a quoted string must not hide what follows.
+    flow = max(itertools.accumulate(steps, lambda d, s: d + s if d + s > 0 else 0, initial=0))
+    block = max((len(m) for m in re.findall(r"^[ \t-]*", text, re.M)), default=0)
+    return flow + block
+
+
+def _pos(node: Node | None) -> tuple[int, int]:
+    if node is None:
+        return 1, 1
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _expected(key: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"expected one of: {', '.join(allowed)}{hint}"
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.issues: list[Issue] = []
+        self._seen: set[int] = set()
+        self._workload_names: set[str] = set()
+        self._label_sets: list[frozenset[tuple[str, str]]] = []
+        self._references: list[tuple[Node, str, Selector]] = []
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+    def error(self, node: Node | None, message: str) -> None:
+        self.issues.append(Issue(*_pos(node), message))
+
+    def warn(self, node: Node | None, message: str) -> None:
+        self.issues.append(Issue(*_pos(node), message, "warning"))
+
+    # -- generic node access --------------------------------------------------
+
+    def _check_alias(self, node: Node, path: str) -> bool:
+        """An alias is a node seen twice; refuse it (it is how a tiny file
+        expands into billions of values)."""
+        if id(node) in self._seen:
+            self.error(node, f"{path}: aliases (*name) are not allowed")
+            return False
+        self._seen.add(id(node))
+        return True
+
+    def mapping(self, node: Node, path: str, allowed: tuple[str, ...]
+                ) -> dict[str, tuple[Node, Node]] | None:
+        """key -> (key node, value node); unknown and duplicate keys reported."""
+        if not isinstance(node, MappingNode):
+            self.error(node, f"{path}: expected a mapping")
+            return None
+        if not self._check_alias(node, path):
+            return None
+        out: dict[str, tuple[Node, Node]] = {}
+        for k, val in node.value:
+            if not isinstance(k, ScalarNode):
+                self.error(k, f"{path}: keys must be plain names")
+                continue
+            key = str(k.value)
+            if key in out:
+                self.error(k, f"{path}: duplicate key '{key}'")
+                continue
+            if allowed and key not in allowed:
+                self.error(k, f"{path}: unknown key '{key}' ({_expected(key, allowed)})")
+                continue
+            out[key] = (k, val)
+        return out
+
+    def sequence(self, node: Node, path: str) -> list[Node] | None:
+        if not isinstance(node, SequenceNode):
+            self.error(node, f"{path}: expected a list")
+            return None
+        if not self._check_alias(node, path):
+            return None
+        return list(node.value)
+
+    def scalar(self, node: Node, path: str, what: str = "a value") -> str | None:
+        if not isinstance(node, ScalarNode):
+            self.error(node, f"{path}: expected {what}")
+            return None
+        return str(node.value)
+
+    def choice(self, node: Node, path: str, options: tuple[str, ...]) -> str | None:
+        value = self.scalar(node, path, " or ".join(options))
+        if value is None:
+            return None
+        if value not in options:
+            self.error(node, f"{path}: '{value}' is not one of {' | '.join(options)}")
+            return None
+        return value
+
+    def name(self, node: Node, path: str, what: str) -> str | None:
+        value = self.scalar(node, path, f"a {what} name")
+        if value is None:
+            return None
+        if not _NAME.match(value) or len(value) > MAX_NAME:
+            self.error(node, f"{path}: {what} name '{value}' must be 1-{MAX_NAME} letters, "
+                             "digits, '.', '_' or '-', starting with a letter or digit")
+            return None
+        return value
+
+    # -- the policy -----------------------------------------------------------
+
+    def policy(self, root: Node | None) -> Policy | None:
+        if root is None:
+            self.error(None, "empty file: expected a policy with 'version: 1'")
+            return None
+        top = self.mapping(root, "policy", TOP_KEYS)
+        if top is None:
+            return None
+        version = self._version(top, root)
+        mode = self.choice(top["mode"][1], "mode", ("enforce", "audit")) \
+            if "mode" in top else "enforce"
+        default = self.choice(top["default"][1], "default", ("allow", "deny")) \
+            if "default" in top else "deny"
+        workloads = self._workloads(top["workloads"][1]) if "workloads" in top else []
+        rules = self._rules(top["rules"][1]) if "rules" in top else []
+        self._check_references()
+        if version is None or mode is None or default is None or self.errors:
+            return None
+        return Policy(default=default, mode=mode, workloads=tuple(workloads),  # type: ignore[arg-type]
+                      rules=tuple(rules), version=version)
+
+    def _version(self, top: dict[str, tuple[Node, Node]], root: Node) -> int | None:
+        if "version" not in top:
+            self.error(root, "version: missing (expected 'version: 1')")
+            return None
+        node = top["version"][1]
+        # A plain 1: libyaml reports a plain scalar's style as '' (None in
+        # ruamel's own parser); "1" in quotes is a string, not a version.
+        if not (isinstance(node, ScalarNode) and not node.style
+                and str(node.value).strip() == "1"):
+            self.error(node, f"version: unsupported version '{getattr(node, 'value', '?')}' "
+                             "(expected 1)")
+            return None
+        return 1
+
+    # -- workloads ------------------------------------------------------------
+
+    def _workloads(self, node: Node) -> list[Workload]:
+        entries = self.mapping(node, "workloads", ())
+        if entries is None:
+            return []
+        out: list[Workload] = []
+        owner_of: dict[IPNetwork, str] = {}
+        for key, (knode, vnode) in entries.items():
+            path = f"workloads.{key}"
+            name = self.name(knode, path, "workload")
+            if name is None:
+                continue
+            self._workload_names.add(name)
+            w = self._workload(name, vnode, path, owner_of)
+            if w is not None:
+                out.append(w)
+                self._label_sets.append(frozenset(w.labels))
+        return out
+
+    def _workload(self, name: str, node: Node, path: str,
+                  owner_of: dict[IPNetwork, str]) -> Workload | None:
+        fields = self.mapping(node, path, WORKLOAD_KEYS)
+        if fields is None:
+            return None
+        labels = self._labels(fields["labels"][1], f"{path}.labels") if "labels" in fields else {}
+        mode = None
+        if "mode" in fields:
+            mode = self.choice(fields["mode"][1], f"{path}.mode", ("enforce", "audit"))
+        addresses: list[IPNetwork] = []
+        if "addresses" not in fields:
+            self.error(node, f"{path}: missing 'addresses' (a list of IPs or CIDRs)")
+        else:
+            items = self.sequence(fields["addresses"][1], f"{path}.addresses")
+            if items is not None and not items:
+                self.error(fields["addresses"][1], f"{path}.addresses: empty; expected at least "
+                                                   "one IP or CIDR")
+            for i, item in enumerate(items or []):
+                net = self._network(item, f"{path}.addresses[{i}]")
+                if net is None:
+                    continue
+                if net in owner_of:
+                    self.error(item, f"{path}.addresses[{i}]: {net} already belongs to workload "
+                                     f"'{owner_of[net]}'")
+                    continue
+                owner_of[net] = name
+                addresses.append(net)
+        if labels is None or (mode is None and "mode" in fields) or not addresses:
+            return None
+        return Workload(name, tuple(addresses), tuple(sorted(labels.items())), mode)  # type: ignore[arg-type]
+
+    def _labels(self, node: Node, path: str) -> dict[str, str] | None:
+        fields = self.mapping(node, path, ())
+        if fields is None:
+            return None
+        out: dict[str, str] = {}
+        for key, (_k, vnode) in fields.items():
+            value = self.scalar(vnode, f"{path}.{key}", "a label value")
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _network(self, node: Node, path: str) -> IPNetwork | None:
+        text = self.scalar(node, path, "an IP address or CIDR")
+        if text is None:
+            return None
+        try:
+            return ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as e:
+            try:
+                fixed = ipaddress.ip_network(text.strip(), strict=False)
+                self.error(node, f"{path}: '{text}' has host bits set; did you mean {fixed}?")
+            except ValueError:
+                self.error(node, f"{path}: '{text}' is not an IP address or CIDR ({e})")
+            return None
+
+    # -- rules ----------------------------------------------------------------
+
+    def _rules(self, node: Node) -> list[Rule]:
+        items = self.sequence(node, "rules")
+        if items is None:
+            return []
+        if len(items) >= abi.MAX_RULES:
+            self.error(node, f"rules: {len(items)} rules, at most {abi.MAX_RULES - 1}")
+            return []
+        out: list[Rule] = []
+        names: dict[str, int] = {}
+        for i, item in enumerate(items):
+            rule = self._rule(item, f"rules[{i}]", names)
+            if rule is not None:
+                out.append(rule)
+        return out
+
+    def _rule(self, node: Node, path: str, names: dict[str, int]) -> Rule | None:
+        fields = self.mapping(node, path, RULE_KEYS)
+        if fields is None:
+            return None
+        ok = True
+        name = None
+        if "name" not in fields:
+            self.error(node, f"{path}: missing 'name'")
+            ok = False
+        else:
+            name = self.name(fields["name"][1], f"{path}.name", "rule")
+            if name is not None:
+                path = f"{path} ({name})"
+                if name in names:
+                    self.error(fields["name"][1], f"{path}: duplicate rule name '{name}' "
+                                                  f"(first at line {names[name]})")
+                    ok = False
+                else:
+                    names[name] = _pos(fields["name"][1])[0]
+            else:
+                ok = False
+        sides = []
+        for key in ("from", "to"):
+            if key not in fields:
+                self.error(node, f"{path}: missing '{key}' (any, or selectors)")
+                ok = False
+                continue
+            sels = self._selectors(fields[key][1], f"{path}.{key}")
+            ok &= sels is not None
+            sides.append(sels)
+        action = None
+        if "action" not in fields:
+            self.error(node, f"{path}: missing 'action' (allow or deny)")
+            ok = False
+        else:
+            action = self.choice(fields["action"][1], f"{path}.action", ("allow", "deny"))
+            ok &= action is not None
+        protocol = "any"
+        if "protocol" in fields:
+            protocol = self.choice(fields["protocol"][1], f"{path}.protocol",
+                                   ("tcp", "udp", "icmp", "icmpv6", "any"))
+            ok &= protocol is not None
+        ports: list[tuple[int, int]] = []
+        if "ports" in fields:
+            pnode = fields["ports"][1]
+            if protocol not in ("tcp", "udp"):
+                self.error(pnode, f"{path}.ports: ports need protocol tcp or udp "
+                                  f"(protocol is {protocol or 'invalid'})")
+                ok = False
+            parsed = self._ports(pnode, f"{path}.ports")
+            ok &= parsed is not None
+            ports = parsed or []
+        if not ok or name is None or action is None or len(sides) != 2:
+            return None
+        return Rule(name, sides[0], sides[1], action,  # type: ignore[arg-type]
+                    None if protocol in (None, "any") else PROTOCOLS[protocol], tuple(ports))
+
+    def _ports(self, node: Node, path: str) -> list[tuple[int, int]] | None:
+        items = self.sequence(node, path)
+        if items is None:
+            return None
+        if not items:
+            self.error(node, f"{path}: empty; omit 'ports' for all ports")
+            return None
+        out = []
+        ok = True
+        for i, item in enumerate(items):
+            text = self.scalar(item, f"{path}[{i}]", "a port or range like 8000-8100")
+            if text is None:
+                ok = False
+                continue
+            m = _PORT_RANGE.match(text)
+            try:
+                lo, hi = (int(m.group(1)), int(m.group(2))) if m else (int(text, 10),) * 2
+            except ValueError:
+                self.error(item, f"{path}[{i}]: '{text}' is not a port (1-65535) or a range "
+                                 "like 8000-8100")
+                ok = False
+                continue
+            if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
+                self.error(item, f"{path}[{i}]: {text} is outside 1-65535")
+                ok = False
+            elif lo > hi:
+                self.error(item, f"{path}[{i}]: range {text} is reversed (expected {hi}-{lo})")
+                ok = False
+            else:
+                out.append((lo, hi))
+        return out if ok else None
+
+    def _selectors(self, node: Node, path: str) -> tuple[Selector, ...] | None:
+        if isinstance(node, SequenceNode):
+            items = self.sequence(node, path)
+            if items is None:
+                return None
+            if not items:
+                self.error(node, f"{path}: empty list; expected any or selectors")
+                return None
+            sels = [self._selector(item, f"{path}[{i}]") for i, item in enumerate(items)]
+            if any(s is None for s in sels):
+                return None
+            return tuple(s for s in sels if s is not None)
+        s = self._selector(node, path)
+        return None if s is None else (s,)
+
+    def _selector(self, node: Node, path: str) -> Selector | None:
+        if isinstance(node, ScalarNode):
+            if str(node.value) == "any":
+                return Selector.any()
+            self.error(node, f"{path}: '{node.value}' is not a selector (expected any, "
+                             "{workload: NAME}, {labels: {k: v}} or {cidr: PREFIX})")
+            return None
+        fields = self.mapping(node, path, SELECTOR_KEYS)
+        if fields is None:
+            return None
+        if len(fields) != 1:
+            self.error(node, f"{path}: a selector has exactly one of workload, labels, cidr "
+                             f"(got {', '.join(fields) or 'none'})")
+            return None
+        (kind, (_k, vnode)), = fields.items()
+        where = f"{path}.{kind}"
+        if kind == "workload":
+            name = self.scalar(vnode, where, "a workload name")
+            if name is None:
+                return None
+            self._references.append((vnode, where, Selector.of_workload(name)))
+            return self._references[-1][2]
+        if kind == "labels":
+            labels = self._labels(vnode, where)
+            if labels is None:
+                return None
+            self._references.append((vnode, where, Selector.of_labels(labels)))
+            return self._references[-1][2]
+        net = self._network(vnode, where)
+        return None if net is None else Selector("cidr", cidr=net)
+
+    def _check_references(self) -> None:
+        """Workload references and label matches, once every workload is
+        known (rules may come before workloads in a file)."""
+        for node, path, sel in self._references:
+            if sel.kind == "workload" and sel.workload not in self._workload_names:
+                close = difflib.get_close_matches(sel.workload or "", self._workload_names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.error(node, f"{path}: undefined workload '{sel.workload}'{hint}")
+            elif sel.kind == "labels" and not any(set(sel.labels) <= ls
+                                                 for ls in self._label_sets):
+                shown = ", ".join(f"{k}={v}" for k, v in sel.labels) or "{}"
+                self.warn(node, f"{path}: no workload has labels {shown}")
