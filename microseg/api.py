@@ -3,14 +3,24 @@
     GET  /v1/status            the daemon, its interfaces and policy
     GET  /v1/policy            the active policy with per-rule hits (`policy show`)
     POST /v1/policy/reload     re-read the policy file now (`policy apply`, SIGHUP)
+    GET  /v1/events            event stream, NDJSON (`watch`): filters type, verdict,
+                               ip, from_ip, to_ip, port, protocol, workload, rule;
+                               last=N (recent first), follow=0 (stop after those),
+                               count=N (stop after N matching events)
+    GET  /v1/sessions          the session table, NDJSON, streamed (`sessions`):
+                               filters protocol, state, ip, workload
+    GET  /v1/stats             counters, rates, table fill, loss (`stats`)
 
-Every response is JSON; errors are {"error": "..."} with a 4xx/5xx status.
+Responses are JSON (streams: one object per line); errors are
+{"error": "..."} with a 4xx/5xx status.
 The socket is 0600 (root) or 0660 with --socket-group; on top of the file
 mode, each connection's peer credentials (SO_PEERCRED) are checked.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import grp
 import logging
 import os
@@ -23,12 +33,17 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from .events import ndjson
+from .filters import EVENT_KEYS, SESSION_KEYS, Filter, FilterError
+
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger("microseg.api")
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+STREAM_QUEUE = 32768  # events a watch client may fall behind before losing some
+STREAM_BATCH = 8192  # per write: as many as the pipeline publishes per drain
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
@@ -83,12 +98,83 @@ def build_app(daemon: Daemon, group_gid: int | None) -> web.Application:
         res = await daemon.policy.reload("api", force=request.query.get("force") == "1")
         return json_response(res.as_dict())
 
+    async def events(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            flt = Filter.parse({k: q.get(k) for k in EVENT_KEYS})
+            last = _int(q.get("last"), "last")
+            count = _int(q.get("count"), "count")
+        except (FilterError, ValueError) as e:
+            return error(400, str(e))
+        follow = q.get("follow", "1") != "0"
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        sub = daemon.hub.subscribe(flt.predicate(), size=STREAM_QUEUE, last=last)
+        sent = 0
+        try:
+            while True:
+                if follow:
+                    first = await sub.get()
+                else:
+                    first = sub.get_nowait()
+                    if first is None:
+                        break
+                batch = [first, *sub.take(STREAM_BATCH - 1)]
+                if count:
+                    out = []
+                    for e in batch:
+                        out.append(e)
+                        sent += e["type"] != "lost"
+                        if sent >= count:
+                            break
+                    batch = out
+                await resp.write(ndjson(batch))
+                if count and sent >= count:
+                    break
+        except (ConnectionResetError, asyncio.CancelledError, StopAsyncIteration):
+            pass  # the client left, or the daemon is stopping
+        finally:
+            sub.close()
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
+        return resp
+
+    async def sessions(request: web.Request) -> web.StreamResponse:
+        try:
+            flt = Filter.parse({k: request.query.get(k) for k in SESSION_KEYS}, SESSION_KEYS)
+        except FilterError as e:
+            return error(400, str(e))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            async for rows in daemon.session_rows(flt):
+                if rows:
+                    await resp.write(b"".join(
+                        orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in rows))
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+        return resp
+
+    async def stats(request: web.Request) -> web.Response:
+        return json_response(await daemon.stats())
+
     app = web.Application(middlewares=[credentials])
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/policy", policy_show)
     app.router.add_post("/v1/policy/reload", policy_reload)
-    daemon.add_routes(app)
+    app.router.add_get("/v1/events", events)
+    app.router.add_get("/v1/sessions", sessions)
+    app.router.add_get("/v1/stats", stats)
     return app
+
+
+def _int(raw: str | None, name: str) -> int:
+    if raw in (None, ""):
+        return 0
+    if not raw.isdigit():
+        raise ValueError(f"{name} '{raw}': a whole number")
+    return int(raw)
 
 
 def prepare_socket(path: str) -> None:

@@ -129,6 +129,7 @@ LIB.bpf_map_delete_batch.argtypes = [
 LIB.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
 LIB.bpf_enable_stats.argtypes = [ctypes.c_int]
 LIB.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+LIB.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
 
 
 @cache
@@ -178,6 +179,11 @@ def prog_info(fd: int) -> ProgInfo:
                                    "little"),
         run_cnt=int.from_bytes(raw[_PROG_INFO_RUN_CNT:_PROG_INFO_RUN_CNT + 8], "little"),
     )
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """An fd for a loaded program (e.g. the one a tc filter runs)."""
+    return _check(LIB.bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id({prog_id})")
 
 
 def enable_run_time_stats() -> int:

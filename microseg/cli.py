@@ -53,12 +53,133 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
+    from .sweeper import parse_timeouts
+
+    try:
+        timeouts = parse_timeouts(args.timeout)
+    except ValueError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
     return run(RunConfig(
         interfaces=args.interface, policy_path=args.policy,
         policy_default_audit=args.policy_default == "audit",
         socket_path=args.socket or default_socket(), socket_group=args.socket_group,
         pin_dir=args.pin_dir, keep_on_exit=args.keep_on_exit,
-        session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes))
+        session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes,
+        flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
+        flow_log_keep=args.flow_log_keep, timeouts=timeouts,
+        sweep_interval=args.sweep_interval))
+
+
+# -- microseg watch / sessions / stats ---------------------------------------
+
+def _write_line(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .filters import Filter, FilterError
+    from .render import event_line
+
+    params = {"type": args.type, "verdict": args.verdict, "ip": args.ip,
+              "from_ip": args.from_ip, "to_ip": args.to_ip, "port": args.port,
+              "protocol": args.protocol, "workload": args.workload, "rule": args.rule}
+    try:
+        Filter.parse(params)  # the daemon checks too; a usage error is ours to report
+    except FilterError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+    as_json = args.output == "json"
+    colour = use_colour()
+
+    async def go(c: Client) -> int:
+        seen = 0
+        out = sys.stdout.buffer
+        async for lines in c.stream_lines("/v1/events", last=args.last or None,
+                                          follow=0 if args.no_follow else None,
+                                          count=args.count or None, **params):
+            if args.count:  # stop exactly after N events that are not `lost`
+                keep = []
+                for line in lines:
+                    keep.append(line)
+                    if b'"type":"lost"' not in line:
+                        seen += 1
+                        if seen >= args.count:
+                            break
+                lines = keep
+            if as_json:  # the daemon's lines are the schema: pass them through
+                out.write(b"".join(lines))
+            else:
+                out.write("".join(event_line(orjson.loads(x), colour) + "\n"
+                                  for x in lines).encode())
+            out.flush()
+            if args.count and seen >= args.count:
+                break
+        return 0
+
+    try:
+        return int(_daemon(args, go) or 0)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from .filters import SESSION_KEYS, Filter, FilterError
+    from .render import session_line
+
+    params = {"protocol": args.protocol, "state": args.state, "ip": args.ip,
+              "workload": args.workload}
+    try:
+        Filter.parse(params, SESSION_KEYS)
+    except FilterError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+
+    async def go(c: Client) -> int:
+        n = 0
+        async for row in c.stream("/v1/sessions", **params):
+            n += 1
+            if args.json:
+                _write_line(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+            else:
+                _write_line((session_line(row) + "\n").encode())
+        if not args.json:
+            print(f"{n} session{'s' if n != 1 else ''}", file=sys.stderr)
+        return 0
+
+    return int(_daemon(args, go) or 0)  # type: ignore[arg-type]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .render import human_bytes
+
+    st = _daemon(args, lambda c: c.get("/v1/stats"))
+    assert isinstance(st, dict)
+    if args.json:
+        _write_line(orjson.dumps(st, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
+        return 0
+    pk = st["packets"]
+    rates = st["rates_since_start_pps"]
+    print(f"uptime {st['uptime_s']:.0f}s, policy generation {st['policy']['generation']} "
+          f"({st['policy']['reloads_total']} reloads, "
+          f"{st['policy']['reload_failures_total']} rejected)")
+    print("packets " + "  ".join(f"{k} {pk.get(k, 0)} ({rates.get(k, 0):.1f}/s)"
+                                 for k in ("allowed", "denied", "audit", "dropped")))
+    if st["drops"]:
+        print("drops   " + "  ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
+    se = st["sessions"]
+    print(f"sessions {se['entries']} of {se['capacity']} ({se['fill'] * 100:.2f}% full), "
+          f"{se['expired_total']} expired; " + ", ".join(
+              f"{k} {v}" for k, v in sorted(se["by_state"].items())))
+    ev = st["events"]
+    print(f"events  {sum(ev['published'].values())} published, lost {ev['lost']['ringbuf']} "
+          f"(ring buffer) / {ev['lost']['subscriber']} (slow clients)")
+    dp = st["datapath"]
+    avg = f"{dp['avg_ns_per_packet']:.0f} ns/packet over {dp['runs']} runs" \
+        if dp["avg_ns_per_packet"] is not None else "no packets yet"
+    print(f"datapath {avg}")
+    fl = st.get("flow_log")
+    if fl:
+        print(f"flow log {fl['path']}: {fl['lines']} lines, {human_bytes(fl['bytes'])}, "
+              f"{fl['write_errors']} write errors, {fl['rotations']} rotations")
+    return 0
 
 
 # -- microseg policy ... ----------------------------------------------------
@@ -260,7 +381,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="session table size (default: %(default)s)")
     p.add_argument("--ringbuf-bytes", type=_size, default=16 << 20, metavar="N",
                    help="event ring buffer size, a power of two (default: 16MiB)")
+    p.add_argument("--flow-log", metavar="FILE", help="append every event to FILE as NDJSON")
+    p.add_argument("--flow-log-max-bytes", type=_size, default=100 << 20, metavar="N",
+                   help="rotate the flow log at this size (default: 100MiB)")
+    p.add_argument("--flow-log-keep", type=int, default=5, metavar="N",
+                   help="rotated flow logs to keep (default: %(default)s)")
+    p.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
+                   help="idle timeout of a kind of session; repeatable. Names and defaults: "
+                        "tcp_new=120 tcp_established=432000 tcp_closing=120 tcp_closed=10 "
+                        "udp_new=30 udp_established=120 icmp=30 other_new=30 "
+                        "other_established=600")
+    p.add_argument("--sweep-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="how often idle sessions are expired (default: %(default)s)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("watch", help="stream events from the daemon (like hubble observe)",
+                       description="Stream events. Filters combine with AND and are applied "
+                                   "in the daemon.")
+    p.add_argument("-o", "--output", choices=["compact", "json"], default="compact",
+                   help="compact lines (default) or the JSON schema, one object per line")
+    p.add_argument("--json", dest="output", action="store_const", const="json",
+                   help="same as -o json")
+    p.add_argument("--type", choices=["verdict", "session", "drop", "policy", "lost"])
+    p.add_argument("--verdict", choices=["allowed", "denied", "audit", "dropped"])
+    p.add_argument("--ip", metavar="CIDR", help="source or destination in CIDR")
+    p.add_argument("--from-ip", metavar="CIDR", help="source in CIDR")
+    p.add_argument("--to-ip", metavar="CIDR", help="destination in CIDR")
+    p.add_argument("--port", metavar="N", help="source or destination port")
+    p.add_argument("--protocol", metavar="P", help="tcp, udp, icmp, icmpv6 or a number")
+    p.add_argument("--workload", metavar="NAME", help="source or destination workload")
+    p.add_argument("--rule", metavar="NAME", help="the deciding rule")
+    p.add_argument("--last", type=int, default=0, metavar="N",
+                   help="first print up to N recent events the daemon kept")
+    p.add_argument("--no-follow", action="store_true", help="exit after --last")
+    p.add_argument("--count", type=int, default=0, metavar="N",
+                   help="exit after N matching events")
+    _socket_option(p)
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("sessions", help="list the session table (like conntrack -L)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--protocol", metavar="P")
+    p.add_argument("--state", choices=["new", "established", "closing", "closed"])
+    p.add_argument("--ip", metavar="CIDR")
+    p.add_argument("--workload", metavar="NAME")
+    _socket_option(p)
+    p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("stats", help="counters, rates, table fill, events lost")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    _socket_option(p)
+    p.set_defaults(func=cmd_stats)
 
     pol = sub.add_parser("policy", help="check, show, apply and edit the policy")
     psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)

@@ -76,6 +76,29 @@ class Client:
     async def post(self, path: str, **params: object) -> dict:
         return await self.request("POST", path, **params)
 
+    async def stream_lines(self, path: str, **params: object) -> AsyncIterator[list[bytes]]:
+        """NDJSON from a streaming endpoint as it arrives: lists of whole
+        lines (newline included), unparsed."""
+        assert self._session is not None
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        rest = b""
+        try:
+            async with self._session.get(self._url(path), params=query,
+                                         timeout=timeout) as resp:
+                await self._check(resp)
+                async for chunk in resp.content.iter_any():
+                    data = rest + chunk
+                    cut = data.rfind(b"\n") + 1
+                    rest = data[cut:]
+                    if cut:
+                        yield data[:cut].splitlines(keepends=True)
+        except aiohttp.ClientConnectorError as e:
+            raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
+                              ) from e
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+            raise DaemonError(f"the daemon went away ({e.__class__.__name__})") from e
+
     async def stream(self, path: str, **params: object) -> AsyncIterator[dict]:
         """NDJSON lines from a streaming endpoint, one dict each."""
         assert self._session is not None
@@ -91,3 +114,5 @@ class Client:
         except aiohttp.ClientConnectorError as e:
             raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
                               ) from e
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+            raise DaemonError(f"the daemon went away ({e.__class__.__name__})") from e

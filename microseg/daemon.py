@@ -19,15 +19,21 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from . import __version__, api
-from .clock import wall_offset_ns
+from . import __version__, abi, api, bpfsys
+from .clock import SessionClock, monotonic_ns, wall_offset_ns
 from .datapath import DEFAULT_PIN_DIR, Datapath, DatapathConfig
+from .enrich import Names, session_row
 from .events import EventHub, rfc3339
+from .filters import Filter
 from .interfaces import InterfaceManager
+from .netlink import LinkWatcher
+from .pipeline import Pipeline
 from .policy.manager import PolicyManager
 from .policy.model import PROTOCOL_NAMES
 from .policy.parse import PolicyError, load_policy_file
 from .policy.watch import watch_policy
+from .records import decode_sessions
+from .sweeper import DEFAULT_TIMEOUTS, Sweeper, timeout_name
 
 log = logging.getLogger("microseg")
 
@@ -53,6 +59,11 @@ class RunConfig:
     keep_on_exit: bool = False
     session_capacity: int = 1 << 20
     ringbuf_bytes: int = 16 << 20
+    flow_log: str | None = None
+    flow_log_max_bytes: int = 100 << 20
+    flow_log_keep: int = 5
+    timeouts: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
+    sweep_interval: float = 5.0
 
 
 class OneLineFormatter(logging.Formatter):
@@ -95,6 +106,15 @@ class Daemon:
         self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
                                     builtin_fallback=cfg.policy_default_audit)
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
+        self.names = Names(self.policy.compiled_for, self.interfaces.name_of)
+        self.pipeline = Pipeline(self.datapath, self.hub, self.names,
+                                 lambda: self.policy.generation)
+        self.links = LinkWatcher(self._on_links_changed)
+        self.clock: SessionClock | None = None
+        self.sweeper: Sweeper | None = None
+        self.flowlog = None
+        self._stats_fd = -1
+        self._baseline: dict = {}
         self.started_ns = time.time_ns()
         self.ready = False
         self._stop = asyncio.Event()
@@ -141,12 +161,27 @@ class Daemon:
             log.warning("%s", w)
         log.info("datapath loaded compile_s=%.2f load_s=%.2f pin_dir=%s reused_pins=%d",
                  report.compile_s, report.load_s, self.cfg.pin_dir, len(report.reused_pins))
+        try:  # kernel run-time stats (ns per packet), for as long as we hold the fd
+            self._stats_fd = bpfsys.enable_run_time_stats()
+        except OSError as e:
+            log.warning("kernel BPF run-time stats unavailable: %s", e)
+        self.clock = await loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
+        self.sweeper = Sweeper(self.datapath, self.clock, self.cfg.timeouts)
+        self.pipeline.start(loop)
         res = await self.policy.reload("start", force=True)
         if res.result != "applied":
             raise StartupError("invalid policy:\n" + "\n".join(res.errors))
         await loop.run_in_executor(None, self.interfaces.sync)
         for name in self.interfaces.missing():
             log.warning("interface %s not found (yet)", name)
+        self.links.start(loop)
+        if self.cfg.flow_log:
+            from .exporters.flowlog import FlowLog
+
+            self.flowlog = FlowLog(self.cfg.flow_log, self.cfg.flow_log_max_bytes,
+                                   self.cfg.flow_log_keep)
+            self.flowlog.start(self.hub)
+        self._baseline = await loop.run_in_executor(None, self._counters)
         await self._serve()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -154,14 +189,41 @@ class Daemon:
         self._tasks.append(asyncio.create_task(
             watch_policy(self.cfg.policy_path, self._on_file_change, self._stop),
             name="policy-watch"))
+        self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
         self.ready = True
         log.info("ready in %.2fs socket=%s interfaces=%s generation=%d", time.perf_counter() - t0,
                  self.cfg.socket_path, ",".join(a.name for a in self.interfaces.attached.values())
                  or "-", self.policy.generation)
 
+    def _on_links_changed(self) -> None:
+        async def resync() -> None:
+            added, removed = await asyncio.get_running_loop().run_in_executor(
+                None, self.interfaces.sync)
+            if added or removed:
+                self.names.forget_interfaces()
+
+        self._tasks.append(asyncio.create_task(resync()))
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sweeper is not None
+        while True:
+            await asyncio.sleep(self.cfg.sweep_interval)
+            res = await loop.run_in_executor(None, self.sweeper.sweep)
+            if res.expired:
+                en = self.pipeline.enricher
+                events = [en.expired(entry, idle, res.ref_ktime_ns,
+                                     self.interfaces.name_of(entry.owner[0] >> 1))
+                          for entry, idle in res.expired]
+                self.hub.publish_batch(events)
+            if res.seconds > 1:
+                log.info("sweep took %.2fs over %d sessions", res.seconds, res.scanned)
+
     async def _serve(self) -> None:
         app = api.build_app(self, self._group_gid)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Streams are ended at shutdown (hub.close); whatever still hangs
+        # gets this long.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.UnixSite(self._runner, self.cfg.socket_path)
         old = os.umask(0o177)  # the socket is born 0600, then widened if asked
@@ -190,6 +252,14 @@ class Daemon:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self.links.stop()
+        self.pipeline.stop()  # the last events, to the subscribers still here
+        if self.flowlog is not None:
+            await self.flowlog.stop()
+        self.hub.close()  # open `watch` streams end
+        if self._stats_fd >= 0:
+            os.close(self._stats_fd)
+            self._stats_fd = -1
         if self._runner is not None:
             await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
@@ -207,8 +277,97 @@ class Daemon:
 
     # -- what the API shows ----------------------------------------------------
 
-    def add_routes(self, app: web.Application) -> None:
-        """Routes of the pieces beyond status and policy (events, sessions)."""
+    def _counters(self) -> dict:
+        """Kernel counters now: for rates since start."""
+        run_ns, run_cnt = self.datapath.run_stats()
+        return {"at_ns": monotonic_ns(), "stats": self.datapath.read_stats(),
+                "run_time_ns": run_ns, "run_cnt": run_cnt}
+
+    async def stats(self) -> dict:
+        loop = asyncio.get_running_loop()
+        now = await loop.run_in_executor(None, self._counters)
+        by_state: dict[str, int] = {}
+
+        def count_sessions() -> int:
+            n = 0
+            for s in self.datapath.sessions():
+                name = f"{PROTOCOL_NAMES.get(s.proto, s.proto)}/" \
+                       f"{abi.State(s.state).public.name.lower()}"
+                by_state[name] = by_state.get(name, 0) + 1
+                n += 1
+            return n
+
+        entries = await loop.run_in_executor(None, count_sessions)
+        events = await loop.run_in_executor(None, self.datapath.read_event_stats)
+        base = self._baseline
+        elapsed = max(1e-9, (now["at_ns"] - base.get("at_ns", now["at_ns"])) / 1e9)
+        counters, totals, rates, drops = [], {}, {}, {}
+        for (d, v, r), (pk, by) in sorted(now["stats"].items()):
+            counters.append({"direction": d.name.lower(), "verdict": v.name.lower(),
+                             "reason": r.name.lower(), "packets": pk, "bytes": by})
+            vname = v.name.lower()
+            totals[vname] = totals.get(vname, 0) + pk
+            before = base.get("stats", {}).get((d, v, r), (0, 0))[0]
+            rates[vname] = rates.get(vname, 0.0) + (pk - before) / elapsed
+            if v == abi.Verdict.DROPPED:
+                drops[r.name.lower()] = drops.get(r.name.lower(), 0) + pk
+        runs = now["run_cnt"] - base.get("run_cnt", 0)
+        run_ns = now["run_time_ns"] - base.get("run_time_ns", 0)
+        lost_sub = 0
+        return {
+            "time": rfc3339(time.time_ns()),
+            "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),
+            "packets": totals,
+            "rates_since_start_pps": {k: round(v, 3) for k, v in rates.items()},
+            "drops": drops,
+            "counters": counters,
+            "sessions": {"entries": entries, "capacity": self.cfg.session_capacity,
+                         "fill": round(entries / self.cfg.session_capacity, 6),
+                         "by_state": by_state,
+                         "expired_total": self.sweeper.expired_total if self.sweeper else 0},
+            "events": {"published": dict(self.hub.published), "last_seq": self.hub.last_seq,
+                       "lost": {"ringbuf": self.pipeline.lost_ringbuf,
+                                "subscriber": lost_sub},
+                       "kernel": {t.name.lower(): {"submitted": sub, "lost": lost}
+                                  for t, (sub, lost) in events.items()},
+                       "subscribers": self.hub.subscribers},
+            "policy": {"generation": self.policy.generation,
+                       "reloads_total": self.policy.reloads_total,
+                       "reload_failures_total": self.policy.reload_failures_total},
+            "datapath": {"runs": runs, "run_time_ns": run_ns,
+                         "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None},
+            "flow_log": None if self.flowlog is None else {
+                "path": self.flowlog.path, "lines": self.flowlog.lines,
+                "bytes": self.flowlog.bytes, "write_errors": self.flowlog.write_errors,
+                "rotations": self.flowlog.rotations},
+        }
+
+    async def session_rows(self, flt: Filter, chunk: int = 8192):
+        """Session rows, a batch at a time (the table may hold millions)."""
+        loop = asyncio.get_running_loop()
+        assert self.clock is not None
+        ref = await loop.run_in_executor(None, self.clock.refresh)
+        batches = self.datapath.maps["session_map"].lookup_batch_raw(chunk)
+        timeouts = self.cfg.timeouts
+        match = flt.predicate()
+
+        def next_rows() -> list[dict] | None:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return None
+            rows = []
+            for s in decode_sessions([batch]):
+                idle = self.clock.idle_ns(s.last_seen, ref)
+                row = session_row(s, self.names, idle, ref.ktime_ns,
+                                  timeouts[timeout_name(s.proto, s.state)],
+                                  self.interfaces.name_of(s.owner[0] >> 1))
+                if match is None or match(row):
+                    rows.append(row)
+            return rows
+
+        while (rows := await loop.run_in_executor(None, next_rows)) is not None:
+            yield rows
 
     def status(self) -> dict:
         a = self.policy.active

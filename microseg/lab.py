@@ -93,24 +93,36 @@ class Lab:
             raise
 
     def _build(self) -> None:
-        cmds = [f"link add {self.bridge} type bridge",
-                f"link set {self.bridge} up"]
-        for w in self.workloads:
-            ns, hif = self.ns(w.name), self.host_if(w.name)
-            cmds += [f"netns add {ns}",
-                     f"link add {hif} type veth peer name eth0 netns {ns}",
-                     f"link set {hif} master {self.bridge}",
-                     f"link set {hif} up"]
-        _batch(cmds)
-        for w in self.workloads:
-            ns, hif = self.ns(w.name), self.host_if(w.name)
-            _sysctl(f"net.ipv6.conf.{hif}.disable_ipv6", "1")
-            plen4, plen6 = self.net4.prefixlen, self.net6.prefixlen
-            _batch(["link set lo up",
-                    f"addr add {self.ipv4(w.name)}/{plen4} dev eth0",
-                    f"addr add {self.ipv6(w.name)}/{plen6} dev eth0 nodad",
-                    "link set eth0 up"], netns=ns)
+        _batch([f"link add {self.bridge} type bridge", f"link set {self.bridge} up"])
         _sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1")
+        for w in self.workloads:
+            self._add(w)
+
+    def _add(self, w: WorkloadSpec) -> None:
+        ns, hif = self.ns(w.name), self.host_if(w.name)
+        # The host end is created down and inside a batch, so the bridge and
+        # the namespace side are ready before the link comes up.
+        _batch([f"netns add {ns}",
+                f"link add {hif} type veth peer name eth0 netns {ns}",
+                f"link set {hif} master {self.bridge}"])
+        _sysctl(f"net.ipv6.conf.{hif}.disable_ipv6", "1")
+        plen4, plen6 = self.net4.prefixlen, self.net6.prefixlen
+        _batch(["link set lo up",
+                f"addr add {self.ipv4(w.name)}/{plen4} dev eth0",
+                f"addr add {self.ipv6(w.name)}/{plen6} dev eth0 nodad",
+                "link set eth0 up"], netns=ns)
+        _batch([f"link set {hif} up"])
+
+    def add_workload(self, w: WorkloadSpec) -> None:
+        """One more workload in a running lab (an interface appearing)."""
+        self.workloads.append(w)
+        self._add(w)
+
+    def remove_workload(self, name: str) -> None:
+        """Take a workload away (its interface vanishes)."""
+        _ip("netns", "del", self.ns(name), check=False)
+        _ip("link", "del", self.host_if(name), check=False)
+        self.workloads = [w for w in self.workloads if w.name != name]
 
     def down(self) -> None:
         """Remove everything with this lab's prefix; never fails."""

@@ -4,6 +4,7 @@
     python -m microseg.labtraffic probe tcp 10.203.0.20 80  # exit 0 if echoed
     python -m microseg.labtraffic hold tcp 10.203.0.20 80   # one long-lived connection:
                                                             # a line per exchange, ok|timeout
+    python -m microseg.labtraffic flood udp 10.203.0.20 9 --count 100000  # as fast as it can
 """
 
 from __future__ import annotations
@@ -102,6 +103,32 @@ def hold(proto: str, host: str, port: int, interval: float, timeout: float,
     return 0
 
 
+def flood(host: str, port: int, count: int, sources: int, rate: float = 0) -> int:
+    """`count` small UDP datagrams from `sources` source ports (each a new
+    flow to the firewall): as fast as the socket takes them, or `rate` per
+    second."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(max(1, sources))]
+    sent = 0
+    t0 = time.monotonic()
+    try:
+        for i in range(count):
+            if rate and i % 100 == 0:
+                ahead = t0 + i / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            try:
+                socks[i % len(socks)].sendto(b"x", (host, port))
+                sent += 1
+            except (BlockingIOError, ConnectionRefusedError):
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    print(f"sent {sent}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m microseg.labtraffic")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -120,11 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--interval", type=float, default=0.05)
     h.add_argument("--timeout", type=float, default=1.0)
     h.add_argument("--count", type=int, default=0, help="exchanges (0: until killed)")
+    f = sub.add_parser("flood")
+    f.add_argument("proto", choices=["udp"])
+    f.add_argument("host")
+    f.add_argument("port", type=int)
+    f.add_argument("--count", type=int, default=10000)
+    f.add_argument("--sources", type=int, default=1, help="source ports to spread over")
+    f.add_argument("--rate", type=float, default=0, help="datagrams per second (0: no limit)")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(args.tcp, args.udp))
         return 0
+    if args.cmd == "flood":
+        return flood(args.host, args.port, args.count, args.sources, args.rate)
     if args.cmd == "hold":
         return hold(args.proto, args.host, args.port, args.interval, args.timeout, args.count)
     return 0 if probe(args.proto, args.host, args.port, args.timeout) else 1

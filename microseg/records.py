@@ -11,7 +11,7 @@ from typing import NamedTuple
 from . import abi
 
 # Ring-buffer records arrive with their 8-byte header in front.
-_EVENT_IN_RING = struct.Struct("<8x" + abi.EVENT.struct.format[1:])
+EVENT_IN_RING = struct.Struct("<8x" + abi.EVENT.struct.format[1:])
 
 
 def ip_text(family: int, raw: bytes) -> str:
@@ -64,7 +64,7 @@ def _event(t: tuple) -> RawEvent:
 def decode_events(runs: Iterable[bytes]) -> Iterator[RawEvent]:
     """Events from ring-buffer runs (records with headers, back to back)."""
     for run in runs:
-        for t in _EVENT_IN_RING.iter_unpack(run):
+        for t in EVENT_IN_RING.iter_unpack(run):
             yield _event(t)
 
 

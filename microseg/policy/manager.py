@@ -160,6 +160,9 @@ class PolicyManager:
         self.history[gen] = compiled
         for old in sorted(self.history)[:-4]:
             del self.history[old]
+        # The compiled policy is large and long-lived and has no cycles:
+        # keep the cyclic collector from rescanning it under the event load.
+        gc.freeze()
         self._converge = loop.call_later(
             CONVERGE_AFTER_S, lambda: loop.run_in_executor(None, self.datapath.converge))
         self.reloads_total += 1

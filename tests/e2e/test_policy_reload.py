@@ -7,6 +7,7 @@ loses no packet across 100 reloads."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,6 +141,13 @@ def test_invalid_edit_is_rejected_and_the_old_policy_stays(fresh: DaemonProcess,
                for e in last["errors"]), last
     assert can(lab, 80) and not can(lab, 81)  # the old policy still enforces
     assert "policy rejected, generation" in fresh.log()
+    # ...and `watch` shows the rejection, with every error.
+    r = fresh.cli("watch", "--json", "--type", "policy", "--last", "1", "--no-follow")
+    (event,) = [json.loads(x) for x in r.stdout.splitlines()]
+    assert (event["result"], event["generation"]) == ("rejected", gen)
+    assert any("99999 is outside 1-65535" in x for x in event["errors"])
+    assert set(event) >= {"time", "seq", "type", "result", "generation", "source", "errors",
+                          "rules", "workloads", "apply_ms"}
 
 
 def test_established_session_is_revoked(fresh: DaemonProcess, lab: Lab) -> None:
@@ -203,8 +211,6 @@ def test_policy_apply_show_and_rule_edits(fresh: DaemonProcess, lab: Lab,
 
     r = fresh.cli("policy", "show", "--json")
     assert r.returncode == 0
-    import json
-
     show = json.loads(r.stdout)
     assert show["generation"] == fresh.generation()
     rules = {x["name"]: x for x in show["rules"]}

@@ -1,0 +1,57 @@
+"""The sweeper against the real session map: idle sessions past their
+protocol's and state's timeout are removed in batches and reported with
+their counters; closed TCP sessions go quietly; fresh ones stay."""
+
+from __future__ import annotations
+
+from microseg import abi
+from microseg.clock import SessionClock
+from microseg.records import addr16, session_key
+from microseg.sweeper import DEFAULT_TIMEOUTS, Sweeper, parse_timeouts, timeout_name
+
+from .harness import Harness
+
+
+def _fill(dp: Harness, n: int, proto: int, state: abi.State, idle_jiffies: int,
+          first: int = 0) -> None:
+    now = dp.dp.clock_sample()
+    m = dp.dp.maps["session_map"]
+    keys, values = [], []
+    for i in range(first, first + n):
+        a, b = addr16(f"10.1.{i >> 8 & 255}.{i & 255}"), addr16("10.2.0.1")
+        keys.append(session_key(4, proto, a, b, 1000 + (i >> 16), 443))
+        values.append(abi.SESSION_VALUE.struct.pack(
+            now.ktime_ns - 10**9, now.jiffies - idle_jiffies, 3, 2, 300, 200, 1, 1, 0, 0,
+            0, 0, state, abi.SessionFlag.ORIG_LO, abi.Verdict.ALLOWED, abi.Reason.RULE))
+    m.update_batch(b"".join(keys), b"".join(values), n)
+
+
+def test_idle_sessions_expire_and_fresh_ones_stay(dp: Harness) -> None:
+    clock = SessionClock(dp.dp.clock_sample)
+    hz = int(clock.hz)
+    sw = Sweeper(dp.dp, clock, parse_timeouts(["udp_established=60", "tcp_established=60"]))
+    _fill(dp, 20_000, 17, abi.State.ESTABLISHED, idle_jiffies=61 * hz)          # expire
+    _fill(dp, 20_000, 17, abi.State.ESTABLISHED, idle_jiffies=30 * hz, first=20_000)  # stay
+    _fill(dp, 5_000, 6, abi.State.CLOSED, idle_jiffies=11 * hz, first=40_000)   # quietly
+    _fill(dp, 5_000, 6, abi.State.ESTABLISHED, idle_jiffies=61 * hz, first=45_000)  # expire
+    res = sw.sweep()
+    assert res.scanned == 50_000
+    assert len(res.expired) == 25_000 and res.removed_closed == 5_000
+    assert dp.dp.session_count() == 20_000
+    entry, idle = res.expired[0]
+    assert idle >= 60 * 10**9 and entry.packets == (3, 2) and entry.bytes == (300, 200)
+    assert sw.expired_total == 25_000
+    assert sw.sweep().expired == []  # nothing left to expire
+
+
+def test_timeouts() -> None:
+    assert timeout_name(6, abi.State.SYN_RECV) == "tcp_new"
+    assert timeout_name(17, abi.State.NEW) == "udp_new"
+    assert timeout_name(58, abi.State.ESTABLISHED) == "icmp"
+    assert timeout_name(47, abi.State.ESTABLISHED) == "other_established"
+    assert parse_timeouts(["icmp=5"])["icmp"] == 5 and DEFAULT_TIMEOUTS["icmp"] == 30
+    import pytest
+
+    for bad in ("icmp", "nope=3", "icmp=x", "icmp=0"):
+        with pytest.raises(ValueError):
+            parse_timeouts([bad])
