@@ -2,14 +2,15 @@
 rotated by size (`FILE`, `FILE.1`, … `FILE.N`, oldest last).
 
 It subscribes to the hub like any client, with a large queue; batches are
-serialised and written by one worker thread, so the disk never blocks the
-event loop. A write error is logged and counted — and the batch dropped —
+serialised on the loop and written by one worker thread, so the disk never
+blocks the event loop. A write error is logged and counted — and the batch dropped —
 but never stops the daemon; the next batch tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -22,6 +23,7 @@ log = logging.getLogger("microseg.flowlog")
 
 BATCH = 8192
 QUEUE = 1 << 18
+WRITES_IN_FLIGHT = 8  # batches serialised and queued for the writer thread
 ERROR_LOG_EVERY_S = 60.0
 
 
@@ -36,6 +38,7 @@ class FlowLog:
         self.keep = keep
         self.lines = 0
         self.bytes = 0
+        self.events = 0  # hub events taken (written, or dropped by a write error)
         self.write_errors = 0
         self.rotations = 0
         self._f = None
@@ -68,8 +71,8 @@ class FlowLog:
             os.replace(self.path, f"{self.path}.1")
         self.rotations += 1
 
-    def _write(self, events: list[dict]) -> None:
-        data = ndjson(events)
+    def _write(self, data: bytes, n: int) -> None:
+        """n events as NDJSON lines, appended (rotating as needed)."""
         done = 0  # events written
         try:
             if self._f is None:
@@ -77,7 +80,7 @@ class FlowLog:
             assert self._f is not None
             if self._size + len(data) <= self.max_bytes:
                 # The common case: the whole batch fits the current file.
-                self._commit(data, len(events))
+                self._commit(data, n)
                 return
             # Fill the file up to max_bytes (at least one line per file),
             # rotate, go on with the rest of the batch.
@@ -105,7 +108,7 @@ class FlowLog:
             if now - self._last_error_log > ERROR_LOG_EVERY_S or self.write_errors == 1:
                 self._last_error_log = now
                 log.error("flow log write failed (%d so far, %d events of this batch "
-                          "dropped): %s", self.write_errors, len(events) - done, e)
+                          "dropped): %s", self.write_errors, n - done, e)
 
     def _commit(self, data: bytes, n: int) -> None:
         assert self._f is not None
@@ -123,11 +126,33 @@ class FlowLog:
 
     async def _run(self) -> None:
         assert self._sub is not None
-        loop = asyncio.get_running_loop()
+        writes: collections.deque[concurrent.futures.Future] = collections.deque()
         while True:
             first = await self._sub.get()
             batch = [first, *self._sub.take(BATCH - 1)]
-            await loop.run_in_executor(self._pool, self._write, batch)
+            # Our own `lost` reports (only ever first, from get() and from
+            # take()) are not hub events: events + lost accounts for every
+            # hub event.
+            self.events += len(batch) - sum(e["type"] == "lost" and e["source"] == "subscriber"
+                                            for e in batch[:2])
+            # Serialised here, on the loop, and handed to the writer thread
+            # without waiting for it: the thread only makes the write call
+            # (which releases the GIL), so the log keeps pace with the
+            # pipeline. At most WRITES_IN_FLIGHT batches wait for the disk;
+            # beyond that this task waits, and a disk that stalls shows up
+            # as this subscription's counted losses, never as a stalled loop.
+            writes.append(self._pool.submit(self._write, ndjson(batch), len(batch)))
+            while writes and writes[0].done():
+                writes.popleft()
+            if len(writes) >= WRITES_IN_FLIGHT:
+                await asyncio.wrap_future(writes.popleft())
+            else:
+                await asyncio.sleep(0)  # a backlog is taken a slice per loop turn
+
+    @property
+    def lost(self) -> int:
+        """Hub events this log never saw: its queue overflowed."""
+        return self._sub.lost if self._sub is not None else 0
 
     async def stop(self) -> None:
         """Write what is queued, then close."""
@@ -141,8 +166,10 @@ class FlowLog:
                 rest.append(e)
             self._sub.close()
             if rest:
-                await asyncio.get_running_loop().run_in_executor(self._pool, self._write, rest)
-        self._pool.submit(self._close).result()
+                await asyncio.get_running_loop().run_in_executor(self._pool, self._write,
+                                                                 ndjson(rest), len(rest))
+        # The writer runs in order: this closes after every queued write.
+        await asyncio.wrap_future(self._pool.submit(self._close))
         self._pool.shutdown()
 
     def _close(self) -> None:

@@ -134,12 +134,13 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     async def go(c: Client) -> int:
         n = 0
-        async for row in c.stream("/v1/sessions", **params):
-            n += 1
-            if args.json:
-                _write_line(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+        async for lines in c.stream_lines("/v1/sessions", **params):
+            n += len(lines)
+            if args.json:  # the daemon's rows are the format: pass them through
+                _write_line(b"".join(lines))
             else:
-                _write_line((session_line(row) + "\n").encode())
+                _write_line("".join(session_line(orjson.loads(x)) + "\n"
+                                    for x in lines).encode())
         if not args.json:
             print(f"{n} session{'s' if n != 1 else ''}", file=sys.stderr)
         return 0
@@ -419,16 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_option(p)
     p.set_defaults(func=cmd_watch)
 
-    p = sub.add_parser("sessions", help="list the session table (like conntrack -L)")
+    p = sub.add_parser("sessions", help="list the session table (like conntrack -L)",
+                       description="List the session table: protocol, state, both "
+                       "endpoints with workloads, packets/bytes each way, age, idle, expiry, "
+                       "rule. Streamed: usable with a million entries. Filters combine with "
+                       "AND and are applied in the daemon.")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--protocol", metavar="P")
+    p.add_argument("--protocol", metavar="P", help="tcp, udp, icmp, icmpv6 or a number")
     p.add_argument("--state", choices=["new", "established", "closing", "closed"])
-    p.add_argument("--ip", metavar="CIDR")
-    p.add_argument("--workload", metavar="NAME")
+    p.add_argument("--ip", metavar="CIDR", help="either endpoint in CIDR")
+    p.add_argument("--workload", metavar="NAME", help="either endpoint's workload")
     _socket_option(p)
     p.set_defaults(func=cmd_sessions)
 
-    p = sub.add_parser("stats", help="counters, rates, table fill, events lost")
+    p = sub.add_parser("stats", help="counters, rates, table fill, events lost",
+                       description="One-shot summary: packets by verdict with rates since "
+                       "the daemon started, drops by reason, session table fill, events "
+                       "published and lost, policy generation, datapath ns/packet.")
     p.add_argument("--json", action="store_true", help="JSON output")
     _socket_option(p)
     p.set_defaults(func=cmd_stats)

@@ -101,18 +101,7 @@ class Client:
 
     async def stream(self, path: str, **params: object) -> AsyncIterator[dict]:
         """NDJSON lines from a streaming endpoint, one dict each."""
-        assert self._session is not None
-        query = {k: str(v) for k, v in params.items() if v is not None}
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-        try:
-            async with self._session.get(self._url(path), params=query,
-                                         timeout=timeout) as resp:
-                await self._check(resp)
-                async for line in resp.content:
-                    if line.strip():
-                        yield orjson.loads(line)
-        except aiohttp.ClientConnectorError as e:
-            raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
-                              ) from e
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
-            raise DaemonError(f"the daemon went away ({e.__class__.__name__})") from e
+        async for lines in self.stream_lines(path, **params):
+            for line in lines:
+                if line.strip():
+                    yield orjson.loads(line)

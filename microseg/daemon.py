@@ -22,7 +22,7 @@ from aiohttp import web
 from . import __version__, abi, api, bpfsys
 from .clock import SessionClock, monotonic_ns, wall_offset_ns
 from .datapath import DEFAULT_PIN_DIR, Datapath, DatapathConfig
-from .enrich import Names, session_row
+from .enrich import Names, session_rows
 from .events import EventHub, rfc3339
 from .filters import Filter
 from .interfaces import InterfaceManager
@@ -32,8 +32,10 @@ from .policy.manager import PolicyManager
 from .policy.model import PROTOCOL_NAMES
 from .policy.parse import PolicyError, load_policy_file
 from .policy.watch import watch_policy
-from .records import decode_sessions
+from .records import session_census
 from .sweeper import DEFAULT_TIMEOUTS, Sweeper, timeout_name
+
+SWEEP_PUBLISH_SLICE = 1024
 
 log = logging.getLogger("microseg")
 
@@ -112,6 +114,7 @@ class Daemon:
         self.links = LinkWatcher(self._on_links_changed)
         self.clock: SessionClock | None = None
         self.sweeper: Sweeper | None = None
+        self.last_sweep: dict | None = None
         self.flowlog = None
         self._stats_fd = -1
         self._baseline: dict = {}
@@ -210,12 +213,19 @@ class Daemon:
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
             res = await loop.run_in_executor(None, self.sweeper.sweep)
-            if res.expired:
-                en = self.pipeline.enricher
-                events = [en.expired(entry, idle, res.ref_ktime_ns,
-                                     self.interfaces.name_of(entry.owner[0] >> 1))
-                          for entry, idle in res.expired]
-                self.hub.publish_batch(events)
+            t0 = time.perf_counter()
+            en = self.pipeline.enricher
+            # In slices, so a sweep of a million sessions never holds the
+            # loop for more than a few milliseconds at a time.
+            for pairs in res.expired(SWEEP_PUBLISH_SLICE):
+                self.hub.publish_batch(en.expired(pairs, res.ref_ktime_ns,
+                                                  self.interfaces.name_of))
+                await asyncio.sleep(0)
+            self.last_sweep = {"scanned": res.scanned, "expired": res.expired_count,
+                               "removed_closed": res.removed_closed,
+                               "sweep_s": round(res.seconds, 6),
+                               "publish_s": round(time.perf_counter() - t0, 6),
+                               "at": rfc3339(time.time_ns())}
             if res.seconds > 1:
                 log.info("sweep took %.2fs over %d sessions", res.seconds, res.scanned)
 
@@ -283,21 +293,18 @@ class Daemon:
         return {"at_ns": monotonic_ns(), "stats": self.datapath.read_stats(),
                 "run_time_ns": run_ns, "run_cnt": run_cnt}
 
+    def session_census(self) -> dict[tuple[int, int], int]:
+        """(protocol, state) -> sessions (blocking: run it in a worker)."""
+        return session_census(self.datapath.maps["session_map"].lookup_batch_raw(8192))
+
     async def stats(self) -> dict:
         loop = asyncio.get_running_loop()
         now = await loop.run_in_executor(None, self._counters)
-        by_state: dict[str, int] = {}
 
-        def count_sessions() -> int:
-            n = 0
-            for s in self.datapath.sessions():
-                name = f"{PROTOCOL_NAMES.get(s.proto, s.proto)}/" \
-                       f"{abi.State(s.state).public.name.lower()}"
-                by_state[name] = by_state.get(name, 0) + 1
-                n += 1
-            return n
-
-        entries = await loop.run_in_executor(None, count_sessions)
+        census = await loop.run_in_executor(None, self.session_census)
+        entries = sum(census.values())
+        by_state = {f"{PROTOCOL_NAMES.get(p, p)}/{abi.State(st).name.lower()}": n
+                    for (p, st), n in sorted(census.items())}
         events = await loop.run_in_executor(None, self.datapath.read_event_stats)
         base = self._baseline
         elapsed = max(1e-9, (now["at_ns"] - base.get("at_ns", now["at_ns"])) / 1e9)
@@ -313,7 +320,6 @@ class Daemon:
                 drops[r.name.lower()] = drops.get(r.name.lower(), 0) + pk
         runs = now["run_cnt"] - base.get("run_cnt", 0)
         run_ns = now["run_time_ns"] - base.get("run_time_ns", 0)
-        lost_sub = 0
         return {
             "time": rfc3339(time.time_ns()),
             "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 3),
@@ -324,10 +330,12 @@ class Daemon:
             "sessions": {"entries": entries, "capacity": self.cfg.session_capacity,
                          "fill": round(entries / self.cfg.session_capacity, 6),
                          "by_state": by_state,
-                         "expired_total": self.sweeper.expired_total if self.sweeper else 0},
+                         "expired_total": self.sweeper.expired_total if self.sweeper else 0,
+                         "sweeps": self.sweeper.sweeps if self.sweeper else 0,
+                         "last_sweep": self.last_sweep},
             "events": {"published": dict(self.hub.published), "last_seq": self.hub.last_seq,
                        "lost": {"ringbuf": self.pipeline.lost_ringbuf,
-                                "subscriber": lost_sub},
+                                "subscriber": self.hub.subscriber_lost},
                        "kernel": {t.name.lower(): {"submitted": sub, "lost": lost}
                                   for t, (sub, lost) in events.items()},
                        "subscribers": self.hub.subscribers},
@@ -338,11 +346,12 @@ class Daemon:
                          "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None},
             "flow_log": None if self.flowlog is None else {
                 "path": self.flowlog.path, "lines": self.flowlog.lines,
+                "events": self.flowlog.events, "lost": self.flowlog.lost,
                 "bytes": self.flowlog.bytes, "write_errors": self.flowlog.write_errors,
                 "rotations": self.flowlog.rotations},
         }
 
-    async def session_rows(self, flt: Filter, chunk: int = 8192):
+    async def session_rows(self, flt: Filter, chunk: int = 2048):
         """Session rows, a batch at a time (the table may hold millions)."""
         loop = asyncio.get_running_loop()
         assert self.clock is not None
@@ -350,21 +359,20 @@ class Daemon:
         batches = self.datapath.maps["session_map"].lookup_batch_raw(chunk)
         timeouts = self.cfg.timeouts
         match = flt.predicate()
+        kf, vf = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
+
+        def timeout_of(proto: int, state: int) -> float:
+            return timeouts[timeout_name(proto, state)]
 
         def next_rows() -> list[dict] | None:
             try:
-                batch = next(batches)
+                keys, values, _ = next(batches)
             except StopIteration:
                 return None
-            rows = []
-            for s in decode_sessions([batch]):
-                idle = self.clock.idle_ns(s.last_seen, ref)
-                row = session_row(s, self.names, idle, ref.ktime_ns,
-                                  timeouts[timeout_name(s.proto, s.state)],
-                                  self.interfaces.name_of(s.owner[0] >> 1))
-                if match is None or match(row):
-                    rows.append(row)
-            return rows
+            rows = session_rows(zip(kf.iter_unpack(keys), vf.iter_unpack(values), strict=True),
+                                self.names, ref, self.clock.hz, timeout_of,
+                                self.interfaces.name_of)
+            return rows if match is None else [r for r in rows if match(r)]
 
         while (rows := await loop.run_in_executor(None, next_rows)) is not None:
             yield rows

@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 
 from . import abi
+from .clock import ClockSample
 from .policy.compile import CompiledPolicy
 from .policy.model import PROTOCOL_NAMES
 
@@ -30,6 +31,7 @@ _TYPE_VERDICT, _TYPE_DROP, _TYPE_SESSION = (int(abi.EventType.VERDICT),
                                              int(abi.EventType.DROP),
                                              int(abi.EventType.SESSION))
 _CLOSED = int(abi.State.CLOSED)
+_ORIG_LO = int(abi.SessionFlag.ORIG_LO)
 # Byte-indexed tables for the hot loop (a u8 field indexes them directly).
 _STATES = tuple(STATE_NAMES.get(i) for i in range(256))
 _VERDICTS = tuple(VERDICT_NAMES.get(i) for i in range(256))
@@ -215,45 +217,95 @@ class Enricher:
                         "bytes": pkt_len})
         return out
 
-    def expired(self, s, idle_ns: int, now_mono_ns: int, ifname: str | None) -> dict:
-        """A session the sweeper removed: its `expired` event."""
-        gen = s.generation
-        ports = s.proto not in _ICMP
-        return {"time": self.time(now_mono_ns), "seq": 0, "type": "session",
-                "state": "expired", "prev_state": STATE_NAMES.get(s.state),
-                "rule": self.names.rule(gen, s.rule_id), "policy_generation": gen,
-                "direction": None, "interface": ifname, "family": FAMILIES.get(s.family),
-                "protocol": PROTOCOL_NAMES.get(s.proto, s.proto),
-                "src": self._endpoint(gen, s.family, s.src, s.sport if ports else None,
-                                      s.src_identity),
-                "dst": self._endpoint(gen, s.family, s.dst, s.dport if ports else None,
-                                      s.dst_identity),
-                "packets": {"orig": s.packets[0], "reply": s.packets[1]},
-                "bytes": {"orig": s.bytes[0], "reply": s.bytes[1]},
-                "duration_s": round((now_mono_ns - s.created_ns) / 1e9, 6)}
+    def expired(self, pairs: Iterable[tuple[tuple, tuple]], now_mono_ns: int,
+                interface_of: Callable[[int], str | None]) -> list[dict]:
+        """Sessions the sweeper removed — unpacked (key, value) tuples of
+        session_map — as their `expired` events. interface_of(ifindex)."""
+        names = self.names
+        endpoints = self._endpoints
+        new_endpoint = self._endpoint
+        when = self.time(now_mono_ns)
+        rule_gen, rule_names = -1, {}
+        ifnames: dict[int, str | None] = {}
+        out = []
+        append = out.append
+        for ((addr_lo, addr_hi, port_lo, port_hi, proto, family),
+             (created, _, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did,
+              state, flags, _, _)) in pairs:
+            if flags & _ORIG_LO:
+                src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
+            else:
+                src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
+            if proto in _ICMP:
+                sport = dport = None
+            if rule_id:
+                if gen != rule_gen:
+                    compiled = names._compiled_for(gen)
+                    rule_gen, rule_names = gen, compiled.rule_names if compiled else {}
+                rule = rule_names.get(rule_id)
+            else:
+                rule = None
+            ifindex = owner >> 1
+            if ifindex in ifnames:
+                iface = ifnames[ifindex]
+            else:
+                iface = ifnames[ifindex] = interface_of(ifindex)
+            append({"time": when, "seq": 0, "type": "session", "state": "expired",
+                    "prev_state": _STATES[state], "rule": rule, "policy_generation": gen,
+                    "direction": None, "interface": iface, "family": _FAMS[family],
+                    "protocol": _PROTOS[proto],
+                    "src": endpoints.get((gen, src, sport, sid))
+                    or new_endpoint(gen, family, src, sport, sid),
+                    "dst": endpoints.get((gen, dst, dport, did))
+                    or new_endpoint(gen, family, dst, dport, did),
+                    "packets": {"orig": p0, "reply": p1}, "bytes": {"orig": b0, "reply": b1},
+                    "duration_s": round((now_mono_ns - created) / 1e9, 6)})
+        return out
 
 
-def session_row(s, names: Names, idle_ns: int, now_mono_ns: int, timeout_s: float,
-                ifname: str | None) -> dict:
-    """A session_map entry as a `sessions` row (conntrack -L, as JSON)."""
-    gen = s.generation
-    ports = s.proto not in _ICMP
-    idle_s = idle_ns / 1e9
-    return {
-        "family": FAMILIES.get(s.family),
-        "protocol": PROTOCOL_NAMES.get(s.proto, s.proto),
-        "state": STATE_NAMES.get(s.state),
-        "src": {"ip": names.ip(s.family, s.src), "port": s.sport if ports else None,
-                "workload": names.workload(gen, s.src_identity, s.family, s.src)},
-        "dst": {"ip": names.ip(s.family, s.dst), "port": s.dport if ports else None,
-                "workload": names.workload(gen, s.dst_identity, s.family, s.dst)},
-        "packets": {"orig": s.packets[0], "reply": s.packets[1]},
-        "bytes": {"orig": s.bytes[0], "reply": s.bytes[1]},
-        "age_s": round(max(0, now_mono_ns - s.created_ns) / 1e9, 3),
-        "idle_s": round(idle_s, 3),
-        "expires_in_s": round(max(0.0, timeout_s - idle_s), 3),
-        "rule": names.rule(gen, s.rule_id),
-        "verdict": VERDICT_NAMES.get(s.verdict),
-        "policy_generation": gen,
-        "interface": ifname,
-    }
+def session_rows(pairs: Iterable[tuple[tuple, tuple]], names: Names, ref: ClockSample,
+                 hz: float, timeout_of: Callable[[int, int], float],
+                 interface_of: Callable[[int], str | None]) -> list[dict]:
+    """session_map entries — unpacked (key, value) tuples — as `sessions`
+    rows (conntrack -L, as JSON). timeout_of(proto, state) in seconds."""
+    now_j, now_ns = ref.jiffies, ref.ktime_ns
+    ip, workload, rule_of = names.ip, names.workload, names.rule
+    ifnames: dict[int, str | None] = {}
+    timeouts: dict[tuple[int, int], float] = {}
+    out = []
+    append = out.append
+    for ((addr_lo, addr_hi, port_lo, port_hi, proto, family),
+         (created, last_seen, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did,
+          state, flags, verdict, _)) in pairs:
+        if flags & _ORIG_LO:
+            src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
+        else:
+            src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
+        if proto in _ICMP:
+            sport = dport = None
+        ifindex = owner >> 1
+        if ifindex in ifnames:
+            iface = ifnames[ifindex]
+        else:
+            iface = ifnames[ifindex] = interface_of(ifindex)
+        try:
+            timeout = timeouts[proto, state]
+        except KeyError:
+            timeout = timeouts[proto, state] = timeout_of(proto, state)
+        idle_s = max(0.0, (now_j - last_seen) / hz)
+        append({
+            "family": _FAMS[family], "protocol": _PROTOS[proto], "state": _STATES[state],
+            "src": {"ip": ip(family, src), "port": sport,
+                    "workload": workload(gen, sid, family, src)},
+            "dst": {"ip": ip(family, dst), "port": dport,
+                    "workload": workload(gen, did, family, dst)},
+            "packets": {"orig": p0, "reply": p1}, "bytes": {"orig": b0, "reply": b1},
+            "age_s": round(max(0, now_ns - created) / 1e9, 3),
+            "idle_s": round(idle_s, 3),
+            "expires_in_s": round(max(0.0, timeout - idle_s), 3),
+            "rule": rule_of(gen, rule_id) if rule_id else None,
+            "verdict": _VERDICTS[verdict],
+            "policy_generation": gen,
+            "interface": iface,
+        })
+    return out

@@ -68,6 +68,7 @@ class Subscription:
             # view keeps the freshest events.
             dropped = self._queue.popleft()
             self.lost += 1
+            self._hub.subscriber_lost += 1
             self._lost_pending += 1
             self._last_lost_seq = dropped["seq"]
         self._queue.append(event)
@@ -86,6 +87,7 @@ class Subscription:
             for _ in range(over):
                 dropped = q.popleft()
             self.lost += over
+            self._hub.subscriber_lost += over
             self._lost_pending += over
             self._last_lost_seq = dropped["seq"]
         self._wakeup.set()
@@ -156,6 +158,7 @@ class EventHub:
         self.recent: deque[Event] = deque(maxlen=history)
         self._subs: list[Subscription] = []
         self.published: dict[str, int] = {}  # events by type, for metrics
+        self.subscriber_lost = 0  # dropped from slow subscribers' queues, all time
 
     def stamp(self, fields: Event, unix_ns: int | None = None) -> Event:
         """time + seq first, then the event's own fields (stable key order)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -107,20 +108,21 @@ class SessionEntry(NamedTuple):
 
 def decode_sessions(keys_values: Iterable[tuple[bytes, bytes, int]]) -> Iterator[SessionEntry]:
     """Sessions from (keys, values, count) flat buffers of a batch lookup."""
-    ks, vs = abi.SESSION_KEY.size, abi.SESSION_VALUE.size
     kf, vf = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
-    for keys, values, count in keys_values:
-        for i in range(count):
-            k = kf.unpack_from(keys, i * ks)
-            v = vf.unpack_from(values, i * vs)
-            yield _session(k, v)
+    for keys, values, _ in keys_values:
+        for k, v in zip(kf.iter_unpack(keys), vf.iter_unpack(values), strict=True):
+            yield session_entry(k, v)
 
 
-def _session(k: tuple, v: tuple) -> SessionEntry:
+_ORIG_LO = int(abi.SessionFlag.ORIG_LO)  # a plain int: enum & costs a microsecond
+
+
+def session_entry(k: tuple, v: tuple) -> SessionEntry:
+    """A session from its unpacked key and value (abi.SESSION_KEY/VALUE)."""
     addr_lo, addr_hi, port_lo, port_hi, proto, family = k
     (created, last, p0, p1, b0, b1, rule_id, gen, o0, o1, sid, did,
      state, flags, verdict, reason) = v
-    if flags & abi.SessionFlag.ORIG_LO:
+    if flags & _ORIG_LO:
         src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
     else:
         src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
@@ -130,6 +132,31 @@ def _session(k: tuple, v: tuple) -> SessionEntry:
 
 
 _U64X2 = struct.Struct("<QQ")
+
+
+# Only the fields a sweep needs, straight from batch buffers.
+SESSION_KEY_PROTO = struct.Struct("<36xB3x")
+SESSION_VALUE_IDLE = struct.Struct("<8xQ56xB7x")  # last_seen, state
+assert SESSION_KEY_PROTO.size == abi.SESSION_KEY.size
+assert SESSION_VALUE_IDLE.size == abi.SESSION_VALUE.size
+_PROTO_AT = abi.SESSION_KEY.offsets()["proto"]
+_STATE_AT = abi.SESSION_VALUE.offsets()["state"]
+_PUBLIC_STATE = tuple(abi.State(s).public.value if s in abi.State._value2member_map_ else s
+                      for s in range(256))
+
+
+def session_census(batches: Iterable[tuple[bytes, bytes, int]]) -> dict[tuple[int, int], int]:
+    """(protocol, public state) -> sessions. Strided slices of the batch
+    buffers pick the two bytes out in C: a million entries in ~0.1 s."""
+    raw: Counter[tuple[int, int]] = Counter()
+    ks, vs = abi.SESSION_KEY.size, abi.SESSION_VALUE.size
+    for keys, values, _ in batches:
+        raw.update(zip(keys[_PROTO_AT::ks], values[_STATE_AT::vs], strict=True))
+    out: dict[tuple[int, int], int] = {}
+    for (proto, state), n in raw.items():
+        key = (proto, _PUBLIC_STATE[state])
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 def session_key(family: int, proto: int, saddr: bytes, daddr: bytes, sport: int,
@@ -149,4 +176,4 @@ def addr16(ip: str) -> bytes:
 
 
 def decode_session(key: bytes, value: bytes) -> SessionEntry:
-    return _session(abi.SESSION_KEY.struct.unpack(key), abi.SESSION_VALUE.struct.unpack(value))
+    return session_entry(abi.SESSION_KEY.struct.unpack(key), abi.SESSION_VALUE.struct.unpack(value))

@@ -15,14 +15,14 @@ SYN is picked up mid-stream), so the cost of that race is one re-judgement.
 
 from __future__ import annotations
 
-import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from . import abi
-from .clock import SessionClock
-from .records import SessionEntry, decode_session
+from .clock import ClockSample, SessionClock
+from .gcpause import gc_paused
+from .records import SESSION_KEY_PROTO, SESSION_VALUE_IDLE
 
 # Conntrack-like defaults, in seconds.
 DEFAULT_TIMEOUTS: dict[str, float] = {
@@ -31,10 +31,6 @@ DEFAULT_TIMEOUTS: dict[str, float] = {
     "other_established": 600,
 }
 
-# Only the fields the sweep needs, straight from the batch buffers.
-_KEY_PROTO = struct.Struct("<36xB3x")
-_VALUE_IDLE = struct.Struct("<8xQ56xB7x")  # last_seen, state
-assert _KEY_PROTO.size == abi.SESSION_KEY.size and _VALUE_IDLE.size == abi.SESSION_VALUE.size
 
 
 def timeout_name(proto: int, state: int) -> str:
@@ -69,10 +65,35 @@ def parse_timeouts(items: list[str]) -> dict[str, float]:
 @dataclass
 class SweepResult:
     scanned: int
-    expired: list[tuple[SessionEntry, int]]  # (session, idle ns) still open
+    # The batch buffers holding expired sessions that were still open, with
+    # their indices: entries and events are made from them later, in slices
+    # on the loop. The sweep itself allocates next to nothing per session.
+    expired_batches: list[tuple[bytes, bytes, list[int]]]
+    expired_count: int
     removed_closed: int
-    ref_ktime_ns: int
+    ref: ClockSample
+    clock: SessionClock
     seconds: float
+
+    @property
+    def ref_ktime_ns(self) -> int:
+        return self.ref.ktime_ns
+
+    def expired(self, slice_size: int = 4096) -> Iterator[list[tuple[tuple, tuple]]]:
+        """The expired sessions as unpacked (key, value) tuples of
+        session_map (records.session_entry() makes one a SessionEntry), in
+        lists of at most slice_size."""
+        kf, vf = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
+        ks, vs = kf.size, vf.size
+        out: list[tuple[tuple, tuple]] = []
+        for keys, values, idx in self.expired_batches:
+            for i in idx:
+                out.append((kf.unpack_from(keys, i * ks), vf.unpack_from(values, i * vs)))
+                if len(out) >= slice_size:
+                    yield out
+                    out = []
+        if out:
+            yield out
 
 
 class Sweeper:
@@ -97,35 +118,48 @@ class Sweeper:
 
     def sweep(self) -> SweepResult:
         """One pass over the table (blocking: run it in a worker thread)."""
+        with gc_paused():
+            return self._sweep()
+
+    def _sweep(self) -> SweepResult:
         t0 = time.perf_counter()
         ref = self.clock.refresh()
         now_j = ref.jiffies
         limits = self._limits()
         m = self.datapath.maps["session_map"]
-        ks, vs = m.key_size, m.full_value_size
+        ks = m.key_size
         doomed: list[bytes] = []
-        expired: list[tuple[SessionEntry, int]] = []
-        closed = scanned = 0
+        expired: list[tuple[bytes, bytes, list[int]]] = []
+        n_expired = closed = scanned = 0
+        closed_state = int(abi.State.CLOSED)
         for keys, values, count in m.lookup_batch_raw(8192):
-            protos = [p for (p,) in _KEY_PROTO.iter_unpack(keys)]
-            for i, (last_seen, state) in enumerate(_VALUE_IDLE.iter_unpack(values)):
-                proto = protos[i]
+            gone: list[int] = []
+            events: list[int] = []
+            for i, ((proto,), (last_seen, state)) in enumerate(zip(
+                    SESSION_KEY_PROTO.iter_unpack(keys), SESSION_VALUE_IDLE.iter_unpack(values),
+                    strict=True)):
                 limit = limits.get((proto if proto in (6, 17, 1, 58) else 0, state))
-                idle = now_j - last_seen
-                if limit is None or idle <= limit:
+                if limit is None or now_j - last_seen <= limit:
                     continue
-                key = keys[i * ks:(i + 1) * ks]
-                doomed.append(key)
-                if proto == 6 and state == abi.State.CLOSED:
+                gone.append(i)
+                if proto == 6 and state == closed_state:
                     closed += 1
-                    continue
-                entry = decode_session(key, values[i * vs:(i + 1) * vs])
-                expired.append((entry, self.clock.idle_ns(last_seen, ref)))
+                else:
+                    events.append(i)
             scanned += count
+            if len(gone) == count:
+                doomed.append(keys)
+            else:
+                doomed.extend(keys[i * ks:(i + 1) * ks] for i in gone)
+            if events:
+                expired.append((keys, values, events))
+                n_expired += len(events)
         if doomed:
-            m.delete_batch(b"".join(doomed), len(doomed))
+            keys = b"".join(doomed)
+            m.delete_batch(keys, len(keys) // ks)
         self.sweeps += 1
-        self.expired_total += len(expired)
-        res = SweepResult(scanned, expired, closed, ref.ktime_ns, time.perf_counter() - t0)
+        self.expired_total += n_expired
+        res = SweepResult(scanned, expired, n_expired, closed, ref, self.clock,
+                          time.perf_counter() - t0)
         self.last = res
         return res

@@ -10,15 +10,15 @@ runs in a worker thread so the event loop keeps draining events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..gcpause import gc_paused
 from .compile import CompiledPolicy, compile_policy
 from .model import Policy
 from .parse import Issue, LoadedPolicy, PolicyError, load_policy_file
@@ -31,23 +31,8 @@ BUILTIN_AUDIT = "built-in: default allow, audit"
 CONVERGE_AFTER_S = 0.05
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Parsing and compiling allocate hundreds of thousands of small objects
-    and make no reference cycles; without a pause, the cyclic collector
-    rescans the daemon's large long-lived state many times over (measured:
-    reloads twice as slow)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def _compile_quietly(policy: Policy, previous: CompiledPolicy | None) -> CompiledPolicy:
-    with _gc_paused():
+    with gc_paused():
         return compile_policy(policy, previous)
 
 
@@ -134,7 +119,7 @@ class PolicyManager:
 
     def _read(self) -> LoadedPolicy:
         try:
-            with _gc_paused():
+            with gc_paused():
                 return load_policy_file(self.path)
         except PolicyError as e:
             missing = not Path(self.path).exists()

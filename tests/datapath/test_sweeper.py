@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from microseg import abi
 from microseg.clock import SessionClock
-from microseg.records import addr16, session_key
+from microseg.records import addr16, session_entry, session_key
 from microseg.sweeper import DEFAULT_TIMEOUTS, Sweeper, parse_timeouts, timeout_name
 
 from .harness import Harness
@@ -36,12 +36,15 @@ def test_idle_sessions_expire_and_fresh_ones_stay(dp: Harness) -> None:
     _fill(dp, 5_000, 6, abi.State.ESTABLISHED, idle_jiffies=61 * hz, first=45_000)  # expire
     res = sw.sweep()
     assert res.scanned == 50_000
-    assert len(res.expired) == 25_000 and res.removed_closed == 5_000
+    assert res.expired_count == 25_000 and res.removed_closed == 5_000
     assert dp.dp.session_count() == 20_000
-    entry, idle = res.expired[0]
-    assert idle >= 60 * 10**9 and entry.packets == (3, 2) and entry.bytes == (300, 200)
+    expired = [session_entry(k, v) for chunk in res.expired(1000) for k, v in chunk]
+    assert len(expired) == 25_000 and max(map(len, res.expired(1000))) == 1000
+    entry = expired[0]
+    assert clock.idle_ns(entry.last_seen, res.ref) >= 60 * 10**9
+    assert entry.packets == (3, 2) and entry.bytes == (300, 200)
     assert sw.expired_total == 25_000
-    assert sw.sweep().expired == []  # nothing left to expire
+    assert sw.sweep().expired_count == 0  # nothing left to expire
 
 
 def test_timeouts() -> None:
