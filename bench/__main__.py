@@ -15,7 +15,7 @@ import platform
 import sys
 from pathlib import Path
 
-from . import datapath, policy
+from . import datapath, events, policy, sessions
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -31,6 +31,12 @@ POLICY_MODES = {
     "quick": {"sizes": (10, 200), "workloads": 50, "samples": 3,
               "latency": ((10, 10),)},
 }
+
+EVENT_MODES = {
+    "full": {"records": 2_000_000, "events": 1_000_000, "burst": 100_000},
+    "quick": {"records": 50_000, "events": 50_000, "burst": 10_000},
+}
+SESSION_SIZES = {"full": (100_000, 1_000_000), "quick": (5_000,)}
 
 # SPEC §12: (figure, limit over the floor in ns)
 DATAPATH_TARGETS = {
@@ -113,6 +119,47 @@ def policy_table(res: dict) -> list[str]:
     return lines
 
 
+def events_table(res: dict) -> list[str]:
+    d = res["decode"]
+    lines = ["Events",
+             f"  ring buffer -> decoded records     {d['decode']['per_s']:>11,}/s   "
+             f"target >= 1,000,000/s {'met' if d['decode']['per_s'] >= 1e6 else 'NOT met'}",
+             f"  ring buffer -> enriched events     {d['decode_enrich']['per_s']:>11,}/s"]
+    for label, key in (("daemon -> flow log", "flow_log_only"),
+                       ("daemon -> flow log + watch", "flow_log_and_watch")):
+        r = res[key]
+        lines.append(f"  {label:33s}{r['flow_log_per_s']:>12,}/s   target >= 300,000/s "
+                     f"{'met' if r['flow_log_per_s'] >= 300_000 else 'NOT met'}; "
+                     f"{r['produced']:,} produced, {r['ringbuf_lost']:,} lost in the ring, "
+                     f"{r['flow_log_lost']:,} by the log's queue; "
+                     f"accounting {'exact' if r['accounted'] else 'NOT exact'}")
+        if "watch_per_s" in r:
+            lines.append(f"  {'  ... to `watch --json`':33s}{r['watch_per_s']:>12,}/s   "
+                         f"{r['watch_received']:,} received, {r['watch_lost']:,} reported lost")
+    return lines
+
+
+def sessions_table(res: dict) -> list[str]:
+    lines = ["Sessions, through a running daemon (established TCP sessions written into "
+             "its session_map)",
+             f"  {'sessions':>10s} {'map mem':>8s} {'stats':>7s} {'list':>7s} {'rows/s':>9s} "
+             f"{'client':>7s} {'sweep':>7s} {'events':>7s} {'stall':>12s}   target"]
+    for r in res.values():
+        target = ""
+        if r["sessions"] == 100_000:
+            target = "sweep <= 0.2 s " + ("met" if r["sweep_s"] <= 0.2 else "NOT met")
+        lines.append(
+            f"  {r['sessions']:>10,} {r['session_map_memlock_mib']:>6.0f}Mi "
+            f"{r['stats_s']:>6.2f}s {r['list_s']:>6.2f}s {r['list_rows_per_s']:>9,} "
+            f"{r['list_client_peak_rss_mib']:>5.0f}Mi {r['sweep_s']:>6.3f}s "
+            f"{r['sweep_publish_s']:>6.2f}s {r['list_loop_stall_ms']:>5.0f}/"
+            f"{r['sweep_loop_stall_ms']:<4.0f}ms   {target}")
+    lines.append("  map mem: session_map memlock; client: `sessions --json` peak RSS; sweep: "
+                 "read+judge+delete; events: their `expired` events published; stall: worst "
+                 "/v1/status round trip while listing/sweeping")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     res["params"] = params
     pp = POLICY_MODES[args.mode]
     pol = policy.measure(pp["sizes"], pp["workloads"], pp["samples"], pp["latency"])
+    ev = events.measure(**EVENT_MODES[args.mode])
+    sess = sessions.measure(SESSION_SIZES[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
-           "machine": machine(), "datapath": res, "policy": pol}
+           "machine": machine(), "datapath": res, "policy": pol, "events": ev,
+           "sessions": sess}
     m = out["machine"]
     print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
           f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
@@ -138,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(datapath_table(res)))
     print()
     print("\n".join(policy_table(pol)))
+    print()
+    print("\n".join(events_table(ev)))
+    print()
+    print("\n".join(sessions_table(sess)))
     tmp = args.output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(args.output)

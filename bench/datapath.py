@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from scapy.layers.inet import IP, TCP
@@ -51,29 +52,32 @@ class Scenario:
     sessions: int
 
 
-def fill_sessions(dp: Datapath, n: int, gen: int) -> None:
-    """n established TCP sessions between workload addresses, written
-    straight into session_map (as the datapath would have left them)."""
+def session_batches(n: int, gen: int, *, created_ns: int, last_seen: int,
+                    chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
+    """n established TCP sessions between workload addresses, as the
+    datapath would have left them: (keys, values, count) for update_batch."""
     ks, vs = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     keys, values = bytearray(), bytearray()
     for i in range(n):
         a = bytes(map(int, workload_ip4(i % 1000).split("."))) + bytes(12)
         b = bytes(map(int, workload_ip4((i + 1) % 1000).split("."))) + bytes(12)
         sport, dport = 10000 + i // 1000, 443
         lo = (a, sport) <= (b, dport)
-        k = ks.pack(a if lo else b, b if lo else a, sport if lo else dport,
-                    dport if lo else sport, 6, 4)
-        v = vs.pack(now, now, 10, 10, 1000, 1000, 1, gen, 2, 4, 1, 2,
-                    abi.State.ESTABLISHED, abi.SessionFlag.ORIG_LO if lo else 0,
-                    abi.Verdict.ALLOWED, abi.Reason.RULE)
-        keys += k
-        values += v
-        if len(keys) >= 8192 * ks.size or i == n - 1:
-            dp.maps["session_map"].update_batch(bytes(keys), bytes(values),
-                                                len(keys) // ks.size)
+        keys += ks.pack(a if lo else b, b if lo else a, sport if lo else dport,
+                        dport if lo else sport, 6, 4)
+        values += vs.pack(created_ns, last_seen, 10, 10, 1000, 1000, 1, gen, 2, 4, 1, 2,
+                          abi.State.ESTABLISHED, abi.SessionFlag.ORIG_LO if lo else 0,
+                          abi.Verdict.ALLOWED, abi.Reason.RULE)
+        if len(keys) >= chunk * ks.size or i == n - 1:
+            yield bytes(keys), bytes(values), len(keys) // ks.size
             keys.clear()
             values.clear()
+
+
+def fill_sessions(dp: Datapath, n: int, gen: int) -> None:
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    for keys, values, count in session_batches(n, gen, created_ns=now, last_seen=now):
+        dp.maps["session_map"].update_batch(keys, values, count)
 
 
 def measure(runs: int = 5, repeat: int = 1_000_000, new_flows: int = 60_000,

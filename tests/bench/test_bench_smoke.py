@@ -32,3 +32,13 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     assert all(r["compile_apply_s"] > 0 for r in pol["compile_apply"].values())
     assert all(r["median_ms"] > 0 for r in pol["write_to_enforced"].values())
     assert "Policy file written" in r.stdout
+    ev = res["events"]
+    assert ev["decode"]["decode"]["per_s"] > 0 and ev["decode"]["decode_enrich"]["per_s"] > 0
+    for key in ("flow_log_only", "flow_log_and_watch"):
+        assert ev[key]["accounted"], ev[key]  # produced = delivered + lost, exactly
+        assert ev[key]["flow_log_per_s"] > 0
+    for size in res["sessions"].values():
+        assert size["list_rows_per_s"] > 0 and size["sweep_s"] > 0
+        assert size["expired_events_in_flow_log"] + size["expired_events_lost_by_slow_sinks"] \
+            >= size["sessions"]
+    assert "Sessions, through a running daemon" in r.stdout

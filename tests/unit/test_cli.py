@@ -61,3 +61,19 @@ def test_client_commands_without_a_daemon_fail_with_one_line(tmp_path) -> None:
     r = run("policy", "show", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "daemon not reachable" in r.stderr
+
+
+def test_the_example_policy_is_valid_and_fits_the_starter_lab() -> None:
+    from pathlib import Path
+
+    from microseg.lab import STARTER, Lab
+    from microseg.policy.parse import load_policy_file
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
+    r = run("policy", "check", str(path))
+    assert r.returncode == 0 and "valid (3 workloads, 5 rules" in r.stdout, r.stdout + r.stderr
+    lab = Lab(STARTER)  # not built: only its addresses are read
+    policy = load_policy_file(str(path)).policy
+    for w in policy.workloads:
+        assert {lab.ipv4(w.name), lab.ipv6(w.name)} == {str(a.network_address)
+                                                         for a in w.addresses}

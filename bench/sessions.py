@@ -1,0 +1,227 @@
+"""Session-table benchmarks, through a running daemon.
+
+For each size, a `microseg run` with its maps pinned gets that many
+established TCP sessions written straight into its session_map (as the
+datapath would leave them), then:
+
+- memory: the map's kernel memory (memlock, from fdinfo) and the daemon's
+  resident set before and after;
+- listing: `microseg sessions --json` to the end — seconds, rows, and the
+  client's peak resident set (it streams; it must not grow with the table);
+- stats: one `microseg stats` call (it counts sessions by protocol/state);
+- expiry: the same sessions rewritten as idle for ages, then the daemon's
+  own periodic sweep — time in the worker thread (read, judge, batch delete)
+  and on the loop (the `expired` events, published in slices);
+- loop stall: while listing and sweeping, a probe asks /v1/status every
+  10 ms; its worst round trip is how long the loop was unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from microseg.bpfsys import BpfMap
+from microseg.client import Client
+
+from .datapath import session_batches
+
+
+def _jiffies_now() -> int:
+    """The kernel's jiffies, from /proc/timer_list (root only)."""
+    with open("/proc/timer_list") as f:
+        for line in f:
+            if ".last_jiffies" in line:
+                return int(line.split(":")[1])
+    raise RuntimeError("no jiffies in /proc/timer_list")
+
+
+def _memlock(m: BpfMap) -> int:
+    with open(f"/proc/self/fdinfo/{m.fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# Runs the lister and reports its peak RSS. A small parent matters: a
+# child's ru_maxrss includes the memory of the process it was forked from.
+_MEASURED = """
+import os, sys
+argv = [sys.executable, "-m", "microseg", "sessions", "--json"]
+pid = os.posix_spawn(sys.executable, argv, os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _list_sessions(env: dict) -> tuple[int, int, int]:
+    """`microseg sessions --json` to the end: (rows, exit code, peak RSS bytes)."""
+    p = subprocess.Popen([sys.executable, "-c", _MEASURED], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    rows = 0
+    while chunk := p.stdout.read(1 << 20):
+        rows += chunk.count(b"\n")
+    err = p.stderr.read().decode()
+    code = p.wait()
+    return rows, code, int(err.split()[-1]) * 1024 if code == 0 else 0
+
+
+class StallProbe:
+    """Round trips of GET /v1/status every `interval` while running, from a
+    thread with its own event loop (the bench's loop may be busy)."""
+
+    def __init__(self, sock: str, interval: float = 0.01) -> None:
+        self.sock, self.interval = sock, interval
+        self.worst = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with Client(self.sock, timeout=60) as c:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                await c.get("/v1/status")
+                self.worst = max(self.worst, time.perf_counter() - t0)
+                self.samples += 1
+                await asyncio.sleep(self.interval)
+
+    async def __aenter__(self) -> StallProbe:
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join)
+
+
+async def _one_size(n: int, work: str) -> dict:
+    sock = os.path.join(work, "ms.sock")
+    pins = f"/sys/fs/bpf/microseg-bench-sess-{os.getpid()}"
+    policy = os.path.join(work, "policy.yaml")
+    with open(policy, "w") as f:
+        f.write("version: 1\ndefault: allow\n")
+    sweep_interval = 3.0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "microseg", "run", "-i", "msbs-none-*", "--policy", policy,
+         "--socket", sock, "--pin-dir", pins, "--session-capacity", str(max(n, 1 << 20)),
+         "--sweep-interval", str(sweep_interval), "--flow-log", os.path.join(work, "flow.log"),
+         "--flow-log-max-bytes", "4GiB"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, MICROSEG_SOCKET=sock)
+    m = None
+    try:
+        async def ready() -> bool:
+            try:
+                async with Client(sock, timeout=5) as c:
+                    return (await c.get("/v1/status"))["ready"]
+            except Exception:
+                return False
+
+        t_end = time.monotonic() + 60
+        while not await ready():
+            if proc.poll() is not None or time.monotonic() > t_end:
+                raise RuntimeError("daemon did not start")
+            await asyncio.sleep(0.1)
+        async with Client(sock, timeout=120) as c:
+            async def stats() -> dict:
+                return await c.get("/v1/stats")
+
+            m = BpfMap.from_pin(os.path.join(pins, "session_map"), "session_map")
+            rss0 = _rss(proc.pid)
+            now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            t0 = time.perf_counter()
+            for keys, values, count in session_batches(n, 1, created_ns=now_ns,
+                                                       last_seen=_jiffies_now()):
+                m.update_batch(keys, values, count)
+            fill_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            st = await stats()
+            stats_s = time.perf_counter() - t0
+            assert st["sessions"]["entries"] == n, st["sessions"]
+
+            async with StallProbe(sock) as list_probe:
+                t0 = time.perf_counter()
+                rows, status, peak = await asyncio.to_thread(_list_sessions, env)
+                list_s = time.perf_counter() - t0
+            assert status == 0 and rows == n, (status, rows)
+            rss1 = _rss(proc.pid)
+
+            # Expiry: rewrite every session as last seen at jiffies 0 (ages
+            # ago) right after a sweep, so the next sweep finds all of them.
+            batches = list(session_batches(n, 1, created_ns=now_ns, last_seen=0))
+            before = (await stats())["sessions"]["sweeps"]
+            while (await stats())["sessions"]["sweeps"] == before:
+                await asyncio.sleep(0.05)
+            st0 = await stats()
+            ev0, ev0_lines = st0["events"], st0["flow_log"]["lines"]
+            for keys, values, count in batches:
+                m.update_batch(keys, values, count)
+            async with StallProbe(sock) as sweep_probe:
+                deadline = time.monotonic() + 120
+                while True:
+                    se = (await stats())["sessions"]
+                    last = se["last_sweep"]
+                    if se["entries"] == 0 and last and last["expired"] == n:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"sweep did not expire {n}: {se}")
+                    await asyncio.sleep(0.2)
+            # The flow log keeps up or says what it lost.
+            while True:
+                st = await stats()
+                logged = st["flow_log"]["lines"] - ev0_lines
+                lost = st["events"]["lost"]["subscriber"] - ev0["lost"]["subscriber"]
+                if logged + lost >= n or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+        return {
+            "sessions": n, "fill_s": round(fill_s, 3),
+            "session_map_memlock_mib": round(_memlock(m) / 2**20, 1),
+            "daemon_rss_mib": {"before": round(rss0 / 2**20, 1),
+                               "after_listing": round(rss1 / 2**20, 1),
+                               "peak": round(_rss(proc.pid, "VmHWM") / 2**20, 1)},
+            "stats_s": round(stats_s, 3),
+            "list_s": round(list_s, 3), "list_rows_per_s": round(n / list_s),
+            "list_client_peak_rss_mib": round(peak / 2**20, 1),
+            "list_loop_stall_ms": round(list_probe.worst * 1e3, 1),
+            "sweep_s": last["sweep_s"], "sweep_publish_s": last["publish_s"],
+            "sweep_total_s": round(last["sweep_s"] + last["publish_s"], 3),
+            "sweep_loop_stall_ms": round(sweep_probe.worst * 1e3, 1),
+            "expired_events_in_flow_log": logged, "expired_events_lost_by_slow_sinks": lost,
+        }
+    finally:
+        if m is not None:
+            m.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def measure(sizes: tuple[int, ...]) -> dict:
+    out = {}
+    for n in sizes:
+        work = tempfile.mkdtemp(prefix="microseg-bench-sess-")
+        try:
+            out[str(n)] = asyncio.run(_one_size(n, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
