@@ -13,13 +13,13 @@ setup:
 
 # pytest's exit code 5 means "no tests collected": never a silent pass.
 test: setup
-	@$(VENV)/bin/ruff check microseg tui exporters tests bench
+	@$(VENV)/bin/ruff check microseg tui exporters tests bench grafana
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check microseg tui exporters tests bench
+	$(VENV)/bin/ruff check microseg tui exporters tests bench grafana
 
 bench: setup
 	$(PY) -m bench --mode $(BENCH)

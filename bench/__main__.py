@@ -142,7 +142,8 @@ def events_table(res: dict) -> list[str]:
 def sessions_table(res: dict) -> list[str]:
     lines = ["Sessions, through a running daemon (established TCP sessions written into "
              "its session_map)",
-             f"  {'sessions':>10s} {'map mem':>8s} {'stats':>7s} {'list':>7s} {'rows/s':>9s} "
+             f"  {'sessions':>10s} {'map mem':>8s} {'stats':>7s} {'scrape':>7s} {'list':>7s} "
+             f"{'rows/s':>9s} "
              f"{'client':>7s} {'sweep':>7s} {'events':>7s} {'stall':>12s}   target"]
     for r in res.values():
         target = ""
@@ -150,11 +151,13 @@ def sessions_table(res: dict) -> list[str]:
             target = "sweep <= 0.2 s " + ("met" if r["sweep_s"] <= 0.2 else "NOT met")
         lines.append(
             f"  {r['sessions']:>10,} {r['session_map_memlock_mib']:>6.0f}Mi "
-            f"{r['stats_s']:>6.2f}s {r['list_s']:>6.2f}s {r['list_rows_per_s']:>9,} "
+            f"{r['stats_s']:>6.2f}s {r['scrape_s']:>6.2f}s {r['list_s']:>6.2f}s "
+            f"{r['list_rows_per_s']:>9,} "
             f"{r['list_client_peak_rss_mib']:>5.0f}Mi {r['sweep_s']:>6.3f}s "
             f"{r['sweep_publish_s']:>6.2f}s {r['list_loop_stall_ms']:>5.0f}/"
             f"{r['sweep_loop_stall_ms']:<4.0f}ms   {target}")
-    lines.append("  map mem: session_map memlock; client: `sessions --json` peak RSS; sweep: "
+    lines.append("  map mem: session_map memlock; scrape: GET /metrics; client: `sessions --json` "
+                 "peak RSS; sweep: "
                  "read+judge+delete; events: their `expired` events published; stall: worst "
                  "/v1/status round trip while listing/sweeping")
     return lines

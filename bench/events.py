@@ -105,7 +105,8 @@ def end_to_end(events: int, burst: int, *, ringbuf_bytes: int, paced: bool,
     proc = watch = None
     try:
         lab.up()
-        proc = subprocess.Popen([sys.executable, "-m", "microseg", "run", "-i", lab.glob,
+        proc = subprocess.Popen([sys.executable, "-m", "microseg", "run",
+                                 "--metrics", "off", "-i", lab.glob,
                                  "--policy", policy, "--socket", sock, "--pin-dir",
                                  f"/sys/fs/bpf/microseg-bench-ev-{os.getpid()}",
                                  "--flow-log", flow, "--flow-log-max-bytes", "1GiB",

@@ -92,7 +92,8 @@ def reload_latency(samples: int, sizes: tuple[tuple[int, int], ...]) -> dict:
                 f.write(texts[0])
             sock = os.path.join(work, f"ms-{n}-{workloads}.sock")
             pin = f"/sys/fs/bpf/microseg-bench-{os.getpid()}"
-            proc = subprocess.Popen([sys.executable, "-m", "microseg", "run", "-i", lab.glob,
+            proc = subprocess.Popen([sys.executable, "-m", "microseg", "run",
+                                     "--metrics", "off", "-i", lab.glob,
                                      "--policy", path, "--socket", sock, "--pin-dir", pin],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:

@@ -8,7 +8,8 @@ datapath would leave them), then:
   resident set before and after;
 - listing: `microseg sessions --json` to the end — seconds, rows, and the
   client's peak resident set (it streams; it must not grow with the table);
-- stats: one `microseg stats` call (it counts sessions by protocol/state);
+- stats: one `microseg stats` call, and one Prometheus scrape of /metrics
+  (both count sessions by protocol and state);
 - expiry: the same sessions rewritten as idle for ages, then the daemon's
   own periodic sweep — time in the worker thread (read, judge, batch delete)
   and on the loop (the `expired` events, published in slices);
@@ -27,6 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from microseg.bpfsys import BpfMap
 from microseg.client import Client
@@ -121,7 +125,8 @@ async def _one_size(n: int, work: str) -> dict:
         f.write("version: 1\ndefault: allow\n")
     sweep_interval = 3.0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "microseg", "run", "-i", "msbs-none-*", "--policy", policy,
+        [sys.executable, "-m", "microseg", "run",
+         "--metrics", "127.0.0.1:0", "-i", "msbs-none-*", "--policy", policy,
          "--socket", sock, "--pin-dir", pins, "--session-capacity", str(max(n, 1 << 20)),
          "--sweep-interval", str(sweep_interval), "--flow-log", os.path.join(work, "flow.log"),
          "--flow-log-max-bytes", "4GiB"],
@@ -158,6 +163,17 @@ async def _one_size(n: int, work: str) -> dict:
             st = await stats()
             stats_s = time.perf_counter() - t0
             assert st["sessions"]["entries"] == n, st["sessions"]
+
+            # A Prometheus scrape (it counts the table by protocol and state).
+            url = f"http://{(await c.get('/v1/status'))['metrics']}/metrics"
+            async with StallProbe(sock) as scrape_probe, aiohttp.ClientSession() as http:
+                t0 = time.perf_counter()
+                async with http.get(url) as resp:
+                    exposition = await resp.text()
+                scrape_s = time.perf_counter() - t0
+            entries = next(s.value for f in text_string_to_metric_families(exposition)
+                           for s in f.samples if s.name == "microseg_session_table_entries")
+            assert entries == n, entries
 
             async with StallProbe(sock) as list_probe:
                 t0 = time.perf_counter()
@@ -201,6 +217,8 @@ async def _one_size(n: int, work: str) -> dict:
                                "after_listing": round(rss1 / 2**20, 1),
                                "peak": round(_rss(proc.pid, "VmHWM") / 2**20, 1)},
             "stats_s": round(stats_s, 3),
+            "scrape_s": round(scrape_s, 3),
+            "scrape_loop_stall_ms": round(scrape_probe.worst * 1e3, 1),
             "list_s": round(list_s, 3), "list_rows_per_s": round(n / list_s),
             "list_client_peak_rss_mib": round(peak / 2**20, 1),
             "list_loop_stall_ms": round(list_probe.worst * 1e3, 1),

@@ -53,10 +53,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
+    from .exporters.prometheus import parse_listen
     from .sweeper import parse_timeouts
 
     try:
         timeouts = parse_timeouts(args.timeout)
+        metrics = parse_listen(args.metrics)
     except ValueError as e:
         raise CommandError(str(e), EXIT_USAGE) from None
     return run(RunConfig(
@@ -67,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes,
         flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
         flow_log_keep=args.flow_log_keep, timeouts=timeouts,
-        sweep_interval=args.sweep_interval))
+        sweep_interval=args.sweep_interval, metrics=metrics))
 
 
 # -- microseg watch / sessions / stats ---------------------------------------
@@ -394,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "other_established=600")
     p.add_argument("--sweep-interval", type=float, default=5.0, metavar="SECONDS",
                    help="how often idle sessions are expired (default: %(default)s)")
+    p.add_argument("--metrics", default="127.0.0.1:9750", metavar="ADDR",
+                   help="Prometheus listener, HOST:PORT or [IPV6]:PORT (port 0: any free "
+                   "port, shown by /v1/status), or 'off' (default: %(default)s)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("watch", help="stream events from the daemon (like hubble observe)",

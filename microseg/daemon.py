@@ -66,6 +66,7 @@ class RunConfig:
     flow_log_keep: int = 5
     timeouts: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     sweep_interval: float = 5.0
+    metrics: tuple[str, int] | None = ("127.0.0.1", 9750)  # None: no metrics listener
 
 
 class OneLineFormatter(logging.Formatter):
@@ -115,6 +116,8 @@ class Daemon:
         self.clock: SessionClock | None = None
         self.sweeper: Sweeper | None = None
         self.last_sweep: dict | None = None
+        self.metrics_listen: str | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self.flowlog = None
         self._stats_fd = -1
         self._baseline: dict = {}
@@ -159,6 +162,8 @@ class Daemon:
 
     async def _start(self, t0: float) -> None:
         loop = asyncio.get_running_loop()
+        if self.cfg.metrics is not None:  # first: a taken port fails before anything changed
+            await self._serve_metrics(*self.cfg.metrics)
         report = await loop.run_in_executor(None, self.datapath.load)
         for w in report.warnings:
             log.warning("%s", w)
@@ -243,12 +248,29 @@ class Daemon:
             os.umask(old)
         api.secure_socket(self.cfg.socket_path, self._group_gid)
 
+    async def _serve_metrics(self, host: str, port: int) -> None:
+        from .exporters.prometheus import build_app
+
+        self._metrics_runner = web.AppRunner(build_app(self.metrics_snapshot), access_log=None,
+                                             shutdown_timeout=1.0)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror} "
+                               "(--metrics ADDR, or --metrics off)") from None
+        bound = site._server.sockets[0].getsockname()  # the port, when 0 was asked for
+        self.metrics_listen = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] \
+            else f"{bound[0]}:{bound[1]}"
+        log.info("metrics at http://%s/metrics", self.metrics_listen)
+
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the policy")
         self._tasks.append(asyncio.create_task(self.policy.reload("SIGHUP", force=True)))
 
     async def _on_file_change(self) -> None:
-        await self.policy.reload("file changed")
+        await self.policy.reload("file changed", skip_rejected=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -274,6 +296,8 @@ class Daemon:
             await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.socket_path)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self.datapath.bpf is None:
             return  # never loaded: nothing to undo
         await loop.run_in_executor(None, self.policy.converge_now)
@@ -296,6 +320,48 @@ class Daemon:
     def session_census(self) -> dict[tuple[int, int], int]:
         """(protocol, state) -> sessions (blocking: run it in a worker)."""
         return session_census(self.datapath.maps["session_map"].lookup_batch_raw(8192))
+
+    async def metrics_snapshot(self):
+        """All counters of a Prometheus scrape, read now (exporters.prometheus)."""
+        from .exporters.prometheus import Snapshot
+
+        if not self.ready:
+            raise web.HTTPServiceUnavailable(text="microseg: starting\n")
+        loop = asyncio.get_running_loop()
+
+        def kernel() -> tuple:
+            return (self.datapath.read_stats(), self.datapath.read_rule_stats(),
+                    self.session_census(), self.datapath.run_stats(),
+                    self.datapath.read_event_stats())
+
+        counters, rule_stats, census, (run_ns, runs), ev = \
+            await loop.run_in_executor(None, kernel)
+        a = self.policy.active
+        rule_hits = []
+        if a is not None:
+            ids = a.compiled.rule_ids
+            rule_hits = [(r.name, r.action, rule_stats.get(ids[r.name], (0, 0))[0])
+                         for r in a.loaded.policy.rules]
+        fl = self.flowlog
+        return Snapshot(
+            version=__version__, counters=counters, rule_hits=rule_hits, sessions=census,
+            session_capacity=self.cfg.session_capacity,
+            sessions_expired=self.sweeper.expired_total if self.sweeper else 0,
+            events_published=dict(self.hub.published),
+            # The kernel's own count of failed reservations: exact even
+            # between two drains of the pipeline.
+            events_lost={"ringbuf": sum(lost for _, lost in ev.values()),
+                         "subscriber": self.hub.subscriber_lost},
+            policy_generation=self.policy.generation,
+            policy_reloads=self.policy.reloads_total,
+            policy_reload_failures=self.policy.reload_failures_total,
+            policy_rules=len(a.loaded.policy.rules) if a else 0,
+            policy_workloads=len(a.loaded.policy.workloads) if a else 0,
+            interfaces_attached=len(self.interfaces.attached),
+            run_time_ns=run_ns, run_count=runs,
+            flow_log=None if fl is None else {
+                "lines": fl.lines, "bytes": fl.bytes, "write_errors": fl.write_errors,
+                "rotations": fl.rotations})
 
     async def stats(self) -> dict:
         loop = asyncio.get_running_loop()
@@ -407,6 +473,7 @@ class Daemon:
                 "reload_failures_total": self.policy.reload_failures_total,
                 "last_reload": self.policy.last.as_dict() if self.policy.last else None,
             },
+            "metrics": self.metrics_listen,
             "datapath": {
                 "pin_dir": self.cfg.pin_dir,
                 "session_capacity": self.cfg.session_capacity,

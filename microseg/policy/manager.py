@@ -82,6 +82,7 @@ class PolicyManager:
         self.reloads_total = 0
         self.reload_failures_total = 0
         self._lock = asyncio.Lock()
+        self._rejected_digest: str | None = None  # sha256 of the file last rejected
         self._converge: asyncio.TimerHandle | None = None
         # Generations whose rule/identity names events may still mention.
         self.history: dict[int, CompiledPolicy] = {}
@@ -99,23 +100,45 @@ class PolicyManager:
 
     # -- changing it -----------------------------------------------------------
 
-    async def reload(self, reason: str, *, force: bool = False) -> ReloadResult:
-        """Read the policy file and apply it if it changed and is valid."""
+    async def reload(self, reason: str, *, force: bool = False,
+                     skip_rejected: bool = False) -> ReloadResult:
+        """Read the policy file and apply it if it changed and is valid.
+        skip_rejected: content already rejected once is not judged (and
+        counted, and logged) again — for file-change triggers, which other
+        files in the same directory set off too."""
         async with self._lock:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
+            digest = await loop.run_in_executor(None, self._digest)
+            if skip_rejected and digest is not None and digest == self._rejected_digest:
+                return self._unchanged()
             try:
                 loaded = await loop.run_in_executor(None, self._read)
             except PolicyError as e:
+                self._rejected_digest = digest
                 return self._rejected(e, reason)
             if (not force and self.active is not None
                     and loaded.sha256 == self.active.loaded.sha256):
-                # Not a reload: `last` keeps the last real one.
-                return ReloadResult("unchanged", self.generation, loaded.source,
-                                    loaded.sha256, rules=len(loaded.policy.rules),
-                                    workloads=len(loaded.policy.workloads),
-                                    at_ns=time.time_ns())
-            return await self._apply(loaded, reason, started)
+                return self._unchanged()
+            res = await self._apply(loaded, reason, started)
+            self._rejected_digest = digest if res.result == "rejected" else None
+            return res
+
+    def _unchanged(self) -> ReloadResult:
+        """Not a reload: `last` keeps the last real one."""
+        a = self.active
+        return ReloadResult("unchanged", self.generation, a.loaded.source if a else self.path,
+                            a.loaded.sha256 if a else None,
+                            rules=len(a.loaded.policy.rules) if a else 0,
+                            workloads=len(a.loaded.policy.workloads) if a else 0,
+                            at_ns=time.time_ns())
+
+    def _digest(self) -> str | None:
+        try:
+            with open(self.path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return None
 
     def _read(self) -> LoadedPolicy:
         try:

@@ -33,9 +33,11 @@ class DaemonProcess:
             self.policy_path.write_text(policy)
 
     def argv(self) -> list[str]:
+        # Metrics on a free port (tests run side by side); /v1/status says which.
+        metrics = [] if "--metrics" in self.extra else ["--metrics", "127.0.0.1:0"]
         return [sys.executable, "-m", "microseg", "run", "-i", self.lab.glob,
                 "--policy", str(self.policy_path), "--socket", self.socket,
-                "--pin-dir", self.pin_dir, *self.extra]
+                "--pin-dir", self.pin_dir, *metrics, *self.extra]
 
     def start(self, timeout: float = 20) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)

@@ -7,9 +7,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from microseg.exporters.flowlog import FlowLog
-
 from microseg.events import EventHub
+from microseg.exporters.flowlog import FlowLog
 
 
 def events(n: int, start: int = 0) -> list[dict]:
