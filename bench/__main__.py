@@ -15,7 +15,7 @@ import platform
 import sys
 from pathlib import Path
 
-from . import datapath, events, policy, sessions
+from . import datapath, events, policy, sessions, tui
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -37,6 +37,8 @@ EVENT_MODES = {
     "quick": {"records": 50_000, "events": 50_000, "burst": 10_000},
 }
 SESSION_SIZES = {"full": (100_000, 1_000_000), "quick": (5_000,)}
+TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},
+             "quick": {"rates": (50_000,), "rounds": 1}}
 
 # SPEC §12: (figure, limit over the floor in ns)
 DATAPATH_TARGETS = {
@@ -163,6 +165,23 @@ def sessions_table(res: dict) -> list[str]:
     return lines
 
 
+def tui_table(res: dict) -> list[str]:
+    lines = ["`microseg top`: key latency (key event to the first frame painted after its "
+             "action), 160x50, synthetic events",
+             f"  {'events/s':>10s} {'ingested/s':>11s} {'keys':>5s} {'median':>8s} {'p95':>8s} "
+             f"{'max':>8s}   target"]
+    for r in res.values():
+        target = ""
+        if r["rate"] >= 50_000:
+            target = "< 100 ms: " + ("met" if r["max_ms"] < 100 else
+                                     "met at p95, not at max" if r["p95_ms"] < 100 else
+                                     "NOT met")
+        lines.append(f"  {int(r['rate']):>10,} {r['ingested_per_s']:>11,} {r['keys']:>5} "
+                     f"{r['median_ms']:>6.1f}ms {r['p95_ms']:>6.1f}ms {r['max_ms']:>6.1f}ms   "
+                     f"{target}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     pol = policy.measure(pp["sizes"], pp["workloads"], pp["samples"], pp["latency"])
     ev = events.measure(**EVENT_MODES[args.mode])
     sess = sessions.measure(SESSION_SIZES[args.mode])
+    top = tui.measure(**TUI_MODES[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
            "machine": machine(), "datapath": res, "policy": pol, "events": ev,
-           "sessions": sess}
+           "sessions": sess, "tui": top}
     m = out["machine"]
     print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
           f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
@@ -195,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(events_table(ev)))
     print()
     print("\n".join(sessions_table(sess)))
+    print()
+    print("\n".join(tui_table(top)))
     tmp = args.output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(args.output)

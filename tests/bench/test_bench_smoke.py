@@ -42,3 +42,7 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
         assert size["expired_events_in_flow_log"] + size["expired_events_lost_by_slow_sinks"] \
             >= size["sessions"]
     assert "Sessions, through a running daemon" in r.stdout
+    for run in res["tui"].values():
+        assert run["keys"] > 0 and run["median_ms"] > 0
+        assert run["ingested_per_s"] >= 0.9 * run["rate"]  # the app kept up with the stream
+    assert "key latency" in r.stdout

@@ -1,0 +1,576 @@
+"""`microseg top`: the live view of a microseg daemon (Textual).
+
+Data flows one way: the source's event stream and its polls feed the model
+(tui/model.py) as they arrive; a timer renders the model into the widgets
+four times a second, with keyed cell updates (tui/table.py). Keys act on
+what is on screen at once, so a key never waits behind the event stream:
+the stream is consumed in slices that yield to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from rich.text import Text
+from textual import events
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Input, Sparkline, Static, TabbedContent, TabPane
+
+from microseg.client import DaemonError
+
+from .filterexpr import FilterError, FilterExpr
+from .model import WORLD, FlowRow, Model, endpoint_label
+from .table import Cell, SyncedTable, human, num
+
+REFRESH_S = 0.25
+STATS_S = 1.0
+POLICY_S = 2.0
+SESSIONS_S = 2.0
+RETRY_S = 1.0
+SLICE = 2000          # events parsed and folded in per loop turn
+TAIL_ROWS = 500       # verdict rows on screen
+SESSION_ROWS = 500    # session rows on screen
+
+VERDICT_STYLE = {"allowed": "green", "denied": "bold red", "audit": "bold yellow",
+                 "dropped": "magenta"}
+VIEWS = ("flows", "verdicts", "sessions", "rules", "matrix")
+# view -> sort key -> (column, title)
+SORTS: dict[str, dict[str, tuple[str, str]]] = {
+    "flows": {"k": ("packets", "Packets"), "b": ("bytes", "Bytes"), "t": ("pps", "Pkts/s"),
+              "n": ("sessions", "Sessions")},
+    "sessions": {"a": ("age", "Age"), "i": ("idle", "Idle"), "k": ("packets", "Packets"),
+                 "b": ("bytes", "Bytes")},
+    "rules": {"h": ("hits", "Hits"), "t": ("rate", "Hits/s"), "n": ("name", "Rule")},
+}
+FLOW_KEYS = frozenset({"ip", "from_ip", "to_ip", "port", "protocol", "workload", "rule",
+                       "verdict"})
+SESSION_KEYS = FLOW_KEYS | {"state"}
+RULE_KEYS = frozenset({"rule", "protocol"})
+
+HELP = """\
+[b]microseg top[/b] — live view of the microseg daemon
+
+[b]Views[/b]   1 Flows   2 Verdicts   3 Sessions   4 Rules   5 Matrix
+[b]Keys[/b]
+  /        filter, the `watch` language: verdict=denied workload=web port=443
+           ip=10.0.0.0/8 protocol=udp rule=NAME state=established, a bare word
+           (in addresses, workloads, rules), [b]![/b] negates a term. Empty clears.
+  Enter    drill into the flow or rule under the cursor: its recent events
+  p        pause the screen (data keeps coming; PAUSED shows)
+  sort     Flows: k packets, b bytes, t pkts/s, n sessions
+           Sessions: a age, i idle, k packets, b bytes
+           Rules: h hits, t hits/s, n name          (again: reverse)
+  ?        this help          q  quit
+
+Verdicts: denied red, audit yellow. Matrix: source rows by destination
+columns, allowed ✓ / denied ✗ / audit ! since top started.
+"""
+
+
+def _ep(ep: dict | None, port: bool = True) -> str:
+    ep = ep or {}
+    ip = ep.get("ip") or "?"
+    host = f"[{ip}]" if ":" in ip and port and ep.get("port") is not None else ip
+    text = f"{host}:{ep['port']}" if port and ep.get("port") is not None else host
+    return f"{text} ({ep['workload']})" if ep.get("workload") else text
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        yield Static(HELP, id="help")
+
+
+class DrillScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,enter", "dismiss", "Close")]
+
+    def __init__(self, title: str, rows: list[dict]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="drill"):
+            yield Static(Text(self.title_text, style="bold"), id="drill-title")
+            table = SyncedTable([("time", "Time"), ("type", "Event"), ("what", "What"),
+                                 ("src", "Source"), ("dst", "Destination"), ("rule", "Rule")],
+                                id="drill-table")
+            yield table
+
+    def on_mount(self) -> None:
+        table = self.query_one(SyncedTable)
+        rows = []
+        for i, e in enumerate(self.rows):
+            what = e.get("verdict") if e["type"] != "session" else \
+                f"{e.get('prev_state') or ''}→{e.get('state')}"
+            rows.append((str(i), (Cell(e["time"][11:26]), Cell(e["type"]),
+                                  Cell(what or "", style=VERDICT_STYLE.get(what or "", "")),
+                                  Cell(_ep(e.get("src"))), Cell(_ep(e.get("dst"))),
+                                  Cell(e.get("rule") or "default"))))
+        table.sync(rows)
+        if not rows:
+            self.query_one("#drill-title", Static).update(
+                Text(self.title_text + " — no recent events", style="bold"))
+
+
+class TopApp(App[int]):
+    TITLE = "microseg top"
+    CSS = """
+    Screen { layout: vertical; }
+    #header { height: 3; padding: 0 1; background: $boost; }
+    #sparks { height: 3; }
+    .spark { width: 1fr; height: 3; padding: 0 1; }
+    .spark Static { height: 1; }
+    .spark Sparkline { height: 2; }
+    #states { height: 1; padding: 0 1; }
+    #views { height: 1fr; }
+    #views > ContentSwitcher { height: 1fr; }
+    #views TabPane { height: 1fr; padding: 0; }
+    #drill SyncedTable { height: 1fr; }
+    #filter { dock: bottom; display: none; }
+    #filter.open { display: block; }
+    HelpScreen, DrillScreen { align: center middle; }
+    #help { width: 84; height: auto; padding: 1 2; border: round $accent; background: $panel; }
+    #drill { width: 90%; height: 80%; border: round $accent; background: $panel; }
+    #drill-title { height: 1; padding: 0 1; }
+    """
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Help"),
+        Binding("slash", "filter", "Filter"),
+        Binding("p", "pause", "Pause"),
+        Binding("1", "view('flows')", "Flows", show=False),
+        Binding("2", "view('verdicts')", "Verdicts", show=False),
+        Binding("3", "view('sessions')", "Sessions", show=False),
+        Binding("4", "view('rules')", "Rules", show=False),
+        Binding("5", "view('matrix')", "Matrix", show=False),
+        *[Binding(letter, f"sort('{letter}')", f"Sort {title.lower()}")
+          for letter, title in {"k": "packets", "b": "bytes", "t": "rate", "n": "count/name",
+                                "a": "age", "i": "idle", "h": "hits"}.items()],
+    ]
+
+    def __init__(self, source: Any, *, refresh_s: float = REFRESH_S, poll: bool = True) -> None:
+        super().__init__()
+        self.source = source
+        self.model = Model()
+        self.refresh_s = refresh_s
+        self.poll = poll
+        self.paused = False
+        self.filter = FilterExpr()
+        self.last_filter = ""
+        self.key_latencies: list[float] = []
+        self._last_key_time = 0.0
+        self._key_pending: float | None = None
+        self._shown: dict[str, str] = {}  # what each Static shows
+        self._tasks: list[asyncio.Task] = []
+        self._tail_seen = 0       # model.events_seen when the tail was last drawn
+        self._matrix_cols: list[str] = []
+        self._started = time.monotonic()
+
+    # -- layout ----------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="header")
+        with Horizontal(id="sparks"):
+            for name, label in (("allowed", "allowed/s"), ("denied", "denied/s"),
+                                ("audit", "audit/s"), ("new_sessions", "new sessions/s")):
+                with Vertical(classes="spark"):
+                    yield Static(label, id=f"spark-label-{name}")
+                    yield Sparkline([0.0], id=f"spark-{name}")
+        with TabbedContent(initial="flows", id="views"):
+            with TabPane("1 Flows", id="flows"):
+                yield SyncedTable([("src", "Source"), ("dst", "Destination"),
+                                   ("proto", "Proto"), ("port", "Port"),
+                                   ("sessions", "Sessions"), ("packets", "Packets"),
+                                   ("bytes", "Bytes"), ("pps", "Pkts/s"), ("bps", "Bytes/s"),
+                                   ("rule", "Rule"), ("verdict", "Verdict")], id="flows-table")
+            with TabPane("2 Verdicts", id="verdicts"):
+                yield SyncedTable([("time", "Time"), ("verdict", "Verdict"),
+                                   ("reason", "Reason"), ("proto", "Proto"), ("src", "Source"),
+                                   ("dst", "Destination"), ("rule", "Rule"),
+                                   ("iface", "Interface")], id="verdicts-table")
+            with TabPane("3 Sessions", id="sessions"):
+                yield Static(id="states")
+                yield SyncedTable([("proto", "Proto"), ("state", "State"), ("src", "Source"),
+                                   ("dst", "Destination"), ("packets", "Packets"),
+                                   ("bytes", "Bytes"), ("age", "Age"), ("idle", "Idle"),
+                                   ("rule", "Rule")], id="sessions-table")
+            with TabPane("4 Rules", id="rules"):
+                yield SyncedTable([("name", "Rule"), ("action", "Action"), ("proto", "Proto"),
+                                   ("hits", "Hits"), ("rate", "Hits/s"),
+                                   ("last", "Last hit")], id="rules-table")
+            with TabPane("5 Matrix", id="matrix"):
+                yield SyncedTable([("src", "from \\ to")], id="matrix-table")
+        # disabled while closed: nothing can focus it by accident
+        yield Input(placeholder="filter: verdict=denied workload=web !protocol=udp  "
+                                "(Enter apply, Esc cancel)", id="filter", disabled=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#flows-table", SyncedTable).focus()
+        self.query_one("#matrix-table", SyncedTable).grow_columns = True
+        for view, default in (("flows", "packets"), ("sessions", "age"), ("rules", "hits")):
+            self.query_one(f"#{view}-table", SyncedTable).sort_column = default
+        self._label_sorts()
+        self._tasks.append(asyncio.create_task(self._consume_events()))
+        if self.poll:
+            self._tasks.append(asyncio.create_task(self._poll(STATS_S, self._stats)))
+            self._tasks.append(asyncio.create_task(self._poll(POLICY_S, self._policy)))
+            self._tasks.append(asyncio.create_task(self._poll(SESSIONS_S, self._sessions)))
+        self.set_interval(self.refresh_s, self.render_model)
+        self.render_model()
+
+    async def on_unmount(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.source.close()
+
+    # -- data in ---------------------------------------------------------------
+
+    async def _consume_events(self) -> None:
+        model = self.model
+        while True:
+            try:
+                async for lines in self.source.events(last=500):
+                    model.set_connected(True)
+                    for i in range(0, len(lines), SLICE):
+                        model.on_events(orjson.loads(x) for x in lines[i:i + SLICE])
+                        await asyncio.sleep(0)  # a key never waits behind a flood
+                model.set_connected(False, "the daemon ended the event stream")
+            except (DaemonError, OSError) as e:
+                model.set_connected(False, str(e))
+            await asyncio.sleep(RETRY_S)
+
+    async def _poll(self, every: float, fetch) -> None:
+        while True:
+            try:
+                await fetch()
+            except (DaemonError, OSError) as e:
+                self.model.set_connected(False, str(e))
+            await asyncio.sleep(every)
+
+    async def _stats(self) -> None:
+        self.model.on_stats(await self.source.stats())
+        self.model.on_status(await self.source.status())
+
+    async def _policy(self) -> None:
+        self.model.on_policy(await self.source.policy())
+
+    async def _sessions(self) -> None:
+        if self.query_one(TabbedContent).active in ("flows", "sessions"):
+            self.model.on_sessions(await self.source.sessions())
+
+    # -- model -> screen --------------------------------------------------------
+
+    def render_model(self) -> None:
+        if self.paused:
+            self._render_header()
+            return
+        self._render_header()
+        active = self.query_one(TabbedContent).active
+        getattr(self, f"_render_{active}")()
+
+    def _render_header(self) -> None:
+        h, m = self.model.header, self.model
+        line1 = Text()
+        line1.append("microseg top ", style="bold")
+        line1.append(f"{self.source.name}  ")
+        if h.connected:
+            line1.append("● connected", style="green")
+            if h.daemon:
+                line1.append(f" ({h.daemon})")
+        else:
+            line1.append("● disconnected — retrying", style="bold red")
+            if h.error:
+                line1.append(f"  {h.error}", style="red")
+        if self.paused:
+            line1.append("  PAUSED ", style="bold black on yellow")
+        line2 = Text()
+        for v in ("allowed", "denied", "audit", "dropped"):
+            line2.append(f"{v} ", style=VERDICT_STYLE[v])
+            line2.append(f"{human(h.pps[v])}/s  ")
+        line2.append(f"new sessions {human(h.new_sessions_ps)}/s  ")
+        fill = h.sessions / h.capacity if h.capacity else 0.0
+        line2.append(f"sessions {h.sessions:,} ({fill:.1%})  ")
+        line2.append(f"events {human(h.events_ps)}/s  ")
+        line2.append(f"lost {h.lost:,}", style="bold red" if h.lost else "")
+        line3 = Text()
+        line3.append(f"policy generation {h.generation} ({h.mode or '?'}, default "
+                     f"{h.default or '?'}), last reload: ")
+        line3.append(h.last_reload or "-",
+                     style="red" if h.last_reload.startswith("rejected") else "")
+        if not self.filter.empty:
+            line3.append(f"   filter: {self.filter.text}", style="bold cyan")
+        header = Text("\n").join([line1, line2, line3])
+        header.no_wrap, header.overflow = True, "ellipsis"  # three lines, whatever the width
+        self._update_static("#header", header)
+        for name, series in m.history.items():
+            if name == "dropped":
+                continue
+            data = list(series)
+            spark = self.query_one(f"#spark-{name}", Sparkline)
+            if spark.data != data:
+                spark.data = data
+            label = "new sessions" if name == "new_sessions" else name
+            value = h.new_sessions_ps if name == "new_sessions" else h.pps[name]
+            self._update_static(f"#spark-label-{name}", f"{label} {human(value)}/s")
+
+    def _update_static(self, selector: str, content: Text | str) -> None:
+        """Only what changed is repainted."""
+        key = str(content) if isinstance(content, str) else content.markup
+        if self._shown.get(selector) != key:
+            self._shown[selector] = key
+            self.query_one(selector, Static).update(content)
+
+    def _render_flows(self) -> None:
+        rows = []
+        for f in self.model.flows.values():
+            if not self.filter.matches(f.as_filter_row(), FLOW_KEYS):
+                continue
+            style = VERDICT_STYLE.get(f.verdict or "", "")
+            port = Cell(str(f.port or ""), f.port or 0, right=True)
+            rows.append((f.key, (Cell(_ep(f.src, port=False)), Cell(_ep(f.dst, port=False)),
+                                 Cell(str(f.protocol)), port,
+                                 num(f.sessions), num(f.packets), num(f.bytes, unit="B"),
+                                 num(f.pps), num(f.bps, unit="B"), Cell(f.rule or "default"),
+                                 Cell(f.verdict or "", style=style))))
+        self.query_one("#flows-table", SyncedTable).sync(rows)
+
+    def _render_verdicts(self) -> None:
+        table = self.query_one("#verdicts-table", SyncedTable)
+        m = self.model
+        new = m.events_seen - self._tail_seen
+        self._tail_seen = m.events_seen
+        if new <= 0 and table.row_count:
+            return
+        # The newest rows that pass the filter, oldest first: a scrollback of
+        # TAIL_ROWS while events trickle in; when more arrive per refresh
+        # than fit on screen, a screenful (more would scroll away unseen and
+        # cost the keyboard its responsiveness).
+        # A table on a hidden tab has no height yet: the screen bounds it.
+        screenful = table.size.height or self.size.height
+        limit = TAIL_ROWS if new < screenful else screenful + 5
+        keep = []
+        for e in reversed(m.tail):
+            if self.filter.matches(e):
+                keep.append(e)
+                if len(keep) >= limit:
+                    break
+        keep.reverse()
+        follow = table.cursor_row >= table.row_count - 1
+        rows = []
+        for e in keep:
+            v = e.get("verdict") or ""
+            style = VERDICT_STYLE.get(v, "")
+            rows.append((f"{e['seq']}:{e['time']}", (
+                Cell(e["time"][11:26], e["time"]), Cell(v, style=style),
+                Cell(e.get("reason") or ""), Cell(str(e.get("protocol"))),
+                Cell(_ep(e.get("src")), style=style if v == "denied" else ""),
+                Cell(_ep(e.get("dst")), style=style if v == "denied" else ""),
+                Cell(e.get("rule") or "default"), Cell(e.get("interface") or ""))))
+        table.sync(rows)
+        if follow and table.row_count:
+            table.move_cursor(row=table.row_count - 1, animate=False)
+
+    def _render_sessions(self) -> None:
+        m = self.model
+        states = Text("by state: ")
+        for k, n in sorted(m.by_state.items()):
+            states.append(f"{k} ", style="bold")
+            states.append(f"{n:,}  ")
+        self._update_static("#states", states)
+        table = self.query_one("#sessions-table", SyncedTable)
+        col = table.sort_column or "age"
+        value = {"age": lambda s: s.get("age_s", 0), "idle": lambda s: s.get("idle_s", 0),
+                 "packets": lambda s: s["packets"]["orig"] + s["packets"]["reply"],
+                 "bytes": lambda s: s["bytes"]["orig"] + s["bytes"]["reply"]}[col]
+        shown = [s for s in m.sessions if self.filter.matches(s, SESSION_KEYS)]
+        shown.sort(key=value, reverse=table.sort_reverse)
+        rows = []
+        for s in shown[:SESSION_ROWS]:
+            key = f"{s.get('protocol')}|{_ep(s.get('src'))}|{_ep(s.get('dst'))}"
+            pk = s["packets"]["orig"] + s["packets"]["reply"]
+            by = s["bytes"]["orig"] + s["bytes"]["reply"]
+            rows.append((key, (Cell(str(s.get("protocol"))), Cell(s.get("state") or ""),
+                               Cell(_ep(s.get("src"))), Cell(_ep(s.get("dst"))), num(pk),
+                               num(by, unit="B"), num(s.get("age_s", 0), unit="s"),
+                               num(s.get("idle_s", 0), unit="s"),
+                               Cell(s.get("rule") or "default"))))
+        table.sync(rows)
+
+    def _render_rules(self) -> None:
+        rows = []
+        for r in self.model.rules.values():
+            if not self.filter.matches(r.as_filter_row(), RULE_KEYS):
+                continue
+            never = r.hits == 0
+            rows.append((r.name, (
+                Cell(r.name, r.name, style="dim" if never else "bold"),
+                Cell(r.action, style="red" if r.action == "deny" else "green"),
+                Cell(r.protocol), num(r.hits), num(r.rate),
+                Cell("never hit" if never else (r.last_hit or "")[11:19],
+                     style="yellow" if never else ""))))
+        self.query_one("#rules-table", SyncedTable).sync(rows)
+
+    def _render_matrix(self) -> None:
+        m = self.model
+        table = self.query_one("#matrix-table", SyncedTable)
+        names = list(m.workloads)
+        for src, dst in m.matrix:
+            for n in (src, dst):
+                if n not in names:
+                    names.append(n)
+        if WORLD in names:  # the world last
+            names.remove(WORLD)
+            names.append(WORLD)
+        if names != self._matrix_cols:
+            self._matrix_cols = names
+            table.set_columns([("src", "from \\ to"), *[(n, n) for n in names]])
+        rows = []
+        for src in names:
+            cells = [Cell(src, style="bold")]
+            for dst in names:
+                c = m.matrix.get((src, dst))
+                if not c:
+                    cells.append(Cell("·", style="dim"))
+                    continue
+                parts, style = [], "green"
+                if c["allowed"]:
+                    parts.append(f"{human(c['allowed'])}✓")
+                if c["audit"]:
+                    parts.append(f"{human(c['audit'])}!")
+                    style = "yellow"
+                if c["denied"] or c["dropped"]:
+                    parts.append(f"{human(c['denied'] + c['dropped'])}✗")
+                    style = "bold red"
+                cells.append(Cell(" ".join(parts), sum(c.values()), style))
+            rows.append((src, tuple(cells)))
+        table.sync(rows)
+
+    def _label_sorts(self) -> None:
+        for view, keys in SORTS.items():
+            table = self.query_one(f"#{view}-table", SyncedTable)
+            labels = {}
+            for letter, (col, title) in keys.items():
+                arrow = ""
+                if table.sort_column == col:
+                    arrow = " ▼" if table.sort_reverse else " ▲"
+                labels[col] = f"{title} [{letter}]{arrow}"
+            table.set_labels(labels)
+
+    # -- keys -------------------------------------------------------------------
+
+    async def on_event(self, event: events.Event) -> None:
+        await super().on_event(event)
+        if isinstance(event, events.Key) and event.time != self._last_key_time:
+            # A key reaches the app twice (on its way in, bubbling up): once.
+            self._last_key_time = event.time
+            if self._key_pending is None:
+                self._key_pending = event.time
+
+    def _display(self, screen, renderable) -> None:
+        super()._display(screen, renderable)
+        # Key latency: from the key's arrival to the first frame painted
+        # after its action ran (what a person waits for).
+        if renderable is not None and self._key_pending is not None:
+            self.key_latencies.append(time.monotonic() - self._key_pending)
+            self._key_pending = None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "sort":
+            try:
+                active = self.query_one(TabbedContent).active
+            except Exception:  # not mounted yet
+                return False
+            return parameters[0] in SORTS.get(active, {})
+        return True
+
+    # A key changes what is shown and returns: fresh data reaches the screen
+    # with the next refresh tick (a sync re-renders every visible cell; doing
+    # it on a key would make the key wait for it).
+
+    def action_view(self, view: str) -> None:
+        self.query_one(TabbedContent).active = view
+        table = self.query_one(f"#{view}-table", SyncedTable)
+        table.focus()
+        self.refresh_bindings()
+        if not table.row_count:  # never shown yet: fill it now
+            self.render_model()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.refresh_bindings()  # switched by mouse: same as by key
+
+    def action_sort(self, letter: str) -> None:
+        view = self.query_one(TabbedContent).active
+        col = SORTS[view][letter][0]
+        self.query_one(f"#{view}-table", SyncedTable).sort_by(col)
+        self._label_sorts()
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        self._render_header()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = self.filter.text or self.last_filter
+        box.disabled = False
+        box.add_class("open")
+        box.focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        box = event.input
+        try:
+            expr = FilterExpr.parse(event.value)
+        except FilterError as e:
+            box.border_title = str(e)
+            box.styles.border = ("round", "red")
+            return
+        self.filter = expr
+        if expr.text:
+            self.last_filter = expr.text
+        box.border_title = None
+        box.styles.border = None
+        self._close_filter()
+        for table in self.query(SyncedTable):
+            if table.id != "matrix-table":
+                table.reset()
+        self._tail_seen = 0
+        self.render_model()
+
+    def on_key(self, event: events.Key) -> None:
+        box = self.query_one("#filter", Input)
+        if event.key == "escape" and box.has_class("open"):
+            self._close_filter()
+            event.stop()
+
+    def _close_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.remove_class("open")
+        box.disabled = True
+        self._focus_view()
+
+    def _focus_view(self) -> None:
+        active = self.query_one(TabbedContent).active
+        self.query_one(f"#{active}-table", SyncedTable).focus()
+
+    def on_synced_table_row_selected(self, event: SyncedTable.RowSelected) -> None:
+        table, key = event.table, event.key
+        if table.id == "flows-table" and key in self.model.flows:
+            f: FlowRow = self.model.flows[key]
+            title = (f"flow {endpoint_label(f.src)} → {endpoint_label(f.dst)} {f.protocol}"
+                     f"{'/' + str(f.port) if f.port else ''}")
+            self.push_screen(DrillScreen(title, self.model.events_of_flow(f)))
+        elif table.id == "rules-table" and key in self.model.rules:
+            self.push_screen(DrillScreen(f"rule {key}", self.model.events_of_rule(key)))

@@ -1,0 +1,240 @@
+"""What `microseg top` shows, computed outside the widgets.
+
+The model takes what the daemon sends — events as they stream, and stats,
+status, the policy and the session table as they are polled — and keeps
+aggregates: rates and their history, the verdict tail, the workload matrix,
+flows (sessions grouped by endpoints, protocol and port), rules with hit
+rates, and recent events for drilling in. The app renders snapshots of it
+at a fixed rate; nothing here knows about Textual.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+HISTORY = 60          # samples kept for sparklines (one per stats poll)
+TAIL = 1000           # verdict tail length
+RECENT = 5000         # recent events kept for drilling in
+WORLD = "(world)"     # the matrix's name for addresses no workload owns
+
+VERDICTS = ("allowed", "denied", "audit", "dropped")
+
+
+def endpoint_label(ep: dict | None) -> str:
+    if not ep:
+        return "?"
+    return ep.get("workload") or ep.get("ip") or "?"
+
+
+@dataclass
+class Header:
+    connected: bool = False
+    error: str = ""
+    daemon: str = ""
+    generation: int = 0
+    mode: str = ""
+    default: str = ""
+    last_reload: str = ""
+    pps: dict[str, float] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0.0))
+    new_sessions_ps: float = 0.0
+    sessions: int = 0
+    capacity: int = 0
+    lost: int = 0
+    events_ps: float = 0.0
+
+
+@dataclass
+class FlowRow:
+    key: str
+    src: dict
+    dst: dict
+    protocol: str | int
+    port: int | None
+    sessions: int
+    packets: int
+    bytes: int
+    pps: float
+    bps: float
+    rule: str | None
+    verdict: str | None
+
+    def as_filter_row(self) -> dict:
+        return {"type": "verdict", "src": self.src, "dst": self.dst, "protocol": self.protocol,
+                "rule": self.rule, "verdict": self.verdict}
+
+
+@dataclass
+class RuleRow:
+    name: str
+    action: str
+    protocol: str
+    hits: int
+    rate: float
+    last_hit: str | None
+
+    def as_filter_row(self) -> dict:
+        return {"type": "verdict", "rule": self.name, "protocol": self.protocol}
+
+
+class Model:
+    def __init__(self) -> None:
+        self.header = Header()
+        self.history: dict[str, deque[float]] = {
+            k: deque([0.0] * HISTORY, maxlen=HISTORY) for k in (*VERDICTS, "new_sessions")}
+        self.tail: deque[dict] = deque(maxlen=TAIL)        # verdict and drop events
+        self.recent: deque[dict] = deque(maxlen=RECENT)    # every flow event, for drill-in
+        self.matrix: dict[tuple[str, str], Counter[str]] = {}
+        self.workloads: list[str] = []
+        self.flows: dict[str, FlowRow] = {}
+        self.sessions: list[dict] = []
+        self.by_state: dict[str, int] = {}
+        self.rules: dict[str, RuleRow] = {}
+        self.events_seen = 0
+        self.lost_seen = 0
+        self._prev_stats: tuple[float, dict[str, int], int, int] | None = None
+        self._prev_flows: tuple[float, dict[str, tuple[int, int]]] | None = None
+        self._prev_rules: tuple[float, dict[str, int]] | None = None
+
+    # -- the event stream ------------------------------------------------------
+
+    def on_events(self, events: Iterable[dict]) -> None:
+        tail, recent, matrix = self.tail, self.recent, self.matrix
+        n = 0
+        for e in events:
+            n += 1
+            t = e.get("type")
+            if t == "verdict" or t == "drop":
+                tail.append(e)
+                recent.append(e)
+                key = (endpoint_label_or_world(e.get("src")), endpoint_label_or_world(e.get("dst")))
+                c = matrix.get(key)
+                if c is None:
+                    c = matrix[key] = Counter()
+                c[e.get("verdict") or "dropped"] += 1
+            elif t == "session":
+                recent.append(e)
+            elif t == "lost":
+                self.lost_seen += e.get("count", 0)
+        self.events_seen += n
+
+    # -- polls ---------------------------------------------------------------
+
+    def on_status(self, st: dict) -> None:
+        h = self.header
+        pol = st.get("policy", {})
+        h.daemon = f"pid {st.get('pid')}, up {_duration(st.get('uptime_s', 0))}"
+        h.generation = pol.get("generation", 0)
+        h.mode = pol.get("mode") or ""
+        h.default = pol.get("default") or ""
+        last = pol.get("last_reload") or {}
+        if last:
+            h.last_reload = last.get("result", "")
+            if last.get("result") == "rejected" and last.get("errors"):
+                h.last_reload += f": {last['errors'][0]}"
+
+    def on_stats(self, st: dict, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        h = self.header
+        totals = {v: int(st.get("packets", {}).get(v, 0)) for v in VERDICTS}
+        new = sum(c["packets"] for c in st.get("counters", [])
+                  if c["verdict"] in ("allowed", "audit") and c["reason"] in ("rule", "default"))
+        published = sum(st.get("events", {}).get("published", {}).values())
+        if self._prev_stats is not None:
+            t0, prev, prev_new, prev_pub = self._prev_stats
+            dt = max(now - t0, 1e-6)
+            for v in VERDICTS:
+                h.pps[v] = max(0.0, (totals[v] - prev[v]) / dt)
+                self.history[v].append(h.pps[v])
+            h.new_sessions_ps = max(0.0, (new - prev_new) / dt)
+            self.history["new_sessions"].append(h.new_sessions_ps)
+            h.events_ps = max(0.0, (published - prev_pub) / dt)
+        self._prev_stats = (now, totals, new, published)
+        se = st.get("sessions", {})
+        h.sessions = se.get("entries", 0)
+        h.capacity = se.get("capacity", 0)
+        self.by_state = dict(se.get("by_state", {}))
+        lost = st.get("events", {}).get("lost", {})
+        h.lost = int(lost.get("ringbuf", 0)) + int(lost.get("subscriber", 0))
+
+    def on_policy(self, pol: dict, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.workloads = [w["name"] for w in pol.get("workloads", [])]
+        prev_t, prev = self._prev_rules or (now, {})
+        dt = max(now - prev_t, 1e-6)
+        rules = {}
+        for r in pol.get("rules", []):
+            hits = r.get("hits", 0)
+            rate = max(0.0, (hits - prev[r["name"]]) / dt) if r["name"] in prev else 0.0
+            rules[r["name"]] = RuleRow(r["name"], r.get("action", ""), r.get("protocol", "any"),
+                                       hits, rate, r.get("last_hit"))
+        self.rules = rules
+        self._prev_rules = (now, {name: r.hits for name, r in rules.items()})
+
+    def on_sessions(self, rows: list[dict], now: float | None = None) -> None:
+        """The session table: flows and the Sessions view."""
+        now = time.monotonic() if now is None else now
+        flows: dict[str, list] = {}
+        for s in rows:
+            src, dst = s.get("src") or {}, s.get("dst") or {}
+            key = f"{endpoint_label(src)}>{endpoint_label(dst)}/{s.get('protocol')}/" \
+                  f"{dst.get('port')}"
+            pk = s["packets"]["orig"] + s["packets"]["reply"]
+            by = s["bytes"]["orig"] + s["bytes"]["reply"]
+            f = flows.get(key)
+            if f is None:
+                flows[key] = [s, 1, pk, by]
+            else:
+                f[1] += 1
+                f[2] += pk
+                f[3] += by
+        prev_t, prev = self._prev_flows or (now, {})
+        dt = max(now - prev_t, 1e-6)
+        out = {}
+        for key, (s, n, pk, by) in flows.items():
+            p0, b0 = prev.get(key, (pk, by))
+            src, dst = s.get("src") or {}, s.get("dst") or {}
+            out[key] = FlowRow(key, {"ip": src.get("ip"), "workload": src.get("workload"),
+                                     "port": None},
+                               {"ip": dst.get("ip"), "workload": dst.get("workload"),
+                                "port": dst.get("port")},
+                               s.get("protocol"), dst.get("port"), n, pk, by,
+                               max(0.0, (pk - p0) / dt), max(0.0, (by - b0) / dt),
+                               s.get("rule"), s.get("verdict"))
+        self.flows = out
+        self._prev_flows = (now, {k: (f.packets, f.bytes) for k, f in out.items()})
+        self.sessions = rows
+
+    def set_connected(self, connected: bool, error: str = "") -> None:
+        self.header.connected = connected
+        self.header.error = error
+
+    # -- drilling in -----------------------------------------------------------
+
+    def events_of_flow(self, flow: FlowRow, limit: int = 200) -> list[dict]:
+        src, dst = endpoint_label(flow.src), endpoint_label(flow.dst)
+        out = [e for e in self.recent
+               if endpoint_label(e.get("src")) == src and endpoint_label(e.get("dst")) == dst
+               and e.get("protocol") == flow.protocol
+               and (e.get("dst") or {}).get("port") == flow.port]
+        return out[-limit:]
+
+    def events_of_rule(self, rule: str, limit: int = 200) -> list[dict]:
+        return [e for e in self.recent if e.get("rule") == rule][-limit:]
+
+
+def endpoint_label_or_world(ep: dict | None) -> str:
+    return (ep or {}).get("workload") or WORLD
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d"
