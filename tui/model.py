@@ -95,7 +95,7 @@ class Model:
         self.events_seen = 0
         self.lost_seen = 0
         self._prev_stats: tuple[float, dict[str, int], int, int] | None = None
-        self._prev_flows: tuple[float, dict[str, tuple[int, int]]] | None = None
+        self._prev_flows: tuple[float, dict[tuple, tuple[int, int]]] | None = None
         self._prev_rules: tuple[float, dict[str, int]] | None = None
 
     # -- the event stream ------------------------------------------------------
@@ -176,6 +176,12 @@ class Model:
     def on_sessions(self, rows: list[dict], now: float | None = None) -> None:
         """The session table: flows and the Sessions view."""
         now = time.monotonic() if now is None else now
+        # A flow's rate is the sum of its sessions' deltas since the last poll,
+        # a session born since then counting whole: short connections (most
+        # of them) come and go between polls and would otherwise never show.
+        prev = self._prev_flows
+        dt = max(now - prev[0], 1e-6) if prev else 1.0
+        seen: dict[tuple, tuple[int, int]] = {}
         flows: dict[str, list] = {}
         for s in rows:
             src, dst = s.get("src") or {}, s.get("dst") or {}
@@ -183,28 +189,36 @@ class Model:
                   f"{dst.get('port')}"
             pk = s["packets"]["orig"] + s["packets"]["reply"]
             by = s["bytes"]["orig"] + s["bytes"]["reply"]
+            sid = (s.get("protocol"), src.get("ip"), src.get("port"), dst.get("ip"),
+                   dst.get("port"))
+            seen[sid] = (pk, by)
+            dpk = dby = 0
+            if prev:
+                p0, b0 = prev[1].get(sid, (0, 0))
+                if pk < p0:  # the same 5-tuple, a new session
+                    p0 = b0 = 0
+                dpk, dby = pk - p0, by - b0
             f = flows.get(key)
             if f is None:
-                flows[key] = [s, 1, pk, by]
+                flows[key] = [s, 1, pk, by, dpk, dby]
             else:
                 f[1] += 1
                 f[2] += pk
                 f[3] += by
-        prev_t, prev = self._prev_flows or (now, {})
-        dt = max(now - prev_t, 1e-6)
+                f[4] += dpk
+                f[5] += dby
         out = {}
-        for key, (s, n, pk, by) in flows.items():
-            p0, b0 = prev.get(key, (pk, by))
+        for key, (s, n, pk, by, dpk, dby) in flows.items():
             src, dst = s.get("src") or {}, s.get("dst") or {}
             out[key] = FlowRow(key, {"ip": src.get("ip"), "workload": src.get("workload"),
                                      "port": None},
                                {"ip": dst.get("ip"), "workload": dst.get("workload"),
                                 "port": dst.get("port")},
                                s.get("protocol"), dst.get("port"), n, pk, by,
-                               max(0.0, (pk - p0) / dt), max(0.0, (by - b0) / dt),
+                               max(0.0, dpk / dt), max(0.0, dby / dt),
                                s.get("rule"), s.get("verdict"))
         self.flows = out
-        self._prev_flows = (now, {k: (f.packets, f.bytes) for k, f in out.items()})
+        self._prev_flows = (now, seen)
         self.sessions = rows
 
     def set_connected(self, connected: bool, error: str = "") -> None:

@@ -159,11 +159,14 @@ class SyncedTable(ScrollView, can_focus=True):
                 changed = True
         if not changed:
             return
-        kept = [k for k in self._order if k in wanted]
-        new = [k for k in wanted if k not in cells]
         self._cells = wanted
-        self._order = kept + new
-        self._resort()
+        if self.sort_column is None:
+            self._order = list(wanted)  # unsorted: the caller's order (a time-ordered tail)
+        else:
+            # Rows that stay keep their relative order among equals: no jitter.
+            self._order = [k for k in self._order if k in wanted] + \
+                [k for k in wanted if k not in cells]
+            self._resort()
         self._relayout()
         self._restore_cursor(cursor_key)
 

@@ -675,3 +675,24 @@ async def test_verdicts_after_a_burst_fill_the_screen() -> None:
         await pilot.pause(0.3)
         # 40 lines: header 3, sparklines 3, tabs 2, column titles 1, footer 1
         assert tbl(app, "verdicts").row_count >= 40 - 10
+
+
+async def test_verdicts_stay_in_order_after_another_view() -> None:
+    # Back on Verdicts after a while away: first a screenful of the newest,
+    # then the scrollback fills in — above them, in order, never after them.
+    app = make_app(rate=40)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await until(pilot, lambda: tbl(app, "verdicts").row_count > 0, what="verdicts")
+        await pilot.press("5")
+        await pilot.pause(2.0)  # more events than the screen has rows
+        await pilot.press("2")
+        await pilot.pause(1.0)
+        app.paused = True
+        table = tbl(app, "verdicts")
+        assert table.row_count > SIZE[1]  # the scrollback came back
+        port = re.compile(r":(\d+) ")
+        shown = [int(port.search(c.text)[1]) for c in column(table, "src")]
+        tail = [e["src"]["port"] for e in app.model.tail]
+        start = tail.index(shown[0])
+        assert tail[start:start + len(shown)] == shown

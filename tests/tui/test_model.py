@@ -225,29 +225,41 @@ def test_flows_group_by_src_label_dst_label_protocol_and_dst_port() -> None:
     assert m.sessions == rows
 
 
-def test_flow_rates_come_from_the_delta_of_two_polls() -> None:
+def test_flow_rates_sum_the_session_deltas_of_two_polls() -> None:
     m = Model()
     web, db = ep("10.0.0.1", "web", 40001), ep("10.0.0.2", "db", 5432)
     m.on_sessions([session(web, db, packets=(10, 10), bytes_=(1000, 1000))], now=5.0)
     f = m.flows["web>db/tcp/5432"]
-    assert (f.pps, f.bps) == (0.0, 0.0)
-    new = ep("10.0.0.3", "api", 40002)
+    assert (f.pps, f.bps) == (0.0, 0.0)  # one poll: no rate yet
+    web2, api = ep("10.0.0.1", "web", 40003), ep("10.0.0.3", "api", 40002)
     m.on_sessions([session(web, db, packets=(30, 20), bytes_=(3000, 2000)),
-                   session(web, db, packets=(4, 6), bytes_=(10, 10)),
-                   session(new, db, packets=(100, 100))], now=7.0)
+                   session(web2, db, packets=(4, 6), bytes_=(10, 10)),
+                   session(api, db, packets=(100, 100))], now=7.0)
     f = m.flows["web>db/tcp/5432"]
     assert (f.sessions, f.packets, f.bytes) == (2, 60, 5020)
-    assert f.pps == (60 - 20) / 2 and f.bps == (5020 - 2000) / 2
-    assert m.flows["api>db/tcp/5432"].pps == 0.0  # seen once: no rate yet
+    # the old session's delta plus the whole of the one born since
+    assert f.pps == (30 + 10) / 2 and f.bps == (3000 + 20) / 2
+    assert m.flows["api>db/tcp/5432"].pps == 200 / 2
 
 
-def test_flow_that_shrinks_has_zero_rate() -> None:
+def test_sessions_that_close_do_not_hide_the_traffic_of_the_rest() -> None:
+    m = Model()
+    db = ep("10.0.0.2", "db", 5432)
+    a, b, c = (ep("10.0.0.1", "web", p) for p in (40001, 40002, 40003))
+    m.on_sessions([session(a, db, packets=(50, 50)), session(b, db, packets=(50, 50))],
+                  now=0.0)
+    # b closed; a sent 10 more; c came and sent 4: the flow shrank, its rate did not
+    m.on_sessions([session(a, db, packets=(60, 50)), session(c, db, packets=(2, 2))], now=1.0)
+    assert m.flows["web>db/tcp/5432"].packets < 200
+    assert m.flows["web>db/tcp/5432"].pps == 14.0
+
+
+def test_a_reused_five_tuple_counts_as_a_new_session() -> None:
     m = Model()
     web, db = ep("10.0.0.1", "web", 40001), ep("10.0.0.2", "db", 5432)
-    m.on_sessions([session(web, db, packets=(50, 50)), session(web, db, packets=(50, 50))],
-                  now=0.0)
-    m.on_sessions([session(web, db, packets=(60, 50))], now=1.0)  # one session closed
-    assert m.flows["web>db/tcp/5432"].pps == 0.0
+    m.on_sessions([session(web, db, packets=(50, 50))], now=0.0)
+    m.on_sessions([session(web, db, packets=(3, 3))], now=2.0)
+    assert m.flows["web>db/tcp/5432"].pps == 3.0
 
 
 def test_flows_that_end_go_away() -> None:
