@@ -1,15 +1,21 @@
-# microseg — `make test` and `make bench` do all set-up on a fresh machine.
+# microseg — `make demo`, `make test` and `make bench` do all set-up on a fresh machine.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH  ?= full
 
-.PHONY: all setup test lint bench clean
+.PHONY: all setup demo test lint bench clean
 
 all: test
 
 setup:
 	@scripts/setup.sh
+
+# The lab a newcomer sees first: workloads, traffic, the daemon and `top`.
+# DEMO_ARGS=--duration 20 runs it without the TUI and prints a summary.
+DEMO_ARGS ?=
+demo: setup
+	@$(PY) -m microseg demo $(DEMO_ARGS)
 
 # pytest's exit code 5 means "no tests collected": never a silent pass.
 test: setup

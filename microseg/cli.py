@@ -187,6 +187,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 # -- microseg policy ... ----------------------------------------------------
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run
+
+    return run(args.duration, Path(args.policy), args.socket)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.synthetic is None:
+        # One line and exit 1 when there is no daemon to show.
+        _daemon(args, lambda c: c.get("/v1/status"))
+    from .tui.app import TopApp
+    from .tui.source import DaemonSource, SyntheticSource
+
+    source = SyntheticSource(rate=args.synthetic) if args.synthetic is not None \
+        else DaemonSource(args.socket)
+    app = TopApp(source)
+    app.run()
+    return 0
+
+
 def _daemon(args: argparse.Namespace, coro: Callable[[Client], object]) -> object:
     async def go() -> object:
         async with Client(args.socket) as c:
@@ -424,6 +446,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after N matching events")
     _socket_option(p)
     p.set_defaults(func=cmd_watch)
+
+    from .demo import DEFAULT_POLICY
+
+    p = sub.add_parser("demo", help="a microsegmented lab, live: workloads, traffic, the "
+                       "daemon and `top`",
+                       description="Build a lab of five workloads (client, web, api, db, "
+                       "rogue) in network namespaces with servers and a steady mix of allowed, "
+                       "denied and audited traffic, run the daemon on it under a demo policy you "
+                       "can edit live, and open `microseg top`. Without a terminal (or with "
+                       "--duration) it runs that long and prints a summary. Everything it "
+                       "creates is removed on exit (q, Ctrl-C, SIGTERM).")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="run this long, then print a summary instead of opening `top` "
+                   "(default without a terminal: 30)")
+    p.add_argument("--policy", default=str(DEFAULT_POLICY), metavar="FILE",
+                   help="where to write the demo policy (default: %(default)s)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="the demo daemon's socket (default: /run/microseg/microseg.sock, so "
+                   "`microseg watch` finds it)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("top", help="the live view: rates, flows, verdicts, sessions, rules, "
+                       "a workload matrix (Textual)",
+                       description="The live view of the daemon: a header with rates, table "
+                       "fill, losses and the policy; views Flows, Verdicts, Sessions, Rules and "
+                       "Matrix (keys 1-5). ? help, / filter, p pause, Enter drill in, q quit.")
+    _socket_option(p)
+    p.add_argument("--synthetic", type=float, metavar="EVENTS_PER_S", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("sessions", help="list the session table (like conntrack -L)",
                        description="List the session table: protocol, state, both "

@@ -5,6 +5,8 @@
     python -m microseg.labtraffic hold tcp 10.203.0.20 80   # one long-lived connection:
                                                             # a line per exchange, ok|timeout
     python -m microseg.labtraffic flood udp 10.203.0.20 9 --count 100000  # as fast as it can
+    python -m microseg.labtraffic mix tcp,10.203.0.20,80,3 icmp,fd00:203::20  # forever: a
+                                        # weighted random probe every --interval (demo traffic)
 """
 
 from __future__ import annotations
@@ -129,6 +131,37 @@ def flood(host: str, port: int, count: int, sources: int, rate: float = 0) -> in
     return 0
 
 
+def parse_target(spec: str) -> tuple[str, str, int, float]:
+    """PROTO,HOST[,PORT][,WEIGHT]: tcp,10.203.0.20,80,3  icmp,fd00:203::20,,2"""
+    fields = spec.split(",")
+    proto, host = fields[0], fields[1] if len(fields) > 1 else ""
+    port = fields[2] if len(fields) > 2 else ""
+    weight = float(fields[3]) if len(fields) > 3 and fields[3] else 1.0
+    if proto not in ("tcp", "udp", "icmp") or not host:
+        raise ValueError(f"target '{spec}': PROTO,HOST[,PORT][,WEIGHT] with tcp, udp or icmp")
+    if proto != "icmp" and not port.isdigit():
+        raise ValueError(f"target '{spec}': {proto} needs a port")
+    return proto, host, int(port or 0), weight
+
+
+def mix(targets: list[str], interval: float, timeout: float, seed: int | None) -> int:
+    """Forever: a probe to a weighted random target every ~interval."""
+    import random
+    import subprocess
+
+    rng = random.Random(seed)
+    parsed = [parse_target(t) for t in targets]
+    weights = [w for *_, w in parsed]
+    while True:
+        proto, host, port, _ = rng.choices(parsed, weights)[0]
+        if proto == "icmp":
+            subprocess.run(["ping", "-c", "1", "-W", "1", host], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        else:
+            probe(proto, host, port, timeout)
+        time.sleep(interval * rng.uniform(0.5, 1.5))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m microseg.labtraffic")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,7 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--count", type=int, default=10000)
     f.add_argument("--sources", type=int, default=1, help="source ports to spread over")
     f.add_argument("--rate", type=float, default=0, help="datagrams per second (0: no limit)")
+    m = sub.add_parser("mix")
+    m.add_argument("targets", nargs="+", metavar="PROTO,HOST[,PORT][,WEIGHT]")
+    m.add_argument("--interval", type=float, default=0.3)
+    m.add_argument("--timeout", type=float, default=0.3)
+    m.add_argument("--seed", type=int)
     args = ap.parse_args(argv)
+    if args.cmd == "mix":
+        with contextlib.suppress(KeyboardInterrupt):
+            return mix(args.targets, args.interval, args.timeout, args.seed)
+        return 0
     if args.cmd == "serve":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(args.tcp, args.udp))

@@ -1,0 +1,322 @@
+"""`microseg demo`: a microsegmented lab, live.
+
+Five workloads in network namespaces on one bridge (client, web, api, db
+and a rogue), servers inside them, traffic generators producing a steady mix
+of allowed, denied and audited flows over TCP, UDP and ICMP, v4 and v6; a
+daemon attached to them by glob under a demo policy written where it can be
+edited; then `microseg top`. Without a terminal it runs for --duration
+seconds and prints what it saw. Whatever happens — q, Ctrl-C, SIGTERM — it
+removes everything it made, and it clears what a crashed run left first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .client import Client, DaemonError
+from .lab import Lab, WorkloadSpec, wait_for
+
+PREFIX = "msd"
+PIN_DIR = "/sys/fs/bpf/microseg-demo"
+STATE_DIR = Path("/run/microseg-demo")      # pidfile, socket
+DEFAULT_POLICY = Path("/tmp/microseg-demo/policy.yaml")
+
+WORKLOADS = [WorkloadSpec("client", 10, {"role": "client"}),
+             WorkloadSpec("web", 20, {"app": "shop", "tier": "web"}),
+             WorkloadSpec("api", 30, {"app": "shop", "tier": "api"}),
+             WorkloadSpec("db", 40, {"app": "shop", "tier": "db"}),
+             WorkloadSpec("rogue", 66, {"role": "unknown"})]
+SERVERS = {"web": {"tcp": (80, 443), "udp": (53,)}, "api": {"tcp": (8080,)},
+           "db": {"tcp": (5432, 22)}}
+
+POLICY = """\
+# The microseg demo policy. Edit me: the daemon applies every save within
+# milliseconds (watch the header of `microseg top`, or `microseg watch`).
+# Try: allow the rogue to reach the db, deny ICMP, or set `mode: audit`.
+version: 1
+mode: enforce          # enforce | audit
+default: deny          # what happens when no rule matches
+workloads:
+  client:
+    labels: {{role: client}}
+    addresses: [{client4}, "{client6}"]
+  web:
+    labels: {{app: shop, tier: web}}
+    addresses: [{web4}, "{web6}"]
+  api:
+    labels: {{app: shop, tier: api}}
+    addresses: [{api4}, "{api6}"]
+    mode: audit        # traffic TO api is never dropped, only reported
+  db:
+    labels: {{app: shop, tier: db}}
+    addresses: [{db4}, "{db6}"]
+  rogue:
+    addresses: [{rogue4}, "{rogue6}"]
+rules:
+  - name: client-to-web
+    from: {{labels: {{role: client}}}}
+    to: {{labels: {{tier: web}}}}
+    protocol: tcp
+    ports: [80, 443]
+    action: allow
+  - name: web-to-api
+    from: {{workload: web}}
+    to: {{workload: api}}
+    protocol: tcp
+    ports: [8080]
+    action: allow
+  - name: api-to-db
+    from: {{workload: api}}
+    to: {{workload: db}}
+    protocol: tcp
+    ports: [5432]
+    action: allow
+  - name: dns
+    from: any
+    to: {{workload: web}}
+    protocol: udp
+    ports: [53]
+    action: allow
+  - name: no-ssh-to-db
+    from: any
+    to: {{workload: db}}
+    protocol: tcp
+    ports: [22]
+    action: deny
+  - name: ping-inside
+    from: {{cidr: {net4}}}
+    to: {{cidr: {net4}}}
+    protocol: icmp
+    action: allow
+  - name: ping6-inside
+    from: {{cidr: "{net6}"}}
+    to: {{cidr: "{net6}"}}
+    protocol: icmpv6
+    action: allow
+"""
+
+
+def policy_text(lab: Lab) -> str:
+    addrs = {f"{w.name}4": lab.ipv4(w.name) for w in WORKLOADS}
+    addrs.update({f"{w.name}6": lab.ipv6(w.name) for w in WORKLOADS})
+    return POLICY.format(net4=str(lab.net4), net6=str(lab.net6), **addrs)
+
+
+def traffic(lab: Lab) -> dict[str, list[str]]:
+    """Per source workload, the targets of its generator (PROTO,HOST,PORT,WEIGHT):
+    mostly allowed flows, with denied attempts and audited ones mixed in."""
+    ip4, ip6 = lab.ipv4, lab.ipv6
+    return {
+        "client": [f"tcp,{ip4('web')},80,4", f"tcp,{ip6('web')},443,2",
+                   f"udp,{ip4('web')},53,2", f"icmp,{ip4('db')},,1",
+                   f"tcp,{ip4('db')},22,1",        # denied: no-ssh-to-db
+                   f"tcp,{ip4('api')},8080,1"],    # audit: api is in audit mode
+        "web": [f"tcp,{ip4('api')},8080,4", f"tcp,{ip6('api')},8080,1",
+                f"icmp,{ip6('api')},,1"],
+        "api": [f"tcp,{ip4('db')},5432,4", f"tcp,{ip6('db')},5432,1",
+                f"udp,{ip6('web')},53,1"],
+        "rogue": [f"tcp,{ip4('db')},5432,2",       # denied: default
+                  f"tcp,{ip6('web')},80,1",        # denied: default
+                  f"tcp,{ip4('db')},22,1",         # denied: no-ssh-to-db
+                  f"tcp,{ip4('api')},8080,1"],     # audit
+    }
+
+
+class Demo:
+    def __init__(self, policy_path: Path, socket_path: str | None, metrics: str) -> None:
+        self.lab = Lab(WORKLOADS, prefix=PREFIX)
+        self.policy_path = policy_path
+        self.socket = socket_path or "/run/microseg/microseg.sock"
+        self.metrics = metrics
+        self.daemon: subprocess.Popen | None = None
+        self.log_path = STATE_DIR / "daemon.log"
+
+    # -- up and down ------------------------------------------------------------
+
+    def clear_stale(self) -> None:
+        """What a crashed demo left: its daemon, its pins, its lab."""
+        pidfile = STATE_DIR / "daemon.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            pid = int(pidfile.read_text())
+            if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"microseg") >= 0:
+                os.kill(pid, signal.SIGTERM)
+                wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+        pidfile.unlink(missing_ok=True)
+        self.lab.down()
+        shutil.rmtree(PIN_DIR, ignore_errors=True)
+
+    def up(self, say) -> None:
+        self.clear_stale()
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.policy_path.parent.mkdir(parents=True, exist_ok=True)
+        self.policy_path.write_text(policy_text(self.lab))
+        say(f"lab: {len(WORKLOADS)} workloads in namespaces {PREFIX}-*, on bridge "
+            f"{self.lab.bridge}")
+        self.lab.up()
+        for name, servers in SERVERS.items():
+            self.lab.serve(name, **servers)
+        Path(self.socket).parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in down)
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "microseg", "run", "-i", self.lab.glob, "--policy",
+             str(self.policy_path), "--socket", self.socket, "--pin-dir", PIN_DIR,
+             "--metrics", self.metrics, "--flow-log", str(STATE_DIR / "flow.log")],
+            stdout=self.log, stderr=self.log, start_new_session=True)
+        (STATE_DIR / "daemon.pid").write_text(str(self.daemon.pid))
+        if not wait_for(self._ready, timeout=60, interval=0.1):
+            raise RuntimeError(f"the daemon did not start; its log:\n{self._log_tail()}")
+        say(f"daemon: attached to {self.lab.glob}, socket {self.socket}")
+        for source, targets in traffic(self.lab).items():
+            self.lab.spawn(source, [sys.executable, "-m", "microseg.labtraffic", "mix",
+                                    *targets, "--interval", "0.25"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        say("traffic: client, web, api and rogue generating allowed, denied and audited "
+            "flows")
+
+    def _ready(self) -> bool:
+        if self.daemon is not None and self.daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({self.daemon.returncode}); its log:\n"
+                               f"{self._log_tail()}")
+        try:
+            return bool(asyncio.run(_get(self.socket, "/v1/status")).get("ready"))
+        except (DaemonError, OSError):
+            return False
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-15:])
+        except OSError:
+            return "(no log)"
+
+    def down(self) -> None:
+        """Everything goes: traffic, servers, the daemon (it detaches and
+        unpins), the lab. Never raises."""
+        with contextlib.suppress(Exception):
+            self.lab.down()  # kills what runs inside first
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        with contextlib.suppress(Exception):
+            self.log.close()
+        (STATE_DIR / "daemon.pid").unlink(missing_ok=True)
+        shutil.rmtree(PIN_DIR, ignore_errors=True)
+
+
+async def _get(sock: str, path: str) -> dict:
+    async with Client(sock, timeout=5) as c:
+        return await c.get(path)
+
+
+async def _count_verdicts(sock: str, seconds: float, stop: asyncio.Event) -> Counter:
+    """(verdict, rule) of every verdict event for `seconds`."""
+    counts: Counter[tuple[str, str]] = Counter()
+
+    async def consume() -> None:
+        async with Client(sock, timeout=None) as c:
+            async for e in c.stream("/v1/events", type="verdict"):
+                counts[(e["verdict"], e["rule"] or "default")] += 1
+
+    task = asyncio.create_task(consume())
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, DaemonError):
+        await task
+    return counts
+
+
+def summary(counts: Counter, seconds: float) -> str:
+    total = sum(counts.values())
+    by_verdict = Counter()
+    for (v, _), n in counts.items():
+        by_verdict[v] += n
+    lines = [f"microseg demo: {seconds:.0f} s, {total:,} verdicts: " + ", ".join(
+        f"{v} {by_verdict[v]:,}" for v in ("allowed", "denied", "audit") if by_verdict[v])]
+    lines.append(f"  {'verdict':8s} {'rule':16s} {'count':>7s}")
+    for (v, rule), n in sorted(counts.items(), key=lambda x: (x[0][0], -x[1])):
+        lines.append(f"  {v:8s} {rule:16s} {n:>7,}")
+    return "\n".join(lines)
+
+
+def free_metrics(addr: str) -> str:
+    """The demo's metrics address, or any free port when it is taken."""
+    host, _, port = addr.rpartition(":")
+    with socket.socket() as s:
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return f"{host}:0"
+    return addr
+
+
+def run(duration: float | None, policy_path: Path, socket_path: str | None,
+        interactive: bool | None = None) -> int:
+    if os.geteuid() != 0:
+        print("microseg demo: needs root (network namespaces, BPF)", file=sys.stderr)
+        return 3
+    interactive = sys.stdout.isatty() and sys.stdin.isatty() if interactive is None \
+        else interactive
+    demo = Demo(policy_path, socket_path, free_metrics("127.0.0.1:9750"))
+
+    def say(msg: str) -> None:
+        print(f"microseg demo: {msg}", flush=True)
+
+    stop = asyncio.Event()
+    loop_holder: list[asyncio.AbstractEventLoop] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Ctrl-C and SIGTERM end the demo through the same clean-up as q.
+        if loop_holder:
+            loop_holder[0].call_soon_threadsafe(stop.set)
+        else:
+            raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        demo.up(say)
+        say(f"policy: {policy_path} — edit it and watch the verdicts change")
+        say(f"in another terminal: MICROSEG_SOCKET={demo.socket} microseg watch")
+        if interactive and duration is None:
+            from .tui.app import TopApp
+            from .tui.source import DaemonSource
+
+            app = TopApp(DaemonSource(demo.socket))
+            signal.signal(signal.SIGTERM, lambda *_: app.exit())
+            app.run()
+            return 0
+        seconds = duration if duration is not None else 30.0
+        say(f"running for {seconds:.0f} s (no terminal: a summary follows)")
+
+        async def main() -> Counter:
+            loop_holder.append(asyncio.get_running_loop())
+            return await _count_verdicts(demo.socket, seconds, stop)
+
+        t0 = time.monotonic()
+        counts = asyncio.run(main())
+        print(summary(counts, time.monotonic() - t0), flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as e:
+        print(f"microseg demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        say("cleaning up")
+        demo.down()
+        for s, h in old.items():
+            signal.signal(s, h)
+        say("done: no namespace, link, pin or process left")

@@ -1,0 +1,187 @@
+"""`microseg demo` as a newcomer runs it, without a terminal: the summary
+shows allowed, denied and audited verdicts from the rules the demo traffic is
+built to hit; editing the printed policy file changes verdicts live; and
+whatever ends it — the duration, SIGTERM, SIGKILL followed by a second run —
+leaves no namespace, link, qdisc, pin or process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microseg import demo as demo_module
+from microseg.client import Client
+from microseg.demo import PIN_DIR, PREFIX, STATE_DIR
+from microseg.lab import wait_for
+
+pytestmark = pytest.mark.root
+
+# What the demo traffic is built to produce (microseg/demo.py traffic()).
+EXPECTED = {("allowed", "client-to-web"), ("allowed", "web-to-api"), ("allowed", "api-to-db"),
+            ("allowed", "dns"), ("allowed", "ping-inside"), ("allowed", "ping6-inside"),
+            ("denied", "no-ssh-to-db"), ("denied", "default"), ("audit", "default")}
+
+
+class Demo:
+    """`python -m microseg demo` in a pipe, its output read line by line."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.policy = tmp / "policy.yaml"
+        self.socket = str(tmp / "demo.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "microseg", "demo", "--policy", str(self.policy),
+             "--socket", self.socket, *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def expect(self, pattern: str, timeout: float = 90) -> str:
+        """The first further line matching pattern (fails on exit or timeout)."""
+        rx = re.compile(pattern)
+        while True:
+            try:
+                line = self._q.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} in {timeout}s:\n" + self.output())
+            if line is None:
+                pytest.fail(f"demo exited ({self.proc.wait()}) before {pattern!r}:\n"
+                            + self.output())
+            self.lines.append(line)
+            if rx.search(line):
+                return line
+
+    def finish(self, timeout: float = 120) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        while (line := self._q.get(timeout=5)) is not None:
+            self.lines.append(line)
+        return rc
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+
+
+def leftovers() -> list[str]:
+    """Everything a demo can leave behind, described; empty when clean."""
+    found = []
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [f"namespace {n.split()[0]}" for n in ns.splitlines() if n.startswith(PREFIX + "-")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    found += [f"link {m}" for m in re.findall(rf"^\d+: ({PREFIX}[\w.-]*)[@:]", links, re.M)]
+    qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+    found += [f"qdisc {q}" for q in qdiscs.splitlines() if f" dev {PREFIX}" in q]
+    if Path(PIN_DIR).exists():
+        found.append(f"pins {PIN_DIR}: {sorted(p.name for p in Path(PIN_DIR).iterdir())}")
+    procs = subprocess.run(["pgrep", "-af", "microseg (run|demo)|microseg.labtraffic"],
+                           capture_output=True, text=True).stdout
+    found += [f"process {p}" for p in procs.splitlines() if "pgrep" not in p]
+    if (STATE_DIR / "daemon.pid").exists():
+        found.append(f"pidfile {STATE_DIR / 'daemon.pid'}")
+    return found
+
+
+@pytest.fixture
+def clean() -> Iterator[None]:
+    assert not leftovers(), f"a demo is already running here: {leftovers()}"
+    yield
+    if leftovers():  # a failed test: tidy up for the next one
+        demo_module.Demo(Path("/nonexistent"), None, "off").clear_stale()
+
+
+def summary_rows(text: str) -> dict[tuple[str, str], int]:
+    rows = re.findall(r"^  (allowed|denied|audit)\s+(\S+)\s+([\d,]+)$", text, re.M)
+    return {(v, r): int(n.replace(",", "")) for v, r, n in rows}
+
+
+def test_demo_summary_shows_every_verdict_kind_and_cleans_up(tmp_path: Path, clean) -> None:
+    demo = Demo(tmp_path, "--duration", "10")
+    try:
+        demo.expect(rf"policy: {re.escape(str(demo.policy))}")
+        assert demo.finish() == 0, demo.output()
+    finally:
+        demo.kill()
+    out = demo.output()
+    assert re.search(r"microseg demo: \d+ s, [\d,]+ verdicts: allowed [\d,]+, denied [\d,]+, "
+                     r"audit [\d,]+", out), out
+    seen = summary_rows(out)
+    assert set(seen) >= EXPECTED, f"missing {EXPECTED - set(seen)}:\n{out}"
+    assert "done: no namespace, link, pin or process left" in out
+    assert leftovers() == []
+    assert not Path(demo.socket).exists()
+
+
+async def _verdicts(sock: str, want, timeout: float) -> dict:
+    """The first verdict event for which want(e) is true."""
+    async with Client(sock, timeout=None) as c:
+        async def first() -> dict:
+            async for e in c.stream("/v1/events", type="verdict"):
+                if want(e):
+                    return e
+            raise AssertionError("the event stream ended")
+        return await asyncio.wait_for(first(), timeout)
+
+
+def test_editing_the_policy_changes_verdicts_live_then_sigterm_cleans_up(
+        tmp_path: Path, clean) -> None:
+    demo = Demo(tmp_path, "--duration", "300")
+    try:
+        demo.expect(r"running for")
+
+        def rogue_to_db(e: dict) -> bool:
+            return (e["src"].get("workload") == "rogue" and e["dst"].get("workload") == "db"
+                    and e["dst"].get("port") == 5432)
+
+        e = asyncio.run(_verdicts(demo.socket, rogue_to_db, 30))
+        assert (e["verdict"], e["rule"]) == ("denied", None), e
+        with demo.policy.open("a") as f:  # rules is the file's last section
+            f.write("  - name: rogue-may-query\n    from: {workload: rogue}\n"
+                    "    to: {workload: db}\n    protocol: tcp\n    ports: [5432]\n"
+                    "    action: allow\n")
+        e = asyncio.run(_verdicts(demo.socket, lambda e: rogue_to_db(e) and e["verdict"]
+                                  == "allowed", 30))
+        assert e["rule"] == "rogue-may-query", e
+        demo.proc.send_signal(signal.SIGTERM)
+        assert demo.finish() == 0, demo.output()
+    finally:
+        demo.kill()
+    assert "done: no namespace, link, pin or process left" in demo.output()
+    assert leftovers() == []
+
+
+def test_a_second_run_after_a_crash_works(tmp_path: Path, clean) -> None:
+    crashed = Demo(tmp_path, "--duration", "300")
+    try:
+        crashed.expect(r"running for")
+    finally:
+        crashed.proc.send_signal(signal.SIGKILL)  # no clean-up at all
+        crashed.kill()
+    assert leftovers(), "SIGKILL should have left the lab and the daemon behind"
+    demo = Demo(tmp_path, "--duration", "5")
+    try:
+        assert demo.finish() == 0, demo.output()
+    finally:
+        demo.kill()
+    seen = summary_rows(demo.output())
+    assert {v for v, _ in seen} == {"allowed", "denied", "audit"}, demo.output()
+    assert wait_for(lambda: not leftovers(), timeout=5), leftovers()
