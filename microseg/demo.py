@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .client import Client, DaemonError
+from .client import DEFAULT_SOCKET, Client, DaemonError
 from .lab import Lab, WorkloadSpec, wait_for
 
 PREFIX = "msd"
@@ -136,7 +136,7 @@ class Demo:
     def __init__(self, policy_path: Path, socket_path: str | None, metrics: str) -> None:
         self.lab = Lab(WORKLOADS, prefix=PREFIX)
         self.policy_path = policy_path
-        self.socket = socket_path or "/run/microseg/microseg.sock"
+        self.socket = socket_path  # chosen in up(), once a crashed demo is gone
         self.metrics = metrics
         self.daemon: subprocess.Popen | None = None
         self.log_path = STATE_DIR / "daemon.log"
@@ -157,6 +157,7 @@ class Demo:
 
     def up(self, say) -> None:
         self.clear_stale()
+        self.socket = self.socket or demo_socket()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self.policy_path.parent.mkdir(parents=True, exist_ok=True)
         self.policy_path.write_text(policy_text(self.lab))
@@ -252,6 +253,28 @@ def summary(counts: Counter, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def demo_socket() -> str:
+    """The default socket, so that plain `microseg watch` finds the demo —
+    unless a daemon already serves it (a real one on this host): then the
+    demo's own, leaving that one alone."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(DEFAULT_SOCKET)
+        except OSError:
+            return DEFAULT_SOCKET
+    return str(STATE_DIR / "microseg.sock")
+
+
+def command_line(sock: str) -> str:
+    """How to run microseg from another terminal, as this one was run (the
+    virtualenv need not be on PATH)."""
+    exe = Path(sys.executable).with_name("microseg")
+    cmd = str(exe) if exe.exists() else f"{sys.executable} -m microseg"
+    if shutil.which("microseg") == str(exe):
+        cmd = "microseg"
+    return cmd if sock == DEFAULT_SOCKET else f"MICROSEG_SOCKET={sock} {cmd}"
+
+
 def free_metrics(addr: str) -> str:
     """The demo's metrics address, or any free port when it is taken."""
     host, _, port = addr.rpartition(":")
@@ -289,7 +312,7 @@ def run(duration: float | None, policy_path: Path, socket_path: str | None,
     try:
         demo.up(say)
         say(f"policy: {policy_path} — edit it and watch the verdicts change")
-        say(f"in another terminal: MICROSEG_SOCKET={demo.socket} microseg watch")
+        say(f"in another terminal: {command_line(demo.socket)} watch")
         if interactive and duration is None:
             from .tui.app import TopApp
             from .tui.source import DaemonSource

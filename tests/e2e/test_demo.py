@@ -11,6 +11,7 @@ import contextlib
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -185,3 +186,13 @@ def test_a_second_run_after_a_crash_works(tmp_path: Path, clean) -> None:
     seen = summary_rows(demo.output())
     assert {v for v, _ in seen} == {"allowed", "denied", "audit"}, demo.output()
     assert wait_for(lambda: not leftovers(), timeout=5), leftovers()
+
+
+def test_the_demo_leaves_a_running_daemons_socket_alone(tmp_path: Path, monkeypatch) -> None:
+    default = str(tmp_path / "microseg.sock")
+    monkeypatch.setattr(demo_module, "DEFAULT_SOCKET", default)
+    assert demo_module.demo_socket() == default  # nobody there: the default
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(default)
+        live.listen()
+        assert demo_module.demo_socket() == str(STATE_DIR / "microseg.sock")
