@@ -118,13 +118,13 @@ def traffic(lab: Lab) -> dict[str, list[str]]:
     ip4, ip6 = lab.ipv4, lab.ipv6
     return {
         "client": [f"tcp,{ip4('web')},80,4", f"tcp,{ip6('web')},443,2",
-                   f"udp,{ip4('web')},53,2", f"icmp,{ip4('db')},,1",
+                   f"udp,{ip4('web')},53,2", f"icmp,{ip4('db')},,2",
                    f"tcp,{ip4('db')},22,1",        # denied: no-ssh-to-db
                    f"tcp,{ip4('api')},8080,1"],    # audit: api is in audit mode
         "web": [f"tcp,{ip4('api')},8080,4", f"tcp,{ip6('api')},8080,1",
-                f"icmp,{ip6('api')},,1"],
+                f"icmp,{ip6('api')},,2"],
         "api": [f"tcp,{ip4('db')},5432,4", f"tcp,{ip6('db')},5432,1",
-                f"udp,{ip6('web')},53,1"],
+                f"udp,{ip6('web')},53,1", f"icmp,{ip4('web')},,1"],
         "rogue": [f"tcp,{ip4('db')},5432,2",       # denied: default
                   f"tcp,{ip6('web')},80,1",        # denied: default
                   f"tcp,{ip4('db')},22,1",         # denied: no-ssh-to-db
