@@ -62,9 +62,9 @@ def session_batches(n: int, gen: int, *, created_ns: int, last_seen: int,
         a = bytes(map(int, workload_ip4(i % 1000).split("."))) + bytes(12)
         b = bytes(map(int, workload_ip4((i + 1) % 1000).split("."))) + bytes(12)
         sport, dport = 10000 + i // 1000, 443
-        lo = (a, sport) <= (b, dport)
-        keys += ks.pack(a if lo else b, b if lo else a, sport if lo else dport,
-                        dport if lo else sport, 6, 4)
+        key = session_key(4, 6, a, b, sport, dport)  # the datapath's canonical order
+        lo = key[:16] == a
+        keys += key
         values += vs.pack(created_ns, last_seen, 10, 10, 1000, 1000, 1, gen, 2, 4, 1, 2,
                           abi.State.ESTABLISHED, abi.SessionFlag.ORIG_LO if lo else 0,
                           abi.Verdict.ALLOWED, abi.Reason.RULE)

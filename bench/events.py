@@ -74,7 +74,7 @@ def decode_rate(records: int) -> dict:
         dp.close()
 
 
-def _newest_prog_id(name: str) -> int:
+def newest_prog_id(name: str) -> int:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True).stdout
     return max(p["id"] for p in json.loads(out) if p.get("name") == name)
@@ -131,7 +131,7 @@ def end_to_end(events: int, burst: int, *, ringbuf_bytes: int, paced: bool,
             reader = threading.Thread(target=read, daemon=True)
             reader.start()
         time.sleep(1)
-        fd = bpfsys.prog_fd_by_id(_newest_prog_id("mseg_ingress"))
+        fd = bpfsys.prog_fd_by_id(newest_prog_id("mseg_ingress"))
         pkt = tcp_packet("10.207.0.10", "10.207.0.20", 40000, 80, "S")
         st0 = _get(sock, "/v1/stats")
         t0 = time.perf_counter()

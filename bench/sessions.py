@@ -1,8 +1,9 @@
 """Session-table benchmarks, through a running daemon.
 
 For each size, a `microseg run` with its maps pinned gets that many
-established TCP sessions written straight into its session_map (as the
-datapath would leave them), then:
+sessions opened through its own ingress program (one SYN each, by
+BPF_PROG_TEST_RUN: session insert, policy verdict, events, as on the wire),
+then:
 
 - memory: the map's kernel memory (memlock, from fdinfo) and the daemon's
   resident set before and after;
@@ -28,23 +29,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from microseg import bpfsys
 from microseg.bpfsys import BpfMap
 from microseg.client import Client
 
-from .datapath import session_batches
-
-
-def _jiffies_now() -> int:
-    """The kernel's jiffies, from /proc/timer_list (root only)."""
-    with open("/proc/timer_list") as f:
-        for line in f:
-            if ".last_jiffies" in line:
-                return int(line.split(":")[1])
-    raise RuntimeError("no jiffies in /proc/timer_list")
+from .datapath import session_batches, tcp_packet
+from .events import newest_prog_id
+from .policygen import workload_ip4
 
 
 def _memlock(m: BpfMap) -> int:
@@ -117,6 +113,17 @@ class StallProbe:
         await asyncio.to_thread(self._thread.join)
 
 
+def session_syns(n: int) -> Iterator[bytes]:
+    """SYNs opening n sessions through the datapath: the 5-tuples of
+    session_batches(n), so those rewrite exactly these sessions later."""
+    pkt = bytearray(tcp_packet("10.0.0.1", "10.0.0.2", 0, 443, "S"))
+    addrs = [bytes(map(int, workload_ip4(i).split("."))) for i in range(1000)]
+    for i in range(n):
+        pkt[26:30], pkt[30:34] = addrs[i % 1000], addrs[(i + 1) % 1000]  # IPv4 src, dst
+        pkt[34:36] = (10000 + i // 1000).to_bytes(2, "big")              # TCP source port
+        yield bytes(pkt)
+
+
 async def _one_size(n: int, work: str) -> dict:
     sock = os.path.join(work, "ms.sock")
     pins = f"/sys/fs/bpf/microseg-bench-sess-{os.getpid()}"
@@ -153,11 +160,19 @@ async def _one_size(n: int, work: str) -> dict:
             m = BpfMap.from_pin(os.path.join(pins, "session_map"), "session_map")
             rss0 = _rss(proc.pid)
             now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            t0 = time.perf_counter()
-            for keys, values, count in session_batches(n, 1, created_ns=now_ns,
-                                                       last_seen=_jiffies_now()):
-                m.update_batch(keys, values, count)
-            fill_s = time.perf_counter() - t0
+            fd = bpfsys.prog_fd_by_id(newest_prog_id("mseg_ingress"))
+            try:
+                t0 = time.perf_counter()
+                for pkt in session_syns(n):
+                    bpfsys.prog_test_run(fd, pkt)
+                fill_s = time.perf_counter() - t0
+            finally:
+                os.close(fd)
+            # Their verdict and `new` events: let the daemon be done with them.
+            published = -1
+            while (now := (await stats())["events"]["published"]) != published:
+                published = now
+                await asyncio.sleep(0.5)
 
             t0 = time.perf_counter()
             st = await stats()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import readme
+
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,3 +48,11 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
         assert run["keys"] > 0 and run["median_ms"] > 0
         assert run["ingested_per_s"] >= 0.9 * run["rate"]  # the app kept up with the stream
     assert "key latency" in r.stdout
+    traffic = res["traffic"]["configs"]
+    assert set(traffic) == {"none", "microseg", "nft_linear", "nft_sets"}
+    for kind, run in traffic.items():
+        for key in ("rr_per_s", "p50_us", "p99_us", "udp_pps", "stream_gbps"):
+            assert run[key]["median"] > 0, (kind, key)
+    assert "Real traffic between two lab namespaces" in r.stdout
+    section = readme.render(res)  # the README generator reads every figure it needs
+    assert "**Real traffic**" in section and "**TUI**" in section

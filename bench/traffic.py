@@ -1,0 +1,248 @@
+"""Real traffic between two lab namespaces, side by side: no firewall, microseg,
+and nftables with conntrack enforcing the same rules — once as a linear rule
+list, once as a set.
+
+The client and the server are namespaces on one bridge (as containers are).
+microseg attaches to the host side of both veths; nftables filters the same
+bridged traffic in an inet forward chain (the bridge's `nf_call_iptables`,
+set only on this bridge and only while nftables is measured, sends it
+there, through conntrack). Both enforce default deny with the benchmark's
+flows allowed by the last of `rules` rules, the rest never matching.
+
+Measured per configuration and round, the configurations interleaved and
+their order rotated every round:
+- TCP request/response, 64 bytes, one connection, one request in flight
+  (sockperf ping-pong, full round trips): requests/s, p50 and p99 latency;
+- UDP, 64-byte datagrams as fast as the sender can (iperf3): datagrams/s
+  received;
+- TCP stream (iperf3): bits/s received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from microseg.lab import Lab, WorkloadSpec, wait_for
+
+CONFIGS = ("none", "microseg", "nft_linear", "nft_sets")
+LABELS = {"none": "no firewall", "microseg": "microseg",
+          "nft_linear": "nftables, linear rules", "nft_sets": "nftables, a set"}
+RR_PORT, IPERF_PORT = 11111, 5201
+PIN_DIR = "/sys/fs/bpf/microseg-bench-traffic"
+NFT_TABLE = "msbench"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _filler(i: int) -> tuple[str, str, int]:
+    """The i-th rule that never matches: its own /32s and port."""
+    return (f"198.18.{i // 250}.{i % 250 + 1}", f"198.19.{i // 250}.{i % 250 + 1}",
+            1024 + i)
+
+
+def policy_yaml(lab: Lab, rules: int) -> str:
+    cli, srv = lab.ipv4("cli"), lab.ipv4("srv")
+    out = ["version: 1", "default: deny", "workloads:",
+           f"  cli: {{addresses: [{cli}]}}", f"  srv: {{addresses: [{srv}]}}", "rules:"]
+    for i in range(max(0, rules - 2)):
+        a, b, port = _filler(i)
+        out.append(f"  - {{name: f{i}, from: {{cidr: {a}/32}}, to: {{cidr: {b}/32}}, "
+                   f"protocol: tcp, ports: [{port}], action: allow}}")
+    out.append(f"  - {{name: bench-tcp, from: {{workload: cli}}, to: {{workload: srv}}, "
+               f"protocol: tcp, ports: [{RR_PORT}, {IPERF_PORT}], action: allow}}")
+    out.append(f"  - {{name: bench-udp, from: {{workload: cli}}, to: {{workload: srv}}, "
+               f"protocol: udp, ports: [{IPERF_PORT}], action: allow}}")
+    return "\n".join(out) + "\n"
+
+
+def nft_ruleset(lab: Lab, rules: int, sets: bool) -> str:
+    """The policy above in nftables: conntrack first (as microseg's session
+    table), then the rules, then default deny — for this bridge only."""
+    cli, srv = lab.ipv4("cli"), lab.ipv4("srv")
+    allowed = [(_filler(i)[0], _filler(i)[1], "tcp", _filler(i)[2])
+               for i in range(max(0, rules - 2))]
+    allowed += [(cli, srv, "tcp", RR_PORT), (cli, srv, "tcp", IPERF_PORT),
+                (cli, srv, "udp", IPERF_PORT)]
+    lines = [f"table inet {NFT_TABLE} {{"]
+    if sets:
+        elems = ", ".join(f"{a} . {b} . {p} . {port}" for a, b, p, port in allowed)
+        lines += ["  set allow {",
+                  "    type ipv4_addr . ipv4_addr . inet_proto . inet_service",
+                  f"    elements = {{ {elems} }}", "  }"]
+    lines += ["  chain workloads {",
+              "    ct state established,related accept",
+              "    ct state invalid drop"]
+    if sets:
+        lines.append("    ip saddr . ip daddr . meta l4proto . th dport @allow accept")
+    else:
+        lines += [f"    ip saddr {a} ip daddr {b} {p} dport {port} accept"
+                  for a, b, p, port in allowed]
+    lines += ["    drop", "  }",
+              "  chain forward {",
+              "    type filter hook forward priority filter; policy accept;",
+              f'    iifname "{lab.bridge}" jump workloads',
+              "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+class Firewall:
+    """One configuration, set up and torn down around each round's tests."""
+
+    def __init__(self, kind: str, lab: Lab, rules: int, work: str) -> None:
+        self.kind, self.lab, self.rules, self.work = kind, lab, rules, work
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Firewall:
+        if self.kind == "microseg":
+            self._start_microseg()
+        elif self.kind.startswith("nft"):
+            path = os.path.join(self.work, f"{self.kind}.nft")
+            with open(path, "w") as f:
+                f.write(nft_ruleset(self.lab, self.rules, sets=self.kind == "nft_sets"))
+            subprocess.run(["nft", "-f", path], check=True, capture_output=True)
+            _bridge_nf(self.lab, True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+            self.proc = None
+        if self.kind.startswith("nft"):
+            _bridge_nf(self.lab, False)
+            subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
+
+    def _start_microseg(self) -> None:
+        from .policy import _status
+
+        path = os.path.join(self.work, "policy.yaml")
+        with open(path, "w") as f:
+            f.write(policy_yaml(self.lab, self.rules))
+        sock = os.path.join(self.work, "ms.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "microseg", "run", "--metrics", "off", "-i", self.lab.glob,
+             "--policy", path, "--socket", sock, "--pin-dir", PIN_DIR],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ok = wait_for(lambda: os.path.exists(sock) and _status(sock).get("ready"), timeout=120)
+        if not ok:
+            raise RuntimeError("bench traffic: the microseg daemon did not become ready")
+
+
+def _bridge_nf(lab: Lab, on: bool) -> None:
+    subprocess.run(["ip", "link", "set", lab.bridge, "type", "bridge", "nf_call_iptables",
+                    "1" if on else "0"], check=True, capture_output=True)
+
+
+def _sockperf_rr(lab: Lab, seconds: float) -> dict:
+    r = lab.run("cli", ["sockperf", "ping-pong", "--tcp", "-i", lab.ipv4("srv"),
+                        "-p", str(RR_PORT), "-t", str(seconds), "-m", "64", "--full-rtt"],
+                timeout=seconds + 30)
+    text = ANSI.sub("", r.stdout + r.stderr)
+    valid = re.search(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; "
+                      r"ReceivedMessages=(\d+)", text)
+    p50 = re.search(r"percentile 50\.000 =\s*([\d.]+)", text)
+    p99 = re.search(r"percentile 99\.000 =\s*([\d.]+)", text)
+    if not (valid and p50 and p99):
+        raise RuntimeError(f"bench traffic: unexpected sockperf output:\n{text[-2000:]}")
+    return {"rr_per_s": round(int(valid[2]) / float(valid[1])),
+            "p50_us": float(p50[1]), "p99_us": float(p99[1])}
+
+
+def _iperf(lab: Lab, seconds: float, udp: bool) -> dict:
+    argv = ["iperf3", "-c", lab.ipv4("srv"), "-p", str(IPERF_PORT), "-t", str(seconds),
+            "--json"]
+    if udp:
+        argv += ["-u", "-l", "64", "-b", "0"]
+    r = lab.run("cli", argv, timeout=seconds + 30)
+    try:
+        end = json.loads(r.stdout)["end"]
+    except (ValueError, KeyError) as e:
+        raise RuntimeError(f"bench traffic: iperf3 failed: {r.stdout[-500:]}"
+                           f"{r.stderr[-500:]}") from e
+    if udp:
+        s = end["sum"]
+        return {"udp_pps": round((s["packets"] - s["lost_packets"]) / s["seconds"]),
+                "udp_sent_pps": round(s["packets"] / s["seconds"])}
+    return {"stream_gbps": round(end["sum_received"]["bits_per_second"] / 1e9, 3)}
+
+
+def _run_tests(lab: Lab, seconds: float) -> dict:
+    out = _sockperf_rr(lab, seconds)
+    out.update(_iperf(lab, seconds, udp=True))
+    out.update(_iperf(lab, seconds, udp=False))
+    return out
+
+
+_CONNECT = """
+import socket, sys
+s = socket.socket()
+s.settimeout(1)
+try:
+    s.connect((sys.argv[1], 22))
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except OSError:
+    print("dropped")
+"""
+
+
+def _check_enforced(lab: Lab, kind: str) -> None:
+    """A firewall that is not enforcing would make for flattering numbers:
+    a port the policy does not allow is dropped under each of them (and,
+    with no firewall, refused by the server's kernel)."""
+    got = lab.run("cli", [sys.executable, "-c", _CONNECT, lab.ipv4("srv")],
+                  timeout=30).stdout.strip()
+    want = "refused" if kind == "none" else "dropped"
+    if got != want:
+        raise RuntimeError(f"bench traffic: {LABELS[kind]}: tcp to port 22 {got}, "
+                           f"expected {want}")
+
+
+def summarize(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def measure(rounds: int, seconds: float, rules: int,
+            progress: Callable[[str], None] = lambda s: None) -> dict:
+    for tool in ("sockperf", "iperf3", "nft"):
+        if not shutil.which(tool):
+            raise RuntimeError(f"bench traffic: {tool} not found (make setup installs it)")
+    lab = Lab([WorkloadSpec("cli", 10), WorkloadSpec("srv", 20)], prefix="msbt",
+              subnet4="10.210.0.0/24", subnet6="fd00:210::/64")
+    work = tempfile.mkdtemp(prefix="microseg-bench-traffic-")
+    samples: dict[str, list[dict]] = {k: [] for k in CONFIGS}
+    try:
+        lab.up()
+        lab.spawn("srv", ["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", str(RR_PORT)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.spawn("srv", ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        for r in range(rounds):
+            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            for kind in order:
+                progress(f"traffic round {r + 1}/{rounds}: {LABELS[kind]}")
+                with Firewall(kind, lab, rules, work):
+                    _check_enforced(lab, kind)
+                    samples[kind].append(_run_tests(lab, seconds))
+    finally:
+        lab.down()
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
+        shutil.rmtree(PIN_DIR, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    out: dict = {"params": {"rounds": rounds, "seconds": seconds, "rules": rules},
+                 "configs": {}}
+    for kind, runs in samples.items():
+        out["configs"][kind] = {"label": LABELS[kind], "runs": runs,
+                                **{m: summarize([x[m] for x in runs]) for m in runs[0]}}
+    return out
