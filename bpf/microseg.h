@@ -320,6 +320,15 @@ struct clock_sample {
 	__u64 ktime_ns;
 };
 
+/* daemon_map[0]: the daemon's own bookkeeping, pinned with the maps so that
+ * a restarted daemon (also after SIGKILL) numbers events on from the last
+ * one published and reports the ring-buffer losses not reported yet. The
+ * datapath never touches it. */
+struct daemon_state {
+	__u64 last_seq;
+	__u64 ringbuf_lost_seen;
+};
+
 /* bench/ only (MSEG_BENCH_HARNESS): where and from what to rewrite the
  * TCP source port so every BPF_PROG_TEST_RUN repetition is a new flow. */
 struct bench_ctl {

@@ -26,6 +26,7 @@ from .enrich import Names, session_rows
 from .events import EventHub, rfc3339
 from .filters import Filter
 from .interfaces import InterfaceManager
+from .journal import Journal
 from .netlink import LinkWatcher
 from .pipeline import Pipeline
 from .policy.manager import PolicyManager
@@ -109,7 +110,8 @@ class Daemon:
         self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
                                     builtin_fallback=cfg.policy_default_audit)
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
-        self.names = Names(self.policy.compiled_for, self.interfaces.name_of)
+        self.names = Names(self.policy.compiled_for, self.interfaces.name_of,
+                           lambda: self.policy.active.compiled if self.policy.active else None)
         self.pipeline = Pipeline(self.datapath, self.hub, self.names,
                                  lambda: self.policy.generation)
         self.links = LinkWatcher(self._on_links_changed)
@@ -175,10 +177,18 @@ class Daemon:
             log.warning("kernel BPF run-time stats unavailable: %s", e)
         self.clock = await loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
         self.sweeper = Sweeper(self.datapath, self.clock, self.cfg.timeouts)
-        self.pipeline.start(loop)
+        journal = Journal(self.datapath.maps["daemon_map"])
+        if journal.inherited:
+            log.info("continuing an earlier daemon's events after seq %d", journal.last_seq)
+            self.hub.continue_after(journal.last_seq)
+        self.hub.on_seq = journal.record_seq
+        self.pipeline.journal = journal
         res = await self.policy.reload("start", force=True)
         if res.result != "applied":
             raise StartupError("invalid policy:\n" + "\n".join(res.errors))
+        # After the policy: what an earlier daemon left in the ring is named
+        # with it (microseg/enrich.py Names.workload).
+        self.pipeline.start(loop)
         await loop.run_in_executor(None, self.interfaces.sync)
         for name in self.interfaces.missing():
             log.warning("interface %s not found (yet)", name)

@@ -86,6 +86,7 @@ class DatapathConfig:
             "event_stats_map": MapSpec(*percpu, abi.EVENT_STATS.size, EVENT_TYPE_SLOTS, 0),
             "meta_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
             "clock_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.CLOCK_SAMPLE.size, 1, 0),
+            "daemon_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.DAEMON_STATE.size, 1, 0),
             "frag_map": MapSpec(B.BPF_MAP_TYPE_LRU_HASH, abi.FRAG_KEY.size,
                                 abi.FRAG_VALUE.size, FRAG_CAPACITY, 0),
             "events": MapSpec(B.BPF_MAP_TYPE_RINGBUF, 0, 0, self.ringbuf_bytes, 0),

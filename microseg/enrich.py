@@ -67,8 +67,10 @@ class Names:
     """Names for what kernel records carry as numbers."""
 
     def __init__(self, compiled_for: Callable[[int], CompiledPolicy | None],
-                 interface_name: Callable[[int], str | None]) -> None:
+                 interface_name: Callable[[int], str | None],
+                 current: Callable[[], CompiledPolicy | None] = lambda: None) -> None:
         self._compiled_for = compiled_for
+        self._current = current
         self._interface_name = interface_name
         self._ip: dict[bytes, str] = {}
         self._ip_workload: dict[tuple[int, bytes], str | None] = {}
@@ -96,7 +98,11 @@ class Names:
     def workload(self, generation: int, identity: int, family: int, raw: bytes) -> str | None:
         compiled = self._compiled_for(generation)
         if compiled is None:
-            return None
+            # A generation we cannot name (an earlier daemon's): its identity
+            # numbers mean nothing here, but addresses do, in today's policy.
+            compiled, identity = self._current(), 0
+            if compiled is None:
+                return None
         if identity:
             return compiled.workload_of_identity.get(identity)
         # No identity in the record (a drop before the policy lookup, or an

@@ -159,11 +159,20 @@ class EventHub:
         self._subs: list[Subscription] = []
         self.published: dict[str, int] = {}  # events by type, for metrics
         self.subscriber_lost = 0  # dropped from slow subscribers' queues, all time
+        # Told the last seq before anyone sees its event (microseg/journal.py).
+        self.on_seq: Callable[[int], None] | None = None
+
+    def continue_after(self, last_seq: int) -> None:
+        """Number on from an earlier daemon's last event."""
+        self._seq = itertools.count(last_seq + 1)
+        self.last_seq = last_seq
 
     def stamp(self, fields: Event, unix_ns: int | None = None) -> Event:
         """time + seq first, then the event's own fields (stable key order)."""
         seq = next(self._seq)
         self.last_seq = seq
+        if self.on_seq is not None:
+            self.on_seq(seq)
         return {"time": rfc3339(self._clock() if unix_ns is None else unix_ns), "seq": seq,
                 **fields}
 
@@ -184,6 +193,8 @@ class EventHub:
             t = event["type"]
             counts[t] = counts.get(t, 0) + 1
         self.last_seq = events[-1]["seq"]
+        if self.on_seq is not None:
+            self.on_seq(self.last_seq)
         self.recent.extend(events)
         for sub in self._subs:
             sub._offer_many(events)

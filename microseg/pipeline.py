@@ -41,6 +41,7 @@ class Pipeline:
         self.decoded = 0            # records taken from the ring
         self.lost_ringbuf = 0       # reported to subscribers so far
         self._lost_seen: int | None = None
+        self.journal = None  # microseg/journal.py, when the daemon keeps one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_wall = time.monotonic()
@@ -48,7 +49,11 @@ class Pipeline:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.ring = RingBuffer(self.datapath.maps["events"].fd, abi.EVENT.size)
-        self._check_loss()  # the baseline: losses before this daemon are not ours
+        if self.journal is not None and self.journal.inherited:
+            # An earlier daemon reported losses up to here: what the kernel
+            # counted since (while no daemon ran) is reported now.
+            self._lost_seen = self.journal.ringbuf_lost_seen
+        self._check_loss()  # else the baseline: losses before any daemon are not ours
         loop.add_reader(self.ring.fd, self.drain)
         self._schedule()
 
@@ -95,10 +100,14 @@ class Pipeline:
         """Publish the growth of the kernel's failed-reservation counters."""
         stats = self.datapath.read_event_stats()
         lost = sum(lost for _sub, lost in stats.values())
-        if self._lost_seen is None:
+        if self._lost_seen is None or lost < self._lost_seen:  # none yet, or new counters
             self._lost_seen = lost
+            if self.journal is not None:
+                self.journal.record_lost(lost)
         if lost > self._lost_seen:
             delta = lost - self._lost_seen
             self._lost_seen = lost
             self.lost_ringbuf += delta
+            if self.journal is not None:
+                self.journal.ringbuf_lost_seen = lost  # written with the event's seq
             self.hub.publish({"type": "lost", "count": delta, "source": "ringbuf"})

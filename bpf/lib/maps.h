@@ -80,6 +80,9 @@ MSEG_MAP("array", u32, struct clock_sample, clock_map, 1, 0);
 /* meta_map[0]: MSEG_ABI_VERSION of whoever created these pins. */
 MSEG_MAP("array", u32, u32, meta_map, 1, 0);
 
+/* daemon_map[0]: see struct daemon_state (the daemon's, not the datapath's). */
+MSEG_MAP("array", u32, struct daemon_state, daemon_map, 1, 0);
+
 /* First-fragment verdicts, keyed by the datagram's id. */
 MSEG_MAP("lru_hash", struct frag_key, struct frag_value, frag_map,
 	 MSEG_FRAG_CAPACITY, 0);

@@ -86,6 +86,7 @@ class PolicyManager:
         self._converge: asyncio.TimerHandle | None = None
         # Generations whose rule/identity names events may still mention.
         self.history: dict[int, CompiledPolicy] = {}
+        self.first_generation = 0  # the first this daemon applied
 
     # -- reading what runs -----------------------------------------------------
 
@@ -96,7 +97,13 @@ class PolicyManager:
     def compiled_for(self, generation: int) -> CompiledPolicy | None:
         """The compiled policy of a (recent) generation, for naming things
         in events judged under it."""
-        return self.history.get(generation) or (self.active.compiled if self.active else None)
+        if generation in self.history:
+            return self.history[generation]
+        if generation < self.first_generation:
+            # Judged under an earlier daemon on the same pins (events it left
+            # in the ring): its rule and identity numbers are not ours.
+            return None
+        return self.active.compiled if self.active else None
 
     # -- changing it -----------------------------------------------------------
 
@@ -166,6 +173,7 @@ class PolicyManager:
         apply_ms = (time.perf_counter() - started) * 1000
         self.active = ActivePolicy(loaded, compiled, gen, time.time_ns())
         self.history[gen] = compiled
+        self.first_generation = self.first_generation or gen
         for old in sorted(self.history)[:-4]:
             del self.history[old]
         # The compiled policy is large and long-lived and has no cycles:
