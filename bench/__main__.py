@@ -15,7 +15,7 @@ import platform
 import sys
 from pathlib import Path
 
-from . import datapath, events, policy, readme, sessions, traffic, tui
+from . import datapath, events, policy, readme, sessions, soak, traffic, tui
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -39,6 +39,7 @@ EVENT_MODES = {
 SESSION_SIZES = {"full": (100_000, 1_000_000), "quick": (5_000,)}
 TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
+SOAK_SECONDS = {"full": 600, "quick": 15}
 TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},
              "quick": {"rates": (50_000,), "rounds": 1}}
 
@@ -205,6 +206,30 @@ def traffic_table(res: dict) -> list[str]:
     return lines
 
 
+def soak_verdicts(res: dict) -> list[tuple[str, str, bool]]:
+    """(what, measured, held) for a soak: flat memory, no fd leak, a flat table."""
+    rss, fds, ses = res["rss_mib"], res["fds"], res["sessions"]
+    return [
+        ("daemon memory flat (RSS slope <= 0.5 MiB/min after warm-up)",
+         f"{rss['slope_mib_per_min']:+.2f} MiB/min ({rss['first']:.0f} -> {rss['last']:.0f}"
+         " MiB)", rss["slope_mib_per_min"] <= 0.5),
+        ("no fd leak (open fds at the end <= after warm-up + 2)",
+         f"{fds['first']} -> {fds['last']}", fds["last"] <= fds["first"] + 2),
+        ("session table flat (slope <= 2 % of its peak per min)",
+         f"{ses['slope_per_min']:+.0f}/min (peak {ses['max']:,})",
+         ses["slope_per_min"] <= 0.02 * max(ses["max"], 1)),
+    ]
+
+
+def soak_table(res: dict) -> list[str]:
+    lines = [f"Soak: {res['seconds']} s of connection churn ({res['cycles']:,} TCP connections "
+             f"+ UDP flows, {res['cycles_per_s']:,}/s) with a `watch` client, sampled every "
+             "5 s"]
+    for what, measured, ok in soak_verdicts(res):
+        lines.append(f"  {what:62s} {measured:>30s}   {'held' if ok else 'NOT held'}")
+    return lines
+
+
 def tui_table(res: dict) -> list[str]:
     lines = ["`microseg top`: key latency (key event to the first frame painted after its "
              "action), 160x50, synthetic events",
@@ -242,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     sess = sessions.measure(SESSION_SIZES[args.mode])
     top = tui.measure(**TUI_MODES[args.mode])
     real = traffic.measure(**TRAFFIC_MODES[args.mode])
+    soaked = soak.measure(SOAK_SECONDS[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
            "machine": machine(), "datapath": res, "policy": pol, "events": ev,
-           "sessions": sess, "tui": top, "traffic": real}
+           "sessions": sess, "tui": top, "traffic": real, "soak": soaked}
     m = out["machine"]
     print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
           f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
@@ -260,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(sessions_table(sess)))
     print()
     print("\n".join(tui_table(top)))
+    print()
+    print("\n".join(soak_table(soaked)))
     tmp = args.output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(args.output)

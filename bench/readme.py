@@ -91,7 +91,9 @@ def _traffic(res: dict | None) -> list[str]:
         f"nftables enforce the same default-deny policy of {p['rules']:,} rules, the "
         "benchmark's flows allowed by the last ones; nftables with conntrack "
         "(`ct state established,related accept` first), as a linear rule list and as one "
-        "rule over a concatenated set. Request/response: sockperf ping-pong over TCP, "
+        "rule over a concatenated set. Client and server are pinned to one CPU (a "
+        "cross-CPU wake-up costs ~40 µs on this VM and made latencies bimodal). "
+        "Request/response: sockperf ping-pong over TCP, "
         "64 bytes, one request in flight, full round-trip latency. UDP: iperf3, 64-byte "
         "datagrams as fast as one sender can, received per second. Stream: iperf3, one TCP "
         "connection.",
@@ -227,6 +229,23 @@ def _tui(res: dict | None) -> list[str]:
     return out
 
 
+def _soak(res: dict | None) -> list[str]:
+    if res is None:
+        return ["**Soak** — not measured yet."]
+    from .__main__ import soak_verdicts
+
+    out = [f"**Soak** — {res['seconds']} s of connection churn through a running daemon "
+           f"({res['cycles']:,} TCP connections and as many UDP flows, {res['cycles_per_s']:,}"
+           "/s, a `watch --json` client and the flow log on), sampled every 5 s; the first "
+           "fifth is warm-up.",
+           "",
+           "| check | measured | |",
+           "|---|---|---|"]
+    out += [f"| {what} | {measured} | {'held' if ok else '**not held**'} |"
+            for what, measured, ok in soak_verdicts(res)]
+    return out
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     out = [START, "",
@@ -236,7 +255,7 @@ def render(res: dict) -> str:
            "its baseline come from the same run. Targets are SPEC §12.", ""]
     for part in (_datapath(res["datapath"]), _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
-                 _policy(res["policy"]), _tui(res.get("tui"))):
+                 _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak"))):
         out += [*part, ""]
     out.append(END)
     return "\n".join(out)

@@ -41,6 +41,12 @@ RR_PORT, IPERF_PORT = 11111, 5201
 PIN_DIR = "/sys/fs/bpf/microseg-bench-traffic"
 NFT_TABLE = "msbench"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Client and server share one CPU, the same in every run (the daemon and
+# the rest keep the other): left to the scheduler, a request/response pair
+# on this 2-vCPU VM lands on one CPU or two at random, and a cross-CPU
+# wake-up costs ~40 us here, which made the latencies bimodal and the
+# comparison meaningless. On one CPU the firewall's cost shows undiluted.
+PIN = ["taskset", "-c", str((os.cpu_count() or 1) - 1)]
 
 
 def _filler(i: int) -> tuple[str, str, int]:
@@ -143,7 +149,7 @@ def _bridge_nf(lab: Lab, on: bool) -> None:
 
 
 def _sockperf_rr(lab: Lab, seconds: float) -> dict:
-    r = lab.run("cli", ["sockperf", "ping-pong", "--tcp", "-i", lab.ipv4("srv"),
+    r = lab.run("cli", [*PIN, "sockperf", "ping-pong", "--tcp", "-i", lab.ipv4("srv"),
                         "-p", str(RR_PORT), "-t", str(seconds), "-m", "64", "--full-rtt"],
                 timeout=seconds + 30)
     text = ANSI.sub("", r.stdout + r.stderr)
@@ -158,8 +164,8 @@ def _sockperf_rr(lab: Lab, seconds: float) -> dict:
 
 
 def _iperf(lab: Lab, seconds: float, udp: bool) -> dict:
-    argv = ["iperf3", "-c", lab.ipv4("srv"), "-p", str(IPERF_PORT), "-t", str(seconds),
-            "--json"]
+    argv = [*PIN, "iperf3", "-c", lab.ipv4("srv"), "-p", str(IPERF_PORT),
+            "-t", str(seconds), "--json"]
     if udp:
         argv += ["-u", "-l", "64", "-b", "0"]
     r = lab.run("cli", argv, timeout=seconds + 30)
@@ -223,9 +229,10 @@ def measure(rounds: int, seconds: float, rules: int,
     samples: dict[str, list[dict]] = {k: [] for k in CONFIGS}
     try:
         lab.up()
-        lab.spawn("srv", ["sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", str(RR_PORT)],
+        lab.spawn("srv", [*PIN, "sockperf", "server", "--tcp", "-i", "0.0.0.0",
+                          "-p", str(RR_PORT)],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lab.spawn("srv", ["iperf3", "-s", "-p", str(IPERF_PORT)],
+        lab.spawn("srv", [*PIN, "iperf3", "-s", "-p", str(IPERF_PORT)],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         for r in range(rounds):

@@ -56,3 +56,6 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     assert "Real traffic between two lab namespaces" in r.stdout
     section = readme.render(res)  # the README generator reads every figure it needs
     assert "**Real traffic**" in section and "**TUI**" in section
+    soak = res["soak"]
+    assert soak["cycles"] > 0 and len(soak["samples"]) >= 2
+    assert "Soak:" in r.stdout
