@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from microseg.lab import Lab, WorkloadSpec, wait_for
 
@@ -413,6 +415,15 @@ def test_flow_log_rotates(daemon: DaemonProcess, lab: Lab) -> None:
     assert st["rotations"] >= 2 and st["write_errors"] == 0
 
 
+def lost_by_source(d: DaemonProcess) -> dict[str, int]:
+    """microseg_events_lost_total by source, scraped from the daemon."""
+    url = f"http://{d.status()['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {s.labels["source"]: int(s.value) for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "microseg_events_lost_total"}
+
+
 def test_ring_buffer_overflow_is_reported_exactly(tmp_path: Path) -> None:
     """A 4 KiB ring under a flood: every record the kernel could not reserve
     is reported in a `lost` event, and what arrived plus what was lost is
@@ -453,5 +464,9 @@ def test_ring_buffer_overflow_is_reported_exactly(tmp_path: Path) -> None:
             assert lost_kernel > 0, "the 4 KiB ring must have overflowed"
             assert lost_ring == lost_kernel
             assert delivered + lost_ring + lost_sub == produced
+            # The same accounting in the metrics, per source (w was the only
+            # subscriber, so the daemon's subscriber losses are all its own).
+            lost_metric = lost_by_source(d)
+            assert lost_metric == {"ringbuf": lost_ring, "subscriber": lost_sub}
         finally:
             d.stop()
