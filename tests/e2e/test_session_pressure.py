@@ -1,0 +1,86 @@
+"""SPEC §11: a session table at capacity keeps working. More concurrent flows
+than the table holds: the LRU evicts the least recently used sessions, new
+flows are still judged and allowed, a connection in active use keeps its
+session, and the fill shows in `stats` and in the metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from microseg.lab import Lab, WorkloadSpec, wait_for
+
+from .daemon import DaemonProcess
+
+pytestmark = pytest.mark.root
+
+CAPACITY = 2048
+POLICY = """\
+version: 1
+default: deny
+workloads:
+  client: {addresses: [10.216.0.10]}
+  server: {addresses: [10.216.0.20]}
+rules:
+  - {name: tcp, from: {workload: client}, to: {workload: server}, protocol: tcp,
+     ports: [7000, 7003], action: allow}
+  - {name: udp, from: {workload: client}, to: {workload: server}, protocol: udp,
+     ports: [7001], action: allow}
+"""
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab([WorkloadSpec("client", 10), WorkloadSpec("server", 20)], prefix="mstc",
+             subnet4="10.216.0.0/24", subnet6="fd00:216::/64") as lab:
+        lab.serve("server", tcp=[7000, 7003], udp=[7001])
+        yield lab
+
+
+def gauges(d: DaemonProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{d.status()['metrics']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name.startswith("microseg_session_table_")}
+
+
+def test_a_full_table_keeps_new_flows_working(lab: Lab, tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path, lab, POLICY, "--session-capacity", str(CAPACITY))
+    d.start()
+    try:
+        hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+                                    lab.ipv4("server"), "7000", "--interval", "0.01"],
+                         stdout=subprocess.PIPE, text=True)
+        # Four times the table's size in UDP flows, each from its own port.
+        flows = 4 * CAPACITY
+        r = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+                               lab.ipv4("server"), "7001", "--count", str(flows),
+                               "--sources", str(flows), "--rate", "4000"], timeout=60)
+        assert r.returncode == 0
+        st = json.loads(d.cli("stats", "--json").stdout)
+        entries = st["sessions"]["entries"]
+        # Full, never over: the LRU made room for every new flow.
+        assert CAPACITY * 0.9 <= entries <= CAPACITY, st["sessions"]
+        assert st["sessions"]["capacity"] == CAPACITY and st["sessions"]["fill"] >= 0.9
+        assert sum(st["drops"].values()) == 0, st["drops"]  # nothing refused for room
+        g = gauges(d)
+        assert g["microseg_session_table_capacity"] == CAPACITY
+        assert g["microseg_session_table_entries"] >= CAPACITY * 0.9
+        # A brand-new connection is judged and allowed with the table full.
+        ok = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "probe", "tcp",
+                                lab.ipv4("server"), "7003"])
+        assert ok.returncode == 0
+        # The connection in use all along kept its session: no exchange lost.
+        hold.terminate()
+        held, _ = hold.communicate(timeout=10)
+        assert "timeout" not in held and held.count("ok ") > 50, held[-300:]
+        assert wait_for(lambda: d.status()["ready"], timeout=5)
+    finally:
+        d.stop()
