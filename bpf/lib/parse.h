@@ -303,6 +303,17 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, void *data,
 	for (int i = 0; i < MAX_IPV6_EXT; i++) {
 		if (off > MAX_L4_OFFSET)
 			return PARSE_INVALID;
+		/* An extension header after a first fragment's fragment header
+		 * (RFC 8200 lets the fragmentable part start with them) moves the
+		 * L4 header away from offset 0 of that part: a later fragment
+		 * could then rewrite its ports at an offset the overlap checks
+		 * below let through. Later fragments of such a datagram name that
+		 * extension header as next header, so they never find the first
+		 * one's verdict anyway: the datagram cannot pass, say so now. */
+		if (p->frag == FRAG_FIRST &&
+		    (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+		     nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH))
+			return PARSE_INVALID;
 		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
 		    nexthdr == IPPROTO_DSTOPTS) {
 			struct ipv6_opt_hdr *oh = data + off;
@@ -374,6 +385,11 @@ static __always_inline int parse_once(struct __sk_buff *skb, struct packet *p)
 		proto = vh->proto;
 		off += sizeof(*vh);
 	}
+	/* Still a tag after MAX_VLAN_TAGS: not "non-IP". Receivers strip VLAN 0
+	 * (priority) tags one after another and deliver the IP packet inside,
+	 * so passing it unjudged would let anything through: invalid. */
+	if (proto == bswap16(ETH_P_8021Q) || proto == bswap16(ETH_P_8021AD))
+		return PARSE_INVALID;
 
 	if (proto == bswap16(ETH_P_IP))
 		return parse_ipv4(skb, data, data_end, off, p);
@@ -389,10 +405,22 @@ static __always_inline int parse_quote(struct __sk_buff *skb,
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	int rc;
 
 	if (p->family == 4)
-		return parse_quoted4(data, data_end, p->quote_off, q);
-	return parse_quoted6(data, data_end, p->quote_off, q);
+		rc = parse_quoted4(data, data_end, p->quote_off, q);
+	else
+		rc = parse_quoted6(data, data_end, p->quote_off, q);
+	if (rc != PARSE_OK)
+		return rc;
+	/* An error goes back to the sender of the packet it quotes. One sent
+	 * to anybody else is not about that packet (nf_conntrack: "outer
+	 * daddr mismatch"), and would let a third party reach a workload as
+	 * "related" to a session it is no part of: invalid. */
+	if (*(const __u64 *)q->saddr != *(const __u64 *)p->daddr ||
+	    *(const __u64 *)(q->saddr + 8) != *(const __u64 *)(p->daddr + 8))
+		return PARSE_INVALID;
+	return PARSE_OK;
 }
 
 /* Parse the packet; when its headers are not all in the linear area,
