@@ -264,6 +264,14 @@ struct event_stats {
 	__u64 lost;         /* bpf_ringbuf_reserve() failed: ring full */
 };
 
+/* Entries the datapath added to and removed from session_map. With the
+ * daemon's own deletions (struct daemon_state) they tell the LRU's silent
+ * evictions: created - revoked - swept - entries. */
+struct session_stats {
+	__u64 created;      /* new entries (not a closed one replaced in place) */
+	__u64 revoked;      /* deleted when a new policy denied the session */
+};
+
 /* ---- fragments: first fragment's verdict for the rest ----------------- */
 
 struct frag_key {
@@ -327,6 +335,7 @@ struct clock_sample {
 struct daemon_state {
 	__u64 last_seq;
 	__u64 ringbuf_lost_seen;
+	__u64 sessions_swept;   /* entries the daemons' sweeps deleted */
 };
 
 /* bench/ only (MSEG_BENCH_HARNESS): where and from what to rewrite the

@@ -80,6 +80,7 @@ class Snapshot:
     run_time_ns: int
     run_count: int
     flow_log: dict[str, int] | None = None  # lines, bytes, write_errors, rotations, lost
+    sessions_evicted: int = 0              # by the full table's LRU (Daemon.evictions)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,6 +151,9 @@ class SnapshotCollector(Collector):
                                 value=s.session_capacity)
         yield CounterMetricFamily("microseg_sessions_expired", "Idle sessions expired by the "
                                   "sweeper", value=s.sessions_expired)
+        yield CounterMetricFamily("microseg_sessions_evicted", "Sessions the full table "
+                                  "evicted (least recently used) to make room",
+                                  value=s.sessions_evicted)
 
         events = CounterMetricFamily("microseg_events", "Events published by the daemon",
                                      labels=["type"])

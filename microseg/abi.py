@@ -216,7 +216,9 @@ EVENT = Layout("event", (
 ))
 
 CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
-DAEMON_STATE = Layout("daemon_state", (("last_seq", "Q"), ("ringbuf_lost_seen", "Q")))
+SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q")))
+DAEMON_STATE = Layout("daemon_state", (("last_seq", "Q"), ("ringbuf_lost_seen", "Q"),
+                                       ("sessions_swept", "Q")))
 BENCH_CTL = Layout("bench_ctl", (
     ("sport_off", "I"), ("base", "I"), ("next", "I"), ("_pad", "4x"),
 ))
@@ -224,5 +226,5 @@ BENCH_CTL = Layout("bench_ctl", (
 LAYOUTS = (
     SESSION_KEY, SESSION_VALUE, HOST4_KEY, HOST6_KEY, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE,
     POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
-    FRAG_VALUE, EVENT, CLOCK_SAMPLE, DAEMON_STATE, BENCH_CTL,
+    FRAG_VALUE, EVENT, CLOCK_SAMPLE, SESSION_STATS, DAEMON_STATE, BENCH_CTL,
 )

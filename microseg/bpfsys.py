@@ -312,18 +312,23 @@ class BpfMap:
         for i in range(n.value, count):
             self.update(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], flags)
 
-    def delete_batch(self, keys: bytes, count: int) -> None:
-        """Delete count keys from a flat buffer; missing keys are ignored."""
+    def delete_batch(self, keys: bytes, count: int) -> int:
+        """Delete count keys from a flat buffer; missing keys are ignored.
+        Returns how many were deleted."""
         if count == 0:
-            return
+            return 0
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
         n = ctypes.c_uint32(count)
         rc = LIB.bpf_map_delete_batch(self.fd, keys, ctypes.byref(n), ctypes.byref(opts))
         if rc == 0:
-            return
+            return count
+        # The batch stops at the first missing key (gone meanwhile: the LRU
+        # evicted it, or the datapath replaced it): the rest one by one.
         ks = self.key_size
+        done = n.value
         for i in range(n.value, count):
-            self.delete(keys[i * ks:(i + 1) * ks])
+            done += self.delete(keys[i * ks:(i + 1) * ks])
+        return done
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class Daemon:
         self.links = LinkWatcher(self._on_links_changed)
         self.clock: SessionClock | None = None
         self.sweeper: Sweeper | None = None
+        self.journal: Journal | None = None
         self.last_sweep: dict | None = None
         self.metrics_listen: str | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -177,7 +178,7 @@ class Daemon:
             log.warning("kernel BPF run-time stats unavailable: %s", e)
         self.clock = await loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
         self.sweeper = Sweeper(self.datapath, self.clock, self.cfg.timeouts)
-        journal = Journal(self.datapath.maps["daemon_map"])
+        self.journal = journal = Journal(self.datapath.maps["daemon_map"])
         if journal.inherited:
             log.info("continuing an earlier daemon's events after seq %d", journal.last_seq)
             self.hub.continue_after(journal.last_seq)
@@ -228,6 +229,8 @@ class Daemon:
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
             res = await loop.run_in_executor(None, self.sweeper.sweep)
+            if self.journal is not None and res.deleted:
+                self.journal.record_swept(res.deleted)
             t0 = time.perf_counter()
             en = self.pipeline.enricher
             # In slices, so a sweep of a million sessions never holds the
@@ -342,9 +345,9 @@ class Daemon:
         def kernel() -> tuple:
             return (self.datapath.read_stats(), self.datapath.read_rule_stats(),
                     self.session_census(), self.datapath.run_stats(),
-                    self.datapath.read_event_stats())
+                    self.datapath.read_event_stats(), self.datapath.read_session_stats())
 
-        counters, rule_stats, census, (run_ns, runs), ev = \
+        counters, rule_stats, census, (run_ns, runs), ev, made = \
             await loop.run_in_executor(None, kernel)
         a = self.policy.active
         rule_hits = []
@@ -357,6 +360,7 @@ class Daemon:
             version=__version__, counters=counters, rule_hits=rule_hits, sessions=census,
             session_capacity=self.cfg.session_capacity,
             sessions_expired=self.sweeper.expired_total if self.sweeper else 0,
+            sessions_evicted=self.evictions(made, sum(census.values())),
             events_published=dict(self.hub.published),
             # The kernel's own count of failed reservations: exact even
             # between two drains of the pipeline.
@@ -373,6 +377,15 @@ class Daemon:
                 "lines": fl.lines, "bytes": fl.bytes, "write_errors": fl.write_errors,
                 "rotations": fl.rotations})
 
+    def evictions(self, made: tuple[int, int], entries: int) -> int:
+        """Sessions the full table's LRU evicted to make room: it says
+        nothing itself, so they are what is missing from the books — made
+        by the datapath, minus revoked by it, swept by the daemons, and in
+        the table now. (Read a few microseconds apart: ±a few in flight.)"""
+        created, revoked = made
+        swept = self.journal.sessions_swept if self.journal else 0
+        return max(0, created - revoked - swept - entries)
+
     async def stats(self) -> dict:
         loop = asyncio.get_running_loop()
         now = await loop.run_in_executor(None, self._counters)
@@ -382,6 +395,7 @@ class Daemon:
         by_state = {f"{PROTOCOL_NAMES.get(p, p)}/{abi.State(st).name.lower()}": n
                     for (p, st), n in sorted(census.items())}
         events = await loop.run_in_executor(None, self.datapath.read_event_stats)
+        made = await loop.run_in_executor(None, self.datapath.read_session_stats)
         base = self._baseline
         elapsed = max(1e-9, (now["at_ns"] - base.get("at_ns", now["at_ns"])) / 1e9)
         counters, totals, rates, drops = [], {}, {}, {}
@@ -407,6 +421,8 @@ class Daemon:
                          "fill": round(entries / self.cfg.session_capacity, 6),
                          "by_state": by_state,
                          "expired_total": self.sweeper.expired_total if self.sweeper else 0,
+                         "created_total": made[0], "revoked_total": made[1],
+                         "evicted_total": self.evictions(made, entries),
                          "sweeps": self.sweeper.sweeps if self.sweeper else 0,
                          "last_sweep": self.last_sweep},
             "events": {"published": dict(self.hub.published), "last_seq": self.hub.last_seq,

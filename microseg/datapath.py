@@ -87,6 +87,7 @@ class DatapathConfig:
             "meta_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
             "clock_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.CLOCK_SAMPLE.size, 1, 0),
             "daemon_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.DAEMON_STATE.size, 1, 0),
+            "session_stats_map": MapSpec(*percpu, abi.SESSION_STATS.size, 1, 0),
             "frag_map": MapSpec(B.BPF_MAP_TYPE_LRU_HASH, abi.FRAG_KEY.size,
                                 abi.FRAG_VALUE.size, FRAG_CAPACITY, 0),
             "events": MapSpec(B.BPF_MAP_TYPE_RINGBUF, 0, 0, self.ringbuf_bytes, 0),
@@ -450,6 +451,11 @@ class Datapath:
                 for i, v in self._percpu_sums("event_stats_map", abi.EVENT_STATS).items()
                 if i in abi.EventType._value2member_map_}
 
+    def read_session_stats(self) -> tuple[int, int]:
+        """(created, revoked): session_map entries the datapath added and
+        deleted since the pins were made."""
+        return self._percpu_sums("session_stats_map", abi.SESSION_STATS).get(0, (0, 0))
+
     def sessions(self, chunk: int = 8192) -> Iterator[SessionEntry]:
         """Stream the session table (batch lookups, never all in memory)."""
         return decode_sessions(self.maps["session_map"].lookup_batch_raw(chunk))
@@ -477,7 +483,7 @@ class Datapath:
             m = self.maps[name]
             for keys, _values, count in list(m.lookup_batch_raw()):
                 m.delete_batch(keys, count)
-        for name in ("stats_map", "rule_stats_map", "event_stats_map"):
+        for name in ("stats_map", "rule_stats_map", "event_stats_map", "session_stats_map"):
             m = self.maps[name]
             n = m.max_entries
             keys = b"".join(_U32.pack(i) for i in range(n))

@@ -74,6 +74,7 @@ class SweepResult:
     ref: ClockSample
     clock: SessionClock
     seconds: float
+    deleted: int = 0  # entries actually deleted (some may be gone meanwhile)
 
     @property
     def ref_ktime_ns(self) -> int:
@@ -154,12 +155,13 @@ class Sweeper:
             if events:
                 expired.append((keys, values, events))
                 n_expired += len(events)
+        deleted = 0
         if doomed:
             keys = b"".join(doomed)
-            m.delete_batch(keys, len(keys) // ks)
+            deleted = m.delete_batch(keys, len(keys) // ks)
         self.sweeps += 1
         self.expired_total += n_expired
         res = SweepResult(scanned, expired, n_expired, closed, ref, self.clock,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, deleted)
         self.last = res
         return res

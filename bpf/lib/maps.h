@@ -74,6 +74,9 @@ MSEG_MAP("percpu_array", u32, struct rule_stats, rule_stats_map, MAX_RULES, 0);
 MSEG_MAP("percpu_array", u32, struct event_stats, event_stats_map,
 	 EVENT_TYPE_MAX, 0);
 
+/* session_stats_map[0]: see struct session_stats. */
+MSEG_MAP("percpu_array", u32, struct session_stats, session_stats_map, 1, 0);
+
 /* clock_map[0]: see struct clock_sample. */
 MSEG_MAP("array", u32, struct clock_sample, clock_map, 1, 0);
 

@@ -204,6 +204,21 @@ static __always_inline int account_session(struct __sk_buff *skb,
 	return pass_packet(dir, s->verdict, REASON_SESSION, p->len);
 }
 
+/* session_stats_map: created (1) or revoked (0), per CPU. */
+static __always_inline void count_session(int created)
+{
+	__u32 zero = 0;
+	/* bpf_map_lookup_elem: this CPU's counters. */
+	struct session_stats *ss = session_stats_map.lookup(&zero);
+
+	if (!ss)
+		return;
+	if (created)
+		ss->created++;
+	else
+		ss->revoked++;
+}
+
 enum revalidation {
 	REVAL_KEEP = 0,     /* still allowed: carry on */
 	REVAL_REPORTED = 1, /* audit: carry on, and report *out */
@@ -223,7 +238,8 @@ static __always_inline int revalidate_session(struct __sk_buff *skb,
 		emit_session_event(skb, p, dir, side, s, STATE_CLOSED,
 				   public_state(s->state), precise_now());
 		/* bpf_map_delete_elem: later packets are judged afresh. */
-		session_map.delete(key);
+		if (session_map.delete(key) == 0)
+			count_session(0);
 		return REVAL_REVOKED;
 	}
 	s->generation = out->generation;
@@ -279,9 +295,13 @@ static __always_inline int open_session(struct __sk_buff *skb,
 			nv.flags |= SESSION_FIN_ORIG;
 		}
 	}
-	/* bpf_map_update_elem: create (or replace a closed) session; the LRU
-	 * map evicts the least recently used entry when full. */
-	session_map.update(key, &nv);
+	/* bpf_map_update_elem(BPF_NOEXIST): a new entry — the LRU map evicts
+	 * the least recently used one when full, silently, so new entries are
+	 * counted; else (BPF_ANY) replace a closed session in place. */
+	if (session_map.insert(key, &nv) == 0)
+		count_session(1);
+	else
+		session_map.update(key, &nv);
 
 	int act = apply_verdict(skb, p, dir, out, now);
 	emit_session_event(skb, p, dir, 0, &nv, nv.state, STATE_NONE, now);

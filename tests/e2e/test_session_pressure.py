@@ -1,13 +1,14 @@
 """SPEC §11: a session table at capacity keeps working. More concurrent flows
 than the table holds: the LRU evicts the least recently used sessions, new
 flows are still judged and allowed, a connection in active use keeps its
-session, and the fill shows in `stats` and in the metrics."""
+session, and the fill and the evictions show in `stats` and in the metrics."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,11 +49,13 @@ def gauges(d: DaemonProcess) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{d.status()['metrics']}/metrics", timeout=10) as r:
         text = r.read().decode()
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name.startswith("microseg_session_table_")}
+            if s.name.startswith(("microseg_session_table_", "microseg_sessions_evicted"))}
 
 
 def test_a_full_table_keeps_new_flows_working(lab: Lab, tmp_path: Path) -> None:
-    d = DaemonProcess(tmp_path, lab, POLICY, "--session-capacity", str(CAPACITY))
+    flow_log = tmp_path / "flows.json"
+    d = DaemonProcess(tmp_path, lab, POLICY, "--session-capacity", str(CAPACITY),
+                      "--flow-log", str(flow_log))
     d.start()
     try:
         hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
@@ -73,6 +76,24 @@ def test_a_full_table_keeps_new_flows_working(lab: Lab, tmp_path: Path) -> None:
         g = gauges(d)
         assert g["microseg_session_table_capacity"] == CAPACITY
         assert g["microseg_session_table_entries"] >= CAPACITY * 0.9
+        # The evictions: every session opened, less those still in the table
+        # (none expired or was revoked here) — the opened ones counted
+        # independently, from the `new` events in the flow log.
+        def logged() -> int:
+            return json.loads(d.cli("stats", "--json").stdout)["flow_log"]["lines"]
+
+        n = -1
+        while (m := logged()) != n:
+            n = m
+            time.sleep(0.5)
+        full = json.loads(d.cli("stats", "--json").stdout)
+        assert full["events"]["lost"] == {"ringbuf": 0, "subscriber": 0}  # the log has all
+        opened = sum(1 for line in flow_log.read_text().splitlines()
+                     if '"type":"session"' in line and '"state":"new"' in line)
+        st = full["sessions"]
+        assert st["created_total"] == opened > flows * 0.9
+        assert st["evicted_total"] == opened - st["entries"] > 2 * CAPACITY
+        assert gauges(d)["microseg_sessions_evicted_total"] == st["evicted_total"]
         # A brand-new connection is judged and allowed with the table full.
         ok = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "probe", "tcp",
                                 lab.ipv4("server"), "7003"])
