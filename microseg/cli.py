@@ -228,8 +228,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     except PolicyError as e:
         for issue in e.issues:
             print(issue.format(args.file), file=sys.stderr)
-        n = len(e.errors)
-        print(f"{args.file}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        n = e.error_count
+        print(f"{args.file}: {n:,} error{'s' if n != 1 else ''}", file=sys.stderr)
         return EXIT_FAILED
     for w in loaded.warnings:
         print(w.format(args.file), file=sys.stderr)

@@ -53,6 +53,17 @@ class Client:
             message = f"HTTP {resp.status}"
         raise DaemonError(message, privileges=resp.status == 403)
 
+    def _denied(self) -> DaemonError:
+        """Refused by the socket's mode: missing privileges, not a daemon
+        that is unreachable (SPEC §4: exit 3, not 1)."""
+        return DaemonError(f"permission denied on {self.socket_path}: run as root or "
+                           "as a member of the daemon's --socket-group", True)
+
+    def _connect_error(self, e: aiohttp.ClientConnectorError) -> DaemonError:
+        if isinstance(e.os_error, PermissionError):
+            return self._denied()
+        return DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})")
+
     async def request(self, method: str, path: str, **params: object) -> dict:
         assert self._session is not None
         query = {k: str(v) for k, v in params.items() if v is not None}
@@ -61,14 +72,9 @@ class Client:
                 await self._check(resp)
                 return await resp.json(loads=orjson.loads)
         except PermissionError as e:
-            raise DaemonError(f"permission denied on {self.socket_path}: run as root or "
-                              "as a member of the daemon's --socket-group", True) from e
+            raise self._denied() from e
         except aiohttp.ClientConnectorError as e:
-            if isinstance(e.os_error, PermissionError):
-                raise DaemonError(f"permission denied on {self.socket_path}: run as root or "
-                                  "as a member of the daemon's --socket-group", True) from e
-            raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
-                              ) from e
+            raise self._connect_error(e) from e
 
     async def get(self, path: str, **params: object) -> dict:
         return await self.request("GET", path, **params)
@@ -94,8 +100,7 @@ class Client:
                     if cut:
                         yield data[:cut].splitlines(keepends=True)
         except aiohttp.ClientConnectorError as e:
-            raise DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})"
-                              ) from e
+            raise self._connect_error(e) from e
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
             raise DaemonError(f"the daemon went away ({e.__class__.__name__})") from e
 

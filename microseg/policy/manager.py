@@ -21,7 +21,7 @@ from pathlib import Path
 from ..gcpause import gc_paused
 from .compile import CompiledPolicy, compile_policy
 from .model import Policy
-from .parse import Issue, LoadedPolicy, PolicyError, load_policy_file
+from .parse import Issue, LoadedPolicy, PolicyError, load_policy_file, open_policy_file
 
 log = logging.getLogger("microseg.policy")
 
@@ -82,7 +82,7 @@ class PolicyManager:
         self.reloads_total = 0
         self.reload_failures_total = 0
         self._lock = asyncio.Lock()
-        self._rejected_digest: str | None = None  # sha256 of the file last rejected
+        self._rejected_digest: str | None = None  # of the file last rejected (see _digest)
         self._converge: asyncio.TimerHandle | None = None
         # Generations whose rule/identity names events may still mention.
         self.history: dict[int, CompiledPolicy] = {}
@@ -117,7 +117,7 @@ class PolicyManager:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
             digest = await loop.run_in_executor(None, self._digest)
-            if skip_rejected and digest is not None and digest == self._rejected_digest:
+            if skip_rejected and digest == self._rejected_digest:
                 return self._unchanged()
             try:
                 loaded = await loop.run_in_executor(None, self._read)
@@ -140,12 +140,14 @@ class PolicyManager:
                             workloads=len(a.loaded.policy.workloads) if a else 0,
                             at_ns=time.time_ns())
 
-    def _digest(self) -> str | None:
+    def _digest(self) -> str:
+        """The content's sha256 or, for a file that cannot be read, why: a
+        state already rejected is not judged again either."""
         try:
-            with open(self.path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            return None
+            with open_policy_file(self.path) as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            return f"unreadable: {e}"
 
     def _read(self) -> LoadedPolicy:
         try:

@@ -4,32 +4,44 @@ Validation works on the YAML node tree (ruamel.yaml's composer), where every
 scalar knows its line and column, duplicate keys are still visible and an
 alias is the same node seen twice. Every problem is collected — not just the
 first — as ``FILE:LINE:COL: message`` with the field path and what was
-expected. Hostile input gets the same treatment: files over 16 MiB, invalid
-UTF-8, aliases (billion laughs), nesting too deep for the parser.
+expected. Hostile input gets the same treatment: files over 16 MiB or not
+regular files, invalid UTF-8, aliases (billion laughs), YAML tags, nesting too
+deep for the parser, more nodes than any policy needs; the errors themselves
+are bounded in number and length.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import ipaddress
 import itertools
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from ruamel.yaml import YAML
+from ruamel.yaml.composer import ComposerError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.resolver import BaseResolver
+from ruamel.yaml.tag import Tag
 
 from .. import abi
 from .model import PROTOCOLS, IPNetwork, Policy, Rule, Selector, Workload
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_NESTING = 500
+# A policy at the datapath's limit of 32,767 rules is about 600,000 nodes;
+# 16 MiB of `[1,1,1,…` would be 8 million (half a minute and gigabytes).
+MAX_NODES = 1_000_000
+MAX_ERRORS = 100   # then one line that says how many more
+MAX_MESSAGE = 240  # a value echoed in a message is cut in the middle
 MAX_NAME = 63
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PORT_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -55,14 +67,20 @@ class Issue:
 class PolicyError(Exception):
     """The file is not a valid policy; `issues` says every reason."""
 
-    def __init__(self, filename: str, issues: list[Issue]) -> None:
+    def __init__(self, filename: str, issues: list[Issue], hidden: int = 0) -> None:
         self.filename = filename
         self.issues = sorted(issues, key=lambda i: (i.line, i.col))
+        self.hidden = hidden  # errors beyond MAX_ERRORS, summed up in one issue
         super().__init__("\n".join(i.format(filename) for i in issues))
 
     @property
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "error"]
+
+    @property
+    def error_count(self) -> int:
+        """Every error found, shown or not (the summary line is none)."""
+        return len(self.errors) - (1 if self.hidden else 0) + self.hidden
 
 
 @dataclass
@@ -73,15 +91,34 @@ class LoadedPolicy:
     warnings: list[Issue] = field(default_factory=list)
 
 
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device",
+               stat.S_IFBLK: "a device"}
+
+
+def open_policy_file(path: str | Path) -> BinaryIO:
+    """Open a policy file for reading, if it is a regular file: a FIFO would
+    block its reader forever and a device such as /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise OSError(errno.EINVAL, f"{_FILE_KINDS.get(kind, 'a special file')}, "
+                                        "not a regular file")
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_policy_file(path: str | Path) -> LoadedPolicy:
     """Read, size-check and validate a policy file."""
-    p = Path(path)
     name = str(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise PolicyError(name, [Issue(1, 1, f"file is {size} bytes, over the 16 MiB limit")])
-        with p.open("rb") as f:
+        with open_policy_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise PolicyError(name, [Issue(1, 1, f"file is {size} bytes, "
+                                                     "over the 16 MiB limit")])
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise PolicyError(name, [Issue(1, 1, f"cannot read: {e.strerror or e}")]) from None
@@ -108,15 +145,24 @@ def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
         # nodes keep their marks; nesting is bounded above, so its recursive
         # composer stays far from the C stack's limit.
         root = _yaml().compose(text)
+    except _TooManyNodes:
+        raise PolicyError(filename, [Issue(1, 1, f"more than {MAX_NODES:,} YAML nodes; "
+                                                 "no policy needs that many")]) from None
     except ReaderError as e:  # a character YAML does not allow
         line = text.count("\n", 0, e.position) + 1
         col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        char = e.character if isinstance(e.character, int) else ord(e.character)
         raise PolicyError(filename, [Issue(line, col, f"YAML syntax error: character "
-                                                      f"{e.character!r} is not allowed")]) from None
+                                                      f"U+{char:04X} is not allowed")]) from None
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join((e.problem or e.context or "invalid YAML").split())
+        what = e.problem or e.context or "invalid YAML"
+        if isinstance(e, ComposerError) and e.problem and e.context and e.context_mark:
+            # Both halves: "found duplicate anchor; first occurrence" alone
+            # would not say where, "second occurrence" alone not what.
+            what = f"{e.context} at line {e.context_mark.line + 1}, {e.problem}"
+        what = " ".join(what.split())
         raise PolicyError(filename, [Issue(line, col, f"YAML syntax error: {what}")]) from None
     except (YAMLError, ValueError) as e:
         what = " ".join(str(e).split())
@@ -126,9 +172,16 @@ def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
     v = _Validator()
     policy = v.policy(root)
     if v.errors or policy is None:
-        raise PolicyError(filename, v.issues)
+        if v.hidden:
+            v.issues.append(Issue(*v.hidden[0], f"too many errors: {v.hidden[1]} more after "
+                                                 f"the first {MAX_ERRORS} not shown"))
+        raise PolicyError(filename, v.issues, v.hidden[1] if v.hidden else 0)
     return LoadedPolicy(policy, filename, hashlib.sha256(data).hexdigest(),
                         [i for i in v.issues if i.severity == "warning"])
+
+
+class _TooManyNodes(Exception):
+    pass
 
 
 class _TextResolver(BaseResolver):
@@ -137,11 +190,26 @@ class _TextResolver(BaseResolver):
 
     def __init__(self, version: object = None, loadumper: object = None) -> None:
         super().__init__(loadumper)
+        self.nodes = 0
 
-    def resolve(self, kind: type, value: object, implicit: object) -> str:
+    def descend_resolver(self, current_node: object, current_index: object) -> None:
+        """The composer calls this once per node (tagged or not, aliases
+        excepted): stop before a dense file costs gigabytes."""
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooManyNodes
+
+    def ascend_resolver(self) -> None:
+        pass
+
+    def resolve(self, kind: type, value: object, implicit: object) -> Tag:
+        # One shared Tag each: a node built from a string makes its own.
         if kind is ScalarNode:
-            return "tag:yaml.org,2002:str"
-        return "tag:yaml.org,2002:seq" if kind is SequenceNode else "tag:yaml.org,2002:map"
+            return _STR
+        return _SEQ if kind is SequenceNode else _MAP
+
+
+_STR, _SEQ, _MAP = (Tag(suffix=f"tag:yaml.org,2002:{k}") for k in ("str", "seq", "map"))
 
 
 def _yaml() -> YAML:
@@ -169,6 +237,19 @@ def _pos(node: Node | None) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+def _clip(message: str) -> str:
+    """A message of bounded length: a megabyte-long value is cut in the
+    middle, keeping the field path and what was expected."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    head = MAX_MESSAGE * 2 // 3
+    return f"{message[:head]}…{message[head + 1 - MAX_MESSAGE:]}"
+
+
+_PLAIN_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:seq",
+                         "tag:yaml.org,2002:map"})
+
+
 def _expected(key: str, allowed: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -182,27 +263,63 @@ class _Validator:
         self._workload_names: set[str] = set()
         self._label_sets: list[frozenset[tuple[str, str]]] = []
         self._references: list[tuple[Node, str, Selector]] = []
+        self._error_count = 0
+        self.hidden: tuple[tuple[int, int], int] | None = None  # (first position, count)
 
     @property
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "error"]
 
     def error(self, node: Node | None, message: str) -> None:
-        self.issues.append(Issue(*_pos(node), message))
+        self._error_count += 1
+        if self._error_count <= MAX_ERRORS:
+            self.issues.append(Issue(*_pos(node), _clip(message)))
+        else:
+            self.hidden = (self.hidden[0] if self.hidden else _pos(node),
+                           self._error_count - MAX_ERRORS)
 
     def warn(self, node: Node | None, message: str) -> None:
-        self.issues.append(Issue(*_pos(node), message, "warning"))
+        self.issues.append(Issue(*_pos(node), _clip(message), "warning"))
 
     # -- generic node access --------------------------------------------------
 
-    def _check_alias(self, node: Node, path: str) -> bool:
-        """An alias is a node seen twice; refuse it (it is how a tiny file
-        expands into billions of values)."""
-        if id(node) in self._seen:
-            self.error(node, f"{path}: aliases (*name) are not allowed")
-            return False
-        self._seen.add(id(node))
-        return True
+    def _check_children(self, parent: Node, path: str) -> bool:
+        """Each node is checked once, when its parent is opened. Refused: an
+        alias, i.e. a node seen before (it is how a tiny file expands into
+        billions of values; the first one ends the walk, so a list of
+        millions of them costs nothing), and an explicit tag."""
+        is_map = isinstance(parent, MappingNode)
+        seen = self._seen
+        ok = True
+        for j, node in enumerate(itertools.chain.from_iterable(parent.value) if is_map
+                                 else parent.value):
+            if id(node) not in seen and node.ctag.suffix in _PLAIN_TAGS:
+                seen.add(id(node))
+                continue
+            if not is_map:
+                where = f"{path}[{j}]"
+            elif j % 2 == 0:
+                where = path
+            else:  # a value: its key's path, as the validator names it
+                key = parent.value[j // 2][0].value
+                where = str(key) if path == "policy" else f"{path}.{key}"
+            if id(node) in seen:
+                self.error(node, f"{where}: aliases (*name) are not allowed")
+                return False
+            seen.add(id(node))
+            ok = self._untagged(node, where) and ok
+        return ok
+
+    def _untagged(self, node: Node, path: str) -> bool:
+        """Refuse an explicit tag (`!!python/object…`, `!custom`): nothing is
+        ever constructed from one, and a policy is plain data, so a tag could
+        only mean something its writer expected and would not get."""
+        tag = node.ctag.suffix  # as written; `node.tag` would URI-decode it, slowly
+        if tag in _PLAIN_TAGS:
+            return True
+        shown = str(tag).replace("tag:yaml.org,2002:", "!!", 1)
+        self.error(node, f"{path}: YAML tags ({shown}) are not allowed")
+        return False
 
     def mapping(self, node: Node, path: str, allowed: tuple[str, ...]
                 ) -> dict[str, tuple[Node, Node]] | None:
@@ -210,7 +327,7 @@ class _Validator:
         if not isinstance(node, MappingNode):
             self.error(node, f"{path}: expected a mapping")
             return None
-        if not self._check_alias(node, path):
+        if not self._check_children(node, path):
             return None
         out: dict[str, tuple[Node, Node]] = {}
         for k, val in node.value:
@@ -231,7 +348,7 @@ class _Validator:
         if not isinstance(node, SequenceNode):
             self.error(node, f"{path}: expected a list")
             return None
-        if not self._check_alias(node, path):
+        if not self._check_children(node, path):
             return None
         return list(node.value)
 
@@ -265,6 +382,8 @@ class _Validator:
     def policy(self, root: Node | None) -> Policy | None:
         if root is None:
             self.error(None, "empty file: expected a policy with 'version: 1'")
+            return None
+        if not self._untagged(root, "policy"):
             return None
         top = self.mapping(root, "policy", TOP_KEYS)
         if top is None:
