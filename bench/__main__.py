@@ -39,7 +39,7 @@ EVENT_MODES = {
 SESSION_SIZES = {"full": (100_000, 1_000_000), "quick": (5_000,)}
 TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
-SOAK_SECONDS = {"full": 600, "quick": 15}
+SOAK_SECONDS = {"full": 600, "quick": 8}
 TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},
              "quick": {"rates": (50_000,), "rounds": 1}}
 
@@ -224,9 +224,10 @@ def soak_verdicts(res: dict) -> list[tuple[str, str, bool]]:
 def soak_table(res: dict) -> list[str]:
     lines = [f"Soak: {res['seconds']} s of connection churn ({res['cycles']:,} TCP connections "
              f"+ UDP flows, {res['cycles_per_s']:,}/s) with a `watch` client, sampled every "
-             "5 s"]
+             f"5 s, the first {res['warmup_s']} s warm-up"]
     for what, measured, ok in soak_verdicts(res):
-        lines.append(f"  {what:62s} {measured:>30s}   {'held' if ok else 'NOT held'}")
+        verdict = ("held" if ok else "NOT held") if res["judged"] else "(too short to judge)"
+        lines.append(f"  {what:62s} {measured:>30s}   {verdict}")
     return lines
 
 

@@ -237,11 +237,13 @@ def _soak(res: dict | None) -> list[str]:
     out = [f"**Soak** — {res['seconds']} s of connection churn through a running daemon "
            f"({res['cycles']:,} TCP connections and as many UDP flows, {res['cycles_per_s']:,}"
            "/s, a `watch --json` client and the flow log on), sampled every 5 s; the first "
-           "fifth is warm-up.",
+           f"{res['warmup_s']} s are warm-up (until the first UDP sessions expire).",
            "",
            "| check | measured | |",
            "|---|---|---|"]
-    out += [f"| {what} | {measured} | {'held' if ok else '**not held**'} |"
+    judged = res.get("judged", True)
+    out += [f"| {what} | {measured} | "
+            f"{('held' if ok else '**not held**') if judged else 'too short to judge'} |"
             for what, measured, ok in soak_verdicts(res)]
     return out
 

@@ -42,6 +42,10 @@ print(n)
 """
 
 
+WARMUP_S = 180
+JUDGED_FROM_S = 300  # shorter runs (the quick mode) are reported, not judged
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -104,11 +108,15 @@ def measure(seconds: float, sample_every: float = 5.0) -> dict:
                 p.wait(timeout=60)
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
-    # The first fifth is the warm-up (caches, the allocator, the table filling).
-    steady = samples[len(samples) // 5:] or samples
+    # The warm-up: caches, the allocator, and the table filling until the
+    # first sessions expire (UDP's 120 s timeout) — a fifth of the run, and
+    # at least WARMUP_S.
+    warm = max(elapsed / 5, min(WARMUP_S, elapsed / 2))
+    steady = [s for s in samples if s["t"] >= warm] or samples
     ts = [s["t"] for s in steady]
     return {
-        "seconds": round(elapsed), "cycles": cycles, "cycles_per_s": round(cycles / elapsed),
+        "seconds": round(elapsed), "warmup_s": round(warm), "judged": elapsed >= JUDGED_FROM_S,
+        "cycles": cycles, "cycles_per_s": round(cycles / elapsed),
         "samples": samples,
         "rss_mib": {"first": steady[0]["rss_mib"], "last": steady[-1]["rss_mib"],
                     "max": max(s["rss_mib"] for s in steady),
