@@ -65,6 +65,17 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 			side = is_lo == !!(s->flags & SESSION_ORIG_LO) ? 0 : 1;
 	}
 
+	if (s && (p->icmp == ICMP_KIND_ECHO_REQUEST || p->icmp == ICMP_KIND_ECHO_REPLY) &&
+	    (p->icmp == ICMP_KIND_ECHO_REPLY) != side) {
+		/* An echo request from the session's responder (or a reply
+		 * from its originator) is no part of it: the identifier is all
+		 * they share, and riding on it would let the responder ping a
+		 * peer the policy keeps it from. Judged alone, in its own
+		 * direction, like a ping with a fresh identifier. */
+		match_policy(p->family, p->proto, p->saddr, p->daddr, p->dport, gen, d);
+		return NEED_VERDICT;
+	}
+
 	if (!s || s->generation != gen) {
 		if (!s && tcp && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) ==
 					 (TCP_FLAG_SYN | TCP_FLAG_ACK))

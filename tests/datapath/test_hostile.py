@@ -722,8 +722,6 @@ def test_spoofed_replies_do_not_ride_on_a_session(judge: Judge, fam: int) -> Non
     judge.done("spoof", 5 * 256)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: an echo session is keyed by the "
-                   "identifier alone, so the responder's echo requests ride on it")
 @pytest.mark.parametrize("fam", [4, 6])
 def test_responder_cannot_ping_back_on_an_echo_session(judge: Judge, fam: int) -> None:
     """Rule E: an echo session web -> db (id 9) carries web's requests and

@@ -208,6 +208,26 @@ class TestUdpAndIcmp:
         # Another identifier is another session, and needs the rule again.
         assert dp.send(ping(DB4, WEB4, ident=10, reply=False)).dropped
 
+    def test_echo_the_other_way_with_the_same_identifier_is_judged_alone(
+            self, dp: Harness) -> None:
+        """db's echo request with the id of web's ping session is no part of
+        it: judged in its own direction — dropped while db may not ping web,
+        passed (by that rule, no session touched) once it may."""
+        to_db = Rule.make("ping-db", S.of_workload("web"), S.of_workload("db"), "allow", "icmp")
+        dp.install(shop(to_db))
+        assert dp.send(ping(WEB4, DB4, ident=9)).passed
+        out = dp.send(ping(DB4, WEB4, ident=9))
+        assert out.dropped and out.verdict.reason == Reason.DEFAULT and out.states == []
+        assert dp.send(ping(DB4, WEB4, ident=9, reply=True)).states == [(E, N)]
+        to_web = Rule.make("ping-web", S.of_workload("db"), S.of_workload("web"), "allow",
+                           "icmp")
+        dp.install(shop(to_db, to_web))
+        out = dp.send(ping(DB4, WEB4, ident=9))
+        assert out.passed and dp.rule_name(out.verdict.rule_id) == "ping-web"
+        # web's reply to it: judged alone too (web may ping db: it passes).
+        assert dp.send(ping(WEB4, DB4, ident=9, reply=True)).passed
+        assert [s.state for s in dp.sessions()] == [E]
+
     def test_icmp_error_about_a_session_passes_as_related(self, dp: Harness) -> None:
         dp.install(shop(self._dns()))
         dp.send(udp(WEB4, API4, 3333, 53))
