@@ -272,6 +272,10 @@ class TopApp(App[int]):
     # -- model -> screen --------------------------------------------------------
 
     def render_model(self) -> None:
+        if not self.is_running:
+            # Shut down without exit() (Textual's test harness, bench/tui.py):
+            # timers still tick while the screens are pruned.
+            return
         if self.paused:
             self._render_header()
             return
