@@ -10,17 +10,17 @@ the stream is consumed in slices that yield to the loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any
 
-import orjson
 from rich.text import Text
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Input, Sparkline, Static, TabbedContent, TabPane
+from textual.widgets import Input, Sparkline, Static, TabbedContent, TabPane
 
 from microseg.client import DaemonError
 
@@ -33,6 +33,7 @@ STATS_S = 1.0
 POLICY_S = 2.0
 SESSIONS_S = 2.0
 RETRY_S = 1.0
+FREEZE_AFTER_S = 1.0  # the first screens are up
 SLICE = 2000          # events parsed and folded in per loop turn
 TAIL_ROWS = 500       # verdict rows on screen
 SESSION_ROWS = 500    # session rows on screen
@@ -89,22 +90,31 @@ class HelpScreen(ModalScreen[None]):
 
 
 class DrillScreen(ModalScreen[None]):
+    """A flow's or a rule's recent events. One instance serves every drill
+    (as one HelpScreen serves every `?`): each new screen would leave its
+    render caches pinned by Textual's StylesCache.get_inner_outer
+    lru_cache(1024) — hundreds of live objects per press, for good."""
+
     BINDINGS = [Binding("escape,q,enter", "dismiss", "Close")]
 
-    def __init__(self, title: str, rows: list[dict]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.title_text = title
-        self.rows = rows
+        self.title_text = ""
+        self.rows: list[dict] = []
 
     def compose(self) -> ComposeResult:
         with Vertical(id="drill"):
-            yield Static(Text(self.title_text, style="bold"), id="drill-title")
+            yield Static(id="drill-title")
             table = SyncedTable([("time", "Time"), ("type", "Event"), ("what", "What"),
                                  ("src", "Source"), ("dst", "Destination"), ("rule", "Rule")],
                                 id="drill-table")
             yield table
 
-    def on_mount(self) -> None:
+    def show(self, title: str, rows: list[dict]) -> None:
+        """What the next push shows."""
+        self.title_text, self.rows = title, rows
+
+    def on_screen_resume(self) -> None:
         table = self.query_one(SyncedTable)
         rows = []
         for i, e in enumerate(self.rows):
@@ -114,10 +124,10 @@ class DrillScreen(ModalScreen[None]):
                                   Cell(what or "", style=VERDICT_STYLE.get(what or "", "")),
                                   Cell(_ep(e.get("src"))), Cell(_ep(e.get("dst"))),
                                   Cell(e.get("rule") or "default"))))
+        table.reset()
         table.sync(rows)
-        if not rows:
-            self.query_one("#drill-title", Static).update(
-                Text(self.title_text + " — no recent events", style="bold"))
+        title = self.title_text + ("" if rows else " — no recent events")
+        self.query_one("#drill-title", Static).update(Text(title, style="bold"))
 
 
 class TopApp(App[int]):
@@ -134,6 +144,7 @@ class TopApp(App[int]):
     #views > ContentSwitcher { height: 1fr; }
     #views TabPane { height: 1fr; padding: 0; }
     #drill SyncedTable { height: 1fr; }
+    #keys { dock: bottom; height: 1; padding: 0 1; background: $panel; }
     #filter { dock: bottom; display: none; }
     #filter.open { display: block; }
     HelpScreen, DrillScreen { align: center middle; }
@@ -212,14 +223,22 @@ class TopApp(App[int]):
         # disabled while closed: nothing can focus it by accident
         yield Input(placeholder="filter: verdict=denied workload=web !protocol=udp  "
                                 "(Enter apply, Esc cancel)", id="filter", disabled=True)
-        yield Footer()
+        # Key hints for the view on show. Not Textual's Footer: it recomposes
+        # (a dozen widgets mounted) on every focus change, and each recompose
+        # leaves its keys' watchers on the Footer for good (Textual 8.2) —
+        # ~5,000 live objects more per view switch, and ever slower full
+        # garbage collections that a key press then waits behind.
+        yield Static(id="keys")
 
     def on_mount(self) -> None:
+        self.install_screen(HelpScreen(), "help")
+        self.install_screen(DrillScreen(), "drill")
         self.query_one("#flows-table", SyncedTable).focus()
         self.query_one("#matrix-table", SyncedTable).grow_columns = True
         for view, default in (("flows", "packets"), ("sessions", "age"), ("rules", "hits")):
             self.query_one(f"#{view}-table", SyncedTable).sort_column = default
         self._label_sorts()
+        self._render_hints()
         self._tasks.append(asyncio.create_task(self._consume_events()))
         if self.poll:
             self._tasks.append(asyncio.create_task(self._poll(STATS_S, self._stats)))
@@ -227,8 +246,19 @@ class TopApp(App[int]):
             self._tasks.append(asyncio.create_task(self._poll(SESSIONS_S, self._sessions)))
         self.set_interval(self.refresh_s, self.render_model)
         self.render_model()
+        self.set_timer(FREEZE_AFTER_S, self._freeze_startup)
+
+    def _freeze_startup(self) -> None:
+        # Python's full collections walk every live object; Textual's own
+        # (classes, CSS, the widget tree: ~90,000) made each one 40-100 ms
+        # here, a pause that a key press can land in. Objects alive once the
+        # first screens are up live as long as the app: leave them out of
+        # collection from now on (full collections fall to ~10 ms).
+        gc.collect()
+        gc.freeze()
 
     async def on_unmount(self) -> None:
+        gc.unfreeze()  # collectable again once the app is gone (tests run many)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -243,7 +273,7 @@ class TopApp(App[int]):
                 async for lines in self.source.events(last=500):
                     model.set_connected(True)
                     for i in range(0, len(lines), SLICE):
-                        model.on_events(orjson.loads(x) for x in lines[i:i + SLICE])
+                        model.on_lines(lines[i:i + SLICE])
                         await asyncio.sleep(0)  # a key never waits behind a flood
                 model.set_connected(False, "the daemon ended the event stream")
             except (DaemonError, OSError) as e:
@@ -364,7 +394,7 @@ class TopApp(App[int]):
         screenful = table.size.height or self.size.height
         limit = TAIL_ROWS if new < screenful else screenful + 5
         keep = []
-        for e in reversed(m.tail):
+        for e in m.tail_newest_first():
             if self.filter.matches(e):
                 keep.append(e)
                 if len(keep) >= limit:
@@ -471,6 +501,22 @@ class TopApp(App[int]):
                 labels[col] = f"{title} [{letter}]{arrow}"
             table.set_labels(labels)
 
+    def _render_hints(self) -> None:
+        view = self.query_one(TabbedContent).active
+        hints = [("q", "quit"), ("?", "help"), ("/", "filter"), ("p", "pause"), ("1-5", "views")]
+        if view in ("flows", "rules"):
+            hints.append(("Enter", "drill in"))
+        text = Text()
+        for key, what in hints:
+            text.append(key, style="bold #ffa62b")
+            text.append(f" {what}  ")
+        if view in SORTS:
+            text.append("│ sort ", style="dim")
+            for letter, (_, title) in SORTS[view].items():
+                text.append(letter, style="bold #ffa62b")
+                text.append(f" {title.lower()}  ")
+        self._update_static("#keys", text)
+
     # -- keys -------------------------------------------------------------------
 
     async def on_event(self, event: events.Event) -> None:
@@ -506,12 +552,11 @@ class TopApp(App[int]):
         self.query_one(TabbedContent).active = view
         table = self.query_one(f"#{view}-table", SyncedTable)
         table.focus()
-        self.refresh_bindings()
         if not table.row_count:  # never shown yet: fill it now
             self.render_model()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        self.refresh_bindings()  # switched by mouse: same as by key
+        self._render_hints()  # by key or by mouse
 
     def action_sort(self, letter: str) -> None:
         view = self.query_one(TabbedContent).active
@@ -524,7 +569,7 @@ class TopApp(App[int]):
         self._render_header()
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen())
+        self.push_screen("help")
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
@@ -575,6 +620,12 @@ class TopApp(App[int]):
             f: FlowRow = self.model.flows[key]
             title = (f"flow {endpoint_label(f.src)} → {endpoint_label(f.dst)} {f.protocol}"
                      f"{'/' + str(f.port) if f.port else ''}")
-            self.push_screen(DrillScreen(title, self.model.events_of_flow(f)))
+            self._drill(title, self.model.events_of_flow(f))
         elif table.id == "rules-table" and key in self.model.rules:
-            self.push_screen(DrillScreen(f"rule {key}", self.model.events_of_rule(key)))
+            self._drill(f"rule {key}", self.model.events_of_rule(key))
+
+    def _drill(self, title: str, rows: list[dict]) -> None:
+        drill = self.get_screen("drill")
+        assert isinstance(drill, DrillScreen)
+        drill.show(title, rows)
+        self.push_screen(drill)

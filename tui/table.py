@@ -32,7 +32,7 @@ GAP = 2           # spaces between columns
 MAX_WIDTH = 48    # a column never grows wider than this (text is cut with …)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Cell:
     text: str
     sort: Any = None

@@ -20,27 +20,12 @@ RATE = 500     # events/s, for the tests about a live stream
 BURST = 1000   # events at once otherwise: the views fill at once and keys stay quick
 
 
-class App(TopApp):
-    """TopApp, except that no render runs once the app stops running.
-
-    `run_test()` shuts the app down without `exit()`, so Textual's timers keep
-    ticking while the screens are pruned, and a render landing in that window
-    fails to find `#header` (a test-harness race; `q` in real use sets the
-    exit flag that stops timers first). Without this guard ~1 test in 40 fails
-    at teardown for no reason of its own.
-    """
-
-    def render_model(self) -> None:
-        if self.is_running:
-            super().render_model()
-
-
-def make_app(rate: float = 0, **kw) -> App:
+def make_app(rate: float = 0, **kw) -> TopApp:
     """Polls run as with the daemon; events come as one burst unless rate > 0."""
-    return App(SyntheticSource(rate=rate, seed=1, burst=BURST), **kw)
+    return TopApp(SyntheticSource(rate=rate, seed=1, burst=BURST), **kw)
 
 
-async def fed_app_started(pilot, app: App) -> None:
+async def fed_app_started(pilot, app: TopApp) -> None:
     """poll=False: the data of two polls one second apart, fed as the polls would
     (rates need two), and rendered once."""
     src = app.source
@@ -262,7 +247,7 @@ async def test_sort_keys_of_other_views_do_nothing() -> None:
 
 async def test_cursor_stays_on_its_flow_when_rows_resort() -> None:
     src = SyntheticSource(rate=0, seed=1)
-    app = App(src, poll=False)
+    app = TopApp(src, poll=False)
     async with app.run_test(size=SIZE) as pilot:
         sessions = await src.sessions()
         app.model.on_sessions(sessions, now=0.0)
@@ -349,7 +334,7 @@ def assert_newest(app: TopApp, pred: Callable[[dict], bool]) -> list[str]:
                  strict=True)]
     assert shown, "no rows"
     passing = [(ep_text(e["src"]), ep_text(e["dst"]), e["verdict"])
-               for e in app.model.tail if pred(e)]
+               for e in app.model.tail_events() if pred(e)]
     assert shown == passing[-len(shown):]
     return [v for _, _, v in shown]
 
@@ -359,7 +344,7 @@ async def verdicts_started(pilot) -> None:
     await until(pilot, lambda: app.model.events_seen >= BURST, what="the burst")
     await pilot.press("2")
     await started(pilot, "verdicts", rows=1)
-    tail = [e["verdict"] for e in app.model.tail]
+    tail = [e["verdict"] for e in app.model.tail_events()]
     assert "denied" in tail and "allowed" in tail  # a filter has something to do
 
 
@@ -570,6 +555,77 @@ async def test_enter_on_a_rule_never_hit_says_so() -> None:
         assert app.is_running
 
 
+async def test_a_second_drill_shows_its_own_events_not_the_first() -> None:
+    # One DrillScreen serves every drill: nothing of the last one may stay.
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("4")
+        await started(pilot, "rules", rows=6)
+        await until(pilot, lambda: len(app.model.recent) >= 500, what="events")
+        table = tbl(app, "rules")
+        table.move_cursor(row=row_index(table, "name", "no-ssh"))
+        await pilot.press("enter")
+        drill_table = app.screen.query_one("#drill-table", SyncedTable)
+        drill_table.move_cursor(row=drill_table.row_count - 1)
+        assert drill_table.row_count > 0
+        await pilot.press("escape")
+        table.move_cursor(row=row_index(table, "name", "legacy"))
+        await pilot.press("enter")
+        assert isinstance(app.screen, DrillScreen)
+        assert app.screen.title_text == "rule legacy"
+        assert drill_table.row_count == 0 and drill_table.cursor_row == 0
+        assert "rule legacy — no recent events" in screen_text(app)
+        await pilot.press("escape")
+
+
+async def test_key_hints_follow_the_view() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot)
+
+        def hints() -> str:
+            return str(app.query_one("#keys", Static).render())
+
+        assert "k packets  b bytes  t pkts/s  n sessions" in hints()
+        assert "Enter drill in" in hints()
+        await pilot.press("3")
+        assert "a age  i idle  k packets  b bytes" in hints()
+        assert "Enter" not in hints()
+        await pilot.press("5")
+        assert "sort" not in hints()
+        assert hints().startswith("q quit  ? help  / filter  p pause  1-5 views")
+
+
+async def test_keys_leave_no_objects_behind() -> None:
+    """Every key, over and over: the live objects stay level.
+
+    Textual's Footer kept ~1,000 objects per focus change alive for good, and
+    every new modal screen pinned its render caches; either grew the heap
+    by tens of thousands of objects per round of keys here (and full
+    garbage collections, which a key waits behind, with it)."""
+    import gc
+
+    keys = ["1", "2", "3", "4", "5", "1", "k", "question_mark", "escape", "slash", "escape",
+            "enter", "escape", "4", "enter", "escape", "p", "p"]
+    app = make_app(rate=RATE)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot)
+
+        async def round_of_keys() -> None:
+            for key in keys:
+                await pilot.press(key)
+
+        for _ in range(3):  # caches fill up
+            await round_of_keys()
+        gc.collect()
+        before = len(gc.get_objects())
+        for _ in range(5):
+            await round_of_keys()
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        assert grown < 5000, f"{grown} more live objects after 5 rounds of {len(keys)} keys"
+
+
 # -- help, quit -------------------------------------------------------------------------
 
 
@@ -693,6 +749,6 @@ async def test_verdicts_stay_in_order_after_another_view() -> None:
         assert table.row_count > SIZE[1]  # the scrollback came back
         port = re.compile(r":(\d+) ")
         shown = [int(port.search(c.text)[1]) for c in column(table, "src")]
-        tail = [e["src"]["port"] for e in app.model.tail]
+        tail = [e["src"]["port"] for e in app.model.tail_events()]
         start = tail.index(shown[0])
         assert tail[start:start + len(shown)] == shown

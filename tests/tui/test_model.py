@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from microseg.tui.filterexpr import FilterError, FilterExpr
@@ -26,6 +27,11 @@ def stats(*, allowed: int = 0, denied: int = 0, audit: int = 0, dropped: int = 0
 def counter(verdict: str, reason: str, packets: int, direction: str = "ingress") -> dict:
     return {"direction": direction, "verdict": verdict, "reason": reason, "packets": packets,
             "bytes": packets * 100}
+
+
+def feed(m: Model, events) -> None:
+    """Events as the daemon streams them: JSON lines."""
+    m.on_lines([orjson.dumps(e) for e in events])
 
 
 def ep(ip: str, workload: str | None = None, port: int | None = None) -> dict:
@@ -164,9 +170,9 @@ def test_verdict_and_drop_events_go_to_tail_and_matrix() -> None:
            {"time": "t", "seq": 6, "type": "session", "state": "established",
             "prev_state": "new", "src": web, "dst": db, "protocol": "tcp"},
            {"time": "t", "seq": 7, "type": "policy", "result": "applied", "generation": 2}]
-    m.on_events(evs)
-    assert [e["seq"] for e in m.tail] == [1, 2, 3, 4, 5]
-    assert [e["seq"] for e in m.recent] == [1, 2, 3, 4, 5, 6]
+    feed(m, evs)
+    assert [e["seq"] for e in m.tail_events()] == [1, 2, 3, 4, 5]
+    assert [e["seq"] for e in m.recent_events()] == [1, 2, 3, 4, 5, 6]
     assert m.matrix == {("web", "db"): {"allowed": 1, "denied": 1, "audit": 1},
                         (WORLD, "db"): {"dropped": 1},
                         ("db", WORLD): {"denied": 1}}
@@ -176,21 +182,21 @@ def test_verdict_and_drop_events_go_to_tail_and_matrix() -> None:
 
 def test_matrix_counts_accumulate_over_calls() -> None:
     m = Model()
-    m.on_events([event(1, verdict="allowed"), event(2, verdict="allowed")])
-    m.on_events(iter([event(3, verdict="allowed"), event(4, verdict="denied")]))
+    feed(m, [event(1, verdict="allowed"), event(2, verdict="allowed")])
+    feed(m, iter([event(3, verdict="allowed"), event(4, verdict="denied")]))
     assert m.matrix[("web", "db")] == {"allowed": 3, "denied": 1}
     assert m.events_seen == 4
 
 
 def test_matrix_uses_workload_never_address() -> None:
     m = Model()
-    m.on_events([event(1, src=ep("10.0.0.7"), dst=ep("10.0.0.8", "db", 1))])
+    feed(m, [event(1, src=ep("10.0.0.7"), dst=ep("10.0.0.8", "db", 1))])
     assert list(m.matrix) == [(WORLD, "db")]
 
 
 def test_lost_events_add_to_lost_seen_only() -> None:
     m = Model()
-    m.on_events([{"time": "t", "seq": 1, "type": "lost", "count": 3, "source": "ringbuf"},
+    feed(m, [{"time": "t", "seq": 1, "type": "lost", "count": 3, "source": "ringbuf"},
                  {"time": "t", "seq": 2, "type": "lost", "count": 5, "source": "subscriber"}])
     assert m.lost_seen == 8
     assert not m.tail and not m.recent and not m.matrix
@@ -325,7 +331,7 @@ def test_events_of_flow_are_that_flows_only() -> None:
               event(12, src=web, dst=db, protocol="udp"),                 # other protocol
               event(13, src=ep("10.0.0.1", "api", 1), dst=db),            # other workload
               event(14, src=web, dst=ep("10.0.0.3", "cache", 5432))]
-    m.on_events([others[0], mine[0], others[1], others[2], mine[1], others[3], mine[2],
+    feed(m, [others[0], mine[0], others[1], others[2], mine[1], others[3], mine[2],
                  others[4]])
     assert [e["seq"] for e in m.events_of_flow(flow)] == [1, 2, 3]
     assert [e["seq"] for e in m.events_of_flow(flow, limit=2)] == [2, 3]
@@ -336,14 +342,14 @@ def test_events_of_flow_without_workloads_match_by_address() -> None:
     a, b = ep("192.0.2.1", None, 1000), ep("192.0.2.2", None, 53)
     m.on_sessions([session(a, b, protocol="udp")], now=0.0)
     flow = m.flows["192.0.2.1>192.0.2.2/udp/53"]
-    m.on_events([event(1, src=a, dst=b, protocol="udp"),
+    feed(m, [event(1, src=a, dst=b, protocol="udp"),
                  event(2, src=ep("192.0.2.3", None, 1000), dst=b, protocol="udp")])
     assert [e["seq"] for e in m.events_of_flow(flow)] == [1]
 
 
 def test_events_of_rule() -> None:
     m = Model()
-    m.on_events([event(i, rule="a" if i % 3 else "b") for i in range(1, 10)]
+    feed(m, [event(i, rule="a" if i % 3 else "b") for i in range(1, 10)]
                 + [event(20, rule=None)])
     assert [e["seq"] for e in m.events_of_rule("b")] == [3, 6, 9]
     assert [e["seq"] for e in m.events_of_rule("a", limit=2)] == [7, 8]

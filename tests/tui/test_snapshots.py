@@ -27,15 +27,6 @@ SIZE = (120, 34)
 UPTIME_S = 3725  # shown as "up 62m"
 
 
-class App(TopApp):
-    """TopApp, except that no render runs once the app stops running (see the
-    note in test_app_synthetic.py: a test-harness race at teardown)."""
-
-    def render_model(self) -> None:
-        if self.is_running:
-            super().render_model()
-
-
 async def feed(pilot, app: TopApp, src: SyntheticSource) -> None:
     """Two polls of everything, one second apart, with fixed numbers."""
     m = app.model
@@ -111,7 +102,7 @@ def check(name: str, text: str) -> None:
     "flows", "verdicts", "sessions", "rules", "matrix", "help", "drill"])
 async def test_snapshot(name: str) -> None:
     src = SyntheticSource(rate=0, burst=300, seed=7)
-    app = App(src, poll=False)
+    app = TopApp(src, poll=False)
     async with app.run_test(size=SIZE) as pilot:
         await feed(pilot, app, src)
         await show(pilot, name)
