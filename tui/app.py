@@ -226,7 +226,7 @@ class TopApp(App[int]):
         # Key hints for the view on show. Not Textual's Footer: it recomposes
         # (a dozen widgets mounted) on every focus change, and each recompose
         # leaves its keys' watchers on the Footer for good (Textual 8.2) —
-        # ~5,000 live objects more per view switch, and ever slower full
+        # ~3,000 live objects more per view switch, and ever slower full
         # garbage collections that a key press then waits behind.
         yield Static(id="keys")
 
