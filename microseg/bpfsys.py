@@ -286,9 +286,9 @@ class BpfMap:
             if not done:
                 _check(rc, f"lookup_batch {self.name}")
             n = count.value
-            if n:
-                yield (keys.raw[:n * self.key_size],
-                       values.raw[:n * self.full_value_size], n)
+            if n:  # one copy of what was filled (.raw would copy the whole buffer first)
+                yield (ctypes.string_at(keys, n * self.key_size),
+                       ctypes.string_at(values, n * self.full_value_size), n)
             if done:
                 return
             ctypes.memmove(in_batch, out_batch, len(out_batch))
