@@ -255,6 +255,10 @@ def render(res: dict) -> str:
            f"holds every figure): Linux {m['kernel']}, {m['cpu']}, {m['cpus']} vCPUs, "
            f"{m['memory_gib']:.0f} GiB, Python {m['python']}, a shared VM. Every figure and "
            "its baseline come from the same run. Targets are SPEC §12.", ""]
+    again = res.get("remeasured")
+    if again:  # sections measured again later (same bench functions, full sizes)
+        out[-1:] = [f"Measured again on {again['date'][:16].replace('T', ' ')} UTC: "
+                    f"{', '.join(again['sections'])} — {again['why']}.", ""]
     for part in (_datapath(res["datapath"]), _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
                  _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak"))):
