@@ -237,7 +237,8 @@ def _soak(res: dict | None) -> list[str]:
     out = [f"**Soak** — {res['seconds']} s of connection churn through a running daemon "
            f"({res['cycles']:,} TCP connections and as many UDP flows, {res['cycles_per_s']:,}"
            "/s, a `watch --json` client and the flow log on), sampled every 5 s; the first "
-           f"{res['warmup_s']} s are warm-up (the table and the daemon's caches filling).",
+           f"{res['warmup_s']} s are warm-up (the table and the daemon's heap reaching their "
+           "working size).",
            "",
            "| check | measured | |",
            "|---|---|---|"]

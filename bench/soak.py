@@ -109,8 +109,8 @@ def measure(seconds: float, sample_every: float = 5.0) -> dict:
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
     # The warm-up: the table filling until the first sessions expire (UDP's
-    # 120 s timeout), the daemon's bounded name caches filling (a full
-    # 10-minute run showed RSS steps until ~270 s) — half of a judged run.
+    # 120 s timeout) and the daemon's heap reaching its working size (RSS
+    # steps while the table climbs to its peak, ~200 s) — half a judged run.
     warm = max(elapsed / 5, min(WARMUP_S, elapsed / 2))
     steady = [s for s in samples if s["t"] >= warm] or samples
     ts = [s["t"] for s in steady]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from collections.abc import Callable
@@ -518,19 +519,26 @@ async def test_enter_on_a_flow_shows_its_events_only() -> None:
         assert app.focused is table
 
 
+async def drill_into_rule(pilot, app: TopApp, name: str, *, events: bool = True) -> SyncedTable:
+    """On the Rules view, Enter on rule `name`: the drill table."""
+    if app.query_one(TabbedContent).active != "rules":
+        await pilot.press("4")
+        await started(pilot, "rules", rows=6)
+    if events:
+        await until(pilot, lambda: len(app.model.recent) >= 500, what="events")
+    table = tbl(app, "rules")
+    table.move_cursor(row=row_index(table, "name", name))
+    await pilot.press("enter")
+    assert isinstance(app.screen, DrillScreen)
+    return app.screen.query_one("#drill-table", SyncedTable)
+
+
 async def test_enter_on_a_rule_shows_its_events_only() -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("4")
-        await started(pilot, "rules", rows=6)
-        await until(pilot, lambda: len(app.model.recent) >= 500, what="events")
-        table = tbl(app, "rules")
-        table.move_cursor(row=row_index(table, "name", "no-ssh"))
-        await pilot.press("enter")
-        assert isinstance(app.screen, DrillScreen)
+        drill_table = await drill_into_rule(pilot, app, "no-ssh")
         drill = app.screen
         assert drill.title_text == "rule no-ssh"
-        drill_table = drill.query_one("#drill-table", SyncedTable)
         assert drill_table.row_count == len(drill.rows) > 0
         assert {c.text for c in column(drill_table, "rule")} == {"no-ssh"}
         assert {c.text for c in column(drill_table, "what")} == {"denied"}
@@ -542,13 +550,8 @@ async def test_enter_on_a_rule_shows_its_events_only() -> None:
 async def test_enter_on_a_rule_never_hit_says_so() -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("4")
-        await started(pilot, "rules", rows=6)
-        table = tbl(app, "rules")
-        table.move_cursor(row=row_index(table, "name", "legacy"))
-        await pilot.press("enter")
-        assert isinstance(app.screen, DrillScreen)
-        assert app.screen.query_one("#drill-table", SyncedTable).row_count == 0
+        drill_table = await drill_into_rule(pilot, app, "legacy", events=False)
+        assert drill_table.row_count == 0
         assert "rule legacy — no recent events" in screen_text(app)
         await pilot.press("q")  # q closes the drill screen, not the app
         assert not isinstance(app.screen, DrillScreen)
@@ -559,19 +562,11 @@ async def test_a_second_drill_shows_its_own_events_not_the_first() -> None:
     # One DrillScreen serves every drill: nothing of the last one may stay.
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("4")
-        await started(pilot, "rules", rows=6)
-        await until(pilot, lambda: len(app.model.recent) >= 500, what="events")
-        table = tbl(app, "rules")
-        table.move_cursor(row=row_index(table, "name", "no-ssh"))
-        await pilot.press("enter")
-        drill_table = app.screen.query_one("#drill-table", SyncedTable)
+        drill_table = await drill_into_rule(pilot, app, "no-ssh")
         drill_table.move_cursor(row=drill_table.row_count - 1)
         assert drill_table.row_count > 0
         await pilot.press("escape")
-        table.move_cursor(row=row_index(table, "name", "legacy"))
-        await pilot.press("enter")
-        assert isinstance(app.screen, DrillScreen)
+        assert await drill_into_rule(pilot, app, "legacy", events=False) is drill_table
         assert app.screen.title_text == "rule legacy"
         assert drill_table.row_count == 0 and drill_table.cursor_row == 0
         assert "rule legacy — no recent events" in screen_text(app)
@@ -603,8 +598,6 @@ async def test_keys_leave_no_objects_behind() -> None:
     every new modal screen pinned its render caches; either grew the heap
     by tens of thousands of objects per round of keys here (and full
     garbage collections, which a key waits behind, with it)."""
-    import gc
-
     keys = ["1", "2", "3", "4", "5", "1", "k", "question_mark", "escape", "slash", "escape",
             "enter", "escape", "4", "enter", "escape", "p", "p"]
     app = make_app(rate=RATE)
