@@ -29,12 +29,12 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from microseg import abi, bpfsys
-from microseg.datapath import Datapath, DatapathConfig
+from microseg.kernel import abi, bpfsys
+from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.records import addr16, session_key
+from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import compile_policy
 from microseg.policy.model import Policy
-from microseg.records import addr16, session_key
-from microseg.ringbuf import RingBuffer
 
 from .policygen import synthetic_policy, workload_ip4, workload_ip6
 

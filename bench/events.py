@@ -22,16 +22,16 @@ import tempfile
 import threading
 import time
 
-from microseg import abi, bpfsys
-from microseg.client import Client
-from microseg.clock import wall_offset_ns
-from microseg.datapath import Datapath, DatapathConfig
-from microseg.enrich import Enricher, Names, TimeFormatter
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.control.client import Client
+from microseg.flow.enrich import Enricher, Names, TimeFormatter
+from microseg.kernel import abi, bpfsys
+from microseg.kernel.clock import wall_offset_ns
+from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.records import EVENT_IN_RING
+from microseg.kernel.ringbuf import RingBuffer
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 from microseg.policy.compile import compile_policy
 from microseg.policy.model import Policy, Workload
-from microseg.records import EVENT_IN_RING
-from microseg.ringbuf import RingBuffer
 
 from .datapath import tcp_packet
 

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 
-from microseg.client import Client
-from microseg.datapath import Datapath, DatapathConfig
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.control.client import Client
+from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 from microseg.policy.compile import compile_policy
 from microseg.policy.model import Rule
 from microseg.policy.model import Selector as S

@@ -34,9 +34,9 @@ from collections.abc import Iterator
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from microseg import bpfsys
-from microseg.bpfsys import BpfMap
-from microseg.client import Client
+from microseg.control.client import Client
+from microseg.kernel import bpfsys
+from microseg.kernel.bpfsys import BpfMap
 
 from .datapath import session_batches, tcp_packet
 from .events import newest_prog_id

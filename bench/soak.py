@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from .policy import _status
 from .sessions import _rss
@@ -134,7 +134,7 @@ def measure(seconds: float, sample_every: float = 5.0) -> dict:
 def _status_stats(sock: str) -> dict:
     import asyncio
 
-    from microseg.client import Client
+    from microseg.control.client import Client
 
     async def go() -> dict:
         async with Client(sock, timeout=30) as c:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 CONFIGS = ("none", "microseg", "nft_linear", "nft_sets")
 LABELS = {"none": "no firewall", "microseg": "microseg",

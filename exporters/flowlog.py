@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from microseg.events import EventHub, Subscription, ndjson
+from microseg.flow.hub import EventHub, Subscription, ndjson
 
 log = logging.getLogger("microseg.flowlog")
 

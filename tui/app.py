@@ -22,11 +22,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Sparkline, Static, TabbedContent, TabPane
 
-from microseg.client import DaemonError
-
-from .filterexpr import FilterError, FilterExpr
-from .model import WORLD, FlowRow, Model, endpoint_label
-from .table import Cell, SyncedTable, human, num
+from microseg.control.client import DaemonError
+from microseg.tui.filterexpr import FilterError, FilterExpr
+from microseg.tui.model import WORLD, FlowRow, Model, endpoint_label
+from microseg.tui.table import Cell, SyncedTable, human, num
 
 REFRESH_S = 0.25
 STATS_S = 1.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from microseg.filters import EVENT_KEYS, Filter, FilterError
+from microseg.flow.filters import EVENT_KEYS, Filter, FilterError
 
 KEYS = (*EVENT_KEYS, "state")
 

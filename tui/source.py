@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from microseg.client import Client, DaemonError
+from microseg.control.client import Client, DaemonError
 
 SESSIONS_CAP = 20_000  # session rows read per poll: flows are the top of these
 

@@ -40,8 +40,8 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .. import abi
-from .model import IPNetwork, Policy, Selector
+from microseg.kernel import abi
+from microseg.policy.model import IPNetwork, Policy, Selector
 
 _ACTIONS = {"allow": abi.Action.ALLOW, "deny": abi.Action.DENY}
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58

@@ -25,7 +25,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .parse import LoadedPolicy, parse_policy
+from microseg.policy.parse import LoadedPolicy, parse_policy
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./-]+$")
 

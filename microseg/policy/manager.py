@@ -18,10 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..gcpause import gc_paused
-from .compile import CompiledPolicy, compile_policy
-from .model import Policy
-from .parse import Issue, LoadedPolicy, PolicyError, load_policy_file, open_policy_file
+from microseg.gcpause import gc_paused
+from microseg.policy.compile import CompiledPolicy, compile_policy
+from microseg.policy.model import Policy
+from microseg.policy.parse import (
+    Issue,
+    LoadedPolicy,
+    PolicyError,
+    load_policy_file,
+    open_policy_file,
+)
 
 log = logging.getLogger("microseg.policy")
 

@@ -32,8 +32,8 @@ from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.resolver import BaseResolver
 from ruamel.yaml.tag import Tag
 
-from .. import abi
-from .model import PROTOCOLS, IPNetwork, Policy, Rule, Selector, Workload
+from microseg.kernel import abi
+from microseg.policy.model import PROTOCOLS, IPNetwork, Policy, Rule, Selector, Workload
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_NESTING = 500

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from microseg.datapath import Datapath, DatapathConfig
+from microseg.kernel.datapath import Datapath, DatapathConfig
 
 from .harness import Harness
 

@@ -10,12 +10,12 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from microseg import abi
-from microseg.datapath import Datapath
+from microseg.kernel import abi
+from microseg.kernel.datapath import Datapath
+from microseg.kernel.records import RawEvent, SessionEntry, decode_events
+from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import CompiledPolicy, compile_policy
 from microseg.policy.model import Policy
-from microseg.records import RawEvent, SessionEntry, decode_events
-from microseg.ringbuf import RingBuffer
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2

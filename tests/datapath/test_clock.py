@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from microseg.clock import KNOWN_HZ, SessionClock
+from microseg.kernel.clock import KNOWN_HZ, SessionClock
 
 from .harness import Harness, tcp
 from .policies import DB4, WEB4, shop

@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from microseg.abi import Direction, EventType, Reason, State, TcpFlag, Verdict
-from microseg.datapath import Datapath, DatapathConfig
+from microseg.kernel.abi import Direction, EventType, Reason, State, TcpFlag, Verdict
+from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.records import decode_events
+from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import compile_policy
-from microseg.records import decode_events
-from microseg.ringbuf import RingBuffer
 
 from .harness import Harness, ping, tcp, udp
 from .policies import API4, DB4, DB6, ROGUE4, ROGUE6, WEB4, WEB6, shop

@@ -8,7 +8,7 @@ from scapy.layers.inet import IP, TCP, UDP, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
 from scapy.packet import Raw
 
-from microseg.abi import Direction, EventType, Reason, Verdict
+from microseg.kernel.abi import Direction, EventType, Reason, Verdict
 from microseg.policy.model import Rule
 from microseg.policy.model import Selector as S
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microseg.abi import Direction, EventType, Reason, Verdict
-from microseg.bpfsys import BpfError
+from microseg.kernel.abi import Direction, EventType, Reason, Verdict
+from microseg.kernel.bpfsys import BpfError
 
 from .harness import TC_ACT_OK, TC_ACT_SHOT, Harness, ping, tcp, udp
 from .policies import DB4, DB6, ROGUE4, WEB4, WEB6, shop

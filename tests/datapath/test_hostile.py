@@ -36,11 +36,11 @@ from typing import NamedTuple
 
 import pytest
 
-from microseg.abi import Direction, EventType, Reason, Verdict
-from microseg.bpfsys import BpfError
+from microseg.kernel.abi import Direction, EventType, Reason, Verdict
+from microseg.kernel.bpfsys import BpfError
+from microseg.kernel.records import decode_events
 from microseg.policy.model import Rule
 from microseg.policy.model import Selector as S
-from microseg.records import decode_events
 
 from . import hostile as H
 from .harness import TC_ACT_OK, TC_ACT_SHOT, Harness

@@ -21,7 +21,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from microseg.abi import Direction, EventType, Reason, Verdict
+from microseg.kernel.abi import Direction, EventType, Reason, Verdict
 
 from .harness import MAC_A, MAC_B, Harness, eth, tcp
 from .policies import DB4, DB6, WEB4, WEB6, shop

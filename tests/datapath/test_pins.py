@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from microseg import abi, bpfsys
-from microseg.datapath import Datapath, DatapathConfig
+from microseg.kernel import abi, bpfsys
+from microseg.kernel.datapath import Datapath, DatapathConfig
 from microseg.policy.compile import compile_policy
 
 from .harness import tcp

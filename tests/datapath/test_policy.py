@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from microseg.abi import Direction, EventType, Reason, State, Verdict
+from microseg.kernel.abi import Direction, EventType, Reason, State, Verdict
 from microseg.policy.model import Policy, Rule, Workload
 from microseg.policy.model import Selector as S
 
@@ -186,7 +186,7 @@ def test_audit_session_packets_count_as_audit(dp: Harness) -> None:
 
 def test_no_policy_fails_closed(dp: Harness) -> None:
     """Before any generation is written, nothing is allowed."""
-    from microseg.datapath import Datapath, DatapathConfig
+    from microseg.kernel.datapath import Datapath, DatapathConfig
 
     fresh = Datapath(DatapathConfig(pin_dir=None, session_capacity=1024, ringbuf_bytes=1 << 16))
     fresh.load()

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microseg.abi import Verdict
+from microseg.kernel.abi import Verdict
 from microseg.policy.model import Policy
 
 from ..unit.reference import reference_verdict

@@ -9,7 +9,7 @@ from scapy.layers.inet import IPerror as IPErr
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.packet import Raw
 
-from microseg.abi import Direction, EventType, Reason, SessionFlag, State, Verdict
+from microseg.kernel.abi import Direction, EventType, Reason, SessionFlag, State, Verdict
 from microseg.policy.model import Rule
 from microseg.policy.model import Selector as S
 

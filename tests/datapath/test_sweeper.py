@@ -4,10 +4,10 @@ their counters; closed TCP sessions go quietly; fresh ones stay."""
 
 from __future__ import annotations
 
-from microseg import abi
-from microseg.clock import SessionClock
-from microseg.records import addr16, session_entry, session_key
-from microseg.sweeper import DEFAULT_TIMEOUTS, Sweeper, parse_timeouts, timeout_name
+from microseg.flow.sweeper import DEFAULT_TIMEOUTS, Sweeper, parse_timeouts, timeout_name
+from microseg.kernel import abi
+from microseg.kernel.clock import SessionClock
+from microseg.kernel.records import addr16, session_entry, session_key
 
 from .harness import Harness
 

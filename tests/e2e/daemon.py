@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from microseg.client import Client
-from microseg.lab import Lab, wait_for
+from microseg.control.client import Client
+from microseg.lab.topology import Lab, wait_for
 
 
 class DaemonProcess:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from microseg import demo as demo_module
-from microseg.client import Client
-from microseg.demo import PIN_DIR, PREFIX, STATE_DIR
-from microseg.lab import wait_for
+from microseg.control.client import Client
+from microseg.lab import demo as demo_module
+from microseg.lab.demo import PIN_DIR, PREFIX, STATE_DIR
+from microseg.lab.topology import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -94,7 +94,7 @@ def leftovers() -> list[str]:
     found += [f"qdisc {q}" for q in qdiscs.splitlines() if f" dev {PREFIX}" in q]
     if Path(PIN_DIR).exists():
         found.append(f"pins {PIN_DIR}: {sorted(p.name for p in Path(PIN_DIR).iterdir())}")
-    procs = subprocess.run(["pgrep", "-af", "microseg (run|demo)|microseg.labtraffic"],
+    procs = subprocess.run(["pgrep", "-af", "microseg (run|demo)|microseg.lab.traffic"],
                            capture_output=True, text=True).stdout
     found += [f"process {p}" for p in procs.splitlines() if "pgrep" not in p]
     if (STATE_DIR / "daemon.pid").exists():

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from ..datapath import hostile as H
 from .daemon import DaemonProcess
@@ -278,7 +278,7 @@ class Hold:
     20 ms (`labtraffic hold`); a thread notes when each result came."""
 
     def __init__(self, lab: Lab, dst: str) -> None:
-        self.proc = lab.spawn("web", [sys.executable, "-m", "microseg.labtraffic", "hold",
+        self.proc = lab.spawn("web", [sys.executable, "-m", "microseg.lab.traffic", "hold",
                                       "tcp", dst, "5432", "--interval", "0.02",
                                       "--timeout", "0.5"], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

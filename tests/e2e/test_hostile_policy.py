@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.lab import Lab, WorkloadSpec
+from microseg.lab.topology import Lab, WorkloadSpec
 from microseg.policy.parse import MAX_ERRORS, MAX_FILE_BYTES, MAX_MESSAGE
 
 from .daemon import DaemonProcess, wait_until

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from microseg.cli import build_parser
+from microseg.control.cli import build_parser
 from microseg.exporters.prometheus import parse_listen
-from microseg.lab import Lab
+from microseg.lab.topology import Lab
 
 from .daemon import DaemonProcess
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from .daemon import DaemonProcess, wait_until
 
@@ -289,7 +289,7 @@ def test_slow_client_loses_events_others_keep_up(daemon: DaemonProcess, lab: Lab
     sub_lost0 = lost_by_source(daemon)["subscriber"]
     # 50,000 events at 10,000/s: easy for a reading client, far more than a
     # client that never reads can have queued (32,768) or buffered.
-    r = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+    r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                            lab.ipv4("db"), "9", "--count", "50000", "--sources", "500",
                            "--rate", "10000"], timeout=60)
     assert r.returncode == 0
@@ -359,7 +359,7 @@ def test_interfaces_that_appear_later_are_attached(daemon: DaemonProcess, lab: L
 
 
 def test_sessions_json_matches_the_traffic(daemon: DaemonProcess, lab: Lab) -> None:
-    hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+    hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                 lab.ipv4("web"), "80", "--interval", "0.05", "--count", "400"],
                      stdout=subprocess.PIPE, text=True)
     assert hold.stdout is not None and hold.stdout.readline().strip() == "connected"
@@ -404,7 +404,7 @@ def test_stats(daemon: DaemonProcess) -> None:
 
 def test_flow_log_rotates(daemon: DaemonProcess, lab: Lab) -> None:
     log = Path(daemon.argv()[daemon.argv().index("--flow-log") + 1])
-    lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+    lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                        lab.ipv4("db"), "9", "--count", "3000", "--sources", "100"])
     assert wait_until(lambda: Path(f"{log}.2").exists(), 20)
     lines = lambda: json.loads(daemon.cli("stats", "--json").stdout)["flow_log"]["lines"]  # noqa: E731
@@ -444,7 +444,7 @@ def test_ring_buffer_overflow_is_reported_exactly(tmp_path: Path) -> None:
             time.sleep(0.5)
             before = json.loads(d.cli("stats", "--json").stdout)["events"]["kernel"]
             n = 50000
-            lab.run("a", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+            lab.run("a", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                           lab.ipv4("b"), "9", "--count", str(n), "--sources", "50"])
             time.sleep(2)  # the loss check runs every 0.5 s
 

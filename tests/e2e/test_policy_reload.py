@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.lab import Lab, WorkloadSpec
+from microseg.lab.topology import Lab, WorkloadSpec
 
 from .daemon import DaemonProcess, wait_until
 
@@ -153,7 +153,7 @@ def test_invalid_edit_is_rejected_and_the_old_policy_stays(fresh: DaemonProcess,
 def test_established_session_is_revoked(fresh: DaemonProcess, lab: Lab) -> None:
     fresh.write_policy(policy("80, 81"))
     assert wait_until(lambda: can(lab, 81)) is not None
-    hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+    hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                 lab.ipv4("web"), "81", "--interval", "0.05",
                                 "--timeout", "1"], stdout=subprocess.PIPE, text=True)
     assert hold.stdout is not None
@@ -226,7 +226,7 @@ def test_no_packet_of_an_allowed_flow_is_lost_across_100_reloads(
         fresh: DaemonProcess, lab: Lab) -> None:
     ping = lab.spawn("client", ["ping", "-q", "-i", "0.01", "-W", "1", lab.ipv4("web")],
                      stdout=subprocess.PIPE, text=True)
-    hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+    hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                 lab.ipv4("web"), "80", "--interval", "0.01"],
                      stdout=subprocess.PIPE, text=True)
     gen = fresh.generation()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from .daemon import DaemonProcess
 
@@ -119,7 +119,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
             started = time.time()
             for _ in range(ALLOWED_SESSIONS):
                 assert lab.probe("client", "tcp", lab.ipv4("web"), 80)
-            r = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+            r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                                    lab.ipv4("web"), "53", "--count", str(DENIED_DATAGRAMS)])
             assert r.returncode == 0, r.stderr
             assert lab.probe("client", "tcp", lab.ipv4("db"), 22)  # audit: passes

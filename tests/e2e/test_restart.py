@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from .daemon import DaemonProcess
 
@@ -72,7 +72,7 @@ def retransmits(lab: Lab) -> int:
 
 def denied(lab: Lab) -> bool:
     """The rogue's attempt at the server's open port goes unanswered."""
-    r = lab.run("rogue", [sys.executable, "-m", "microseg.labtraffic", "probe", "tcp",
+    r = lab.run("rogue", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
                           lab.ipv4("server"), "7000", "--timeout", "0.5"])
     return r.returncode != 0
 
@@ -90,10 +90,10 @@ def events(d: DaemonProcess) -> list[dict]:
 
 def test_sigkill_and_restart_lose_nothing(daemon: DaemonProcess, lab: Lab) -> None:
     retrans0 = retransmits(lab)
-    tcp = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+    tcp = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                lab.ipv4("server"), "7000", "--interval", "0.01"],
                     stdout=subprocess.PIPE, text=True)
-    udp = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "udp",
+    udp = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "udp",
                                lab.ipv4("server"), "7001", "--interval", "0.01"],
                     stdout=subprocess.PIPE, text=True)
     assert wait_for(lambda: held_session(daemon, lab)["packets"]["orig"] > 20, timeout=10)
@@ -114,7 +114,7 @@ def test_sigkill_and_restart_lose_nothing(daemon: DaemonProcess, lab: Lab) -> No
     # No daemon: the datapath goes on enforcing, and writing events into
     # the pinned ring (the rogue's denials) — more than it holds, too.
     assert denied(lab)
-    lab.run("rogue", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+    lab.run("rogue", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                       lab.ipv4("server"), "7002", "--count", "3000", "--sources", "3000"])
     time.sleep(max(0.0, 1.0 - (time.monotonic() - t_dead)))
 
@@ -190,7 +190,7 @@ def test_keep_on_exit_leaves_everything_enforcing(lab: Lab, tmp_path: Path) -> N
         assert d.stop(check=False) == 0
         assert tc_state(lab) == attached and sorted(os.listdir(d.pin_dir)) == pins
         assert denied(lab), "the last policy is still enforced"
-        ok = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "probe", "tcp",
+        ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
                                 lab.ipv4("server"), "7000"])
         assert ok.returncode == 0, "and still allows what it allowed"
         # The next daemon takes over the same pins and filters; its clean stop
@@ -214,7 +214,7 @@ def test_upgrade_with_a_changed_map_layout_replaces_the_pins_and_keeps_enforcing
     d = DaemonProcess(tmp_path, lab, POLICY)
     d.start()
     try:
-        tcp = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+        tcp = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                    lab.ipv4("server"), "7000", "--interval", "0.01"],
                         stdout=subprocess.PIPE, text=True)
         assert wait_for(lambda: held_session(d, lab)["packets"]["orig"] > 20, timeout=10)

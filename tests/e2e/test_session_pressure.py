@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from .daemon import DaemonProcess
 
@@ -58,12 +58,12 @@ def test_a_full_table_keeps_new_flows_working(lab: Lab, tmp_path: Path) -> None:
                       "--flow-log", str(flow_log))
     d.start()
     try:
-        hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+        hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                     lab.ipv4("server"), "7000", "--interval", "0.01"],
                          stdout=subprocess.PIPE, text=True)
         # Four times the table's size in UDP flows, each from its own port.
         flows = 4 * CAPACITY
-        r = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "flood", "udp",
+        r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                                lab.ipv4("server"), "7001", "--count", str(flows),
                                "--sources", str(flows), "--rate", "4000"], timeout=60)
         assert r.returncode == 0
@@ -95,7 +95,7 @@ def test_a_full_table_keeps_new_flows_working(lab: Lab, tmp_path: Path) -> None:
         assert st["evicted_total"] == opened - st["entries"] > 2 * CAPACITY
         assert gauges(d)["microseg_sessions_evicted_total"] == st["evicted_total"]
         # A brand-new connection is judged and allowed with the table full.
-        ok = lab.run("client", [sys.executable, "-m", "microseg.labtraffic", "probe", "tcp",
+        ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
                                 lab.ipv4("server"), "7003"])
         assert ok.returncode == 0
         # The connection in use all along kept its session: no exchange lost.

@@ -9,14 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from microseg.abi import EventType, Verdict
-from microseg.datapath import Datapath, DatapathConfig
-from microseg.lab import Lab, WorkloadSpec
+from microseg.kernel.abi import EventType, Verdict
+from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.records import decode_events
+from microseg.kernel.ringbuf import RingBuffer
+from microseg.lab.topology import Lab, WorkloadSpec
 from microseg.policy.compile import compile_policy
 from microseg.policy.model import Policy, Rule, Workload
 from microseg.policy.model import Selector as S
-from microseg.records import decode_events
-from microseg.ringbuf import RingBuffer
 
 pytestmark = pytest.mark.root
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.lab import Lab, WorkloadSpec, wait_for
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 from microseg.tui.app import TopApp
 from microseg.tui.screentext import screen_text
 from microseg.tui.source import DaemonSource
@@ -80,7 +80,7 @@ async def test_live_verdicts_matrix_rules_and_flows(lab: Lab, daemon: DaemonProc
     app = TopApp(DaemonSource(daemon.socket))
     async with app.run_test(size=(150, 40)) as pilot:
         assert await until(pilot, lambda: app.model.header.connected)
-        hold = lab.spawn("client", [sys.executable, "-m", "microseg.labtraffic", "hold", "tcp",
+        hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                     lab.ipv4("web"), "80", "--interval", "0.1"],
                          stdout=subprocess.DEVNULL)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from microseg import abi
+from microseg.kernel import abi
 from microseg.policy.compile import NO_DECISION, CompiledPolicy, lookup_identity
 from microseg.policy.model import Policy, Selector, Workload
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from microseg import abi
-from microseg.datapath import EVENT_TYPE_SLOTS, bpf_source_dir
+from microseg.kernel import abi
+from microseg.kernel.datapath import EVENT_TYPE_SLOTS, bpf_source_dir
 
 HEADER = bpf_source_dir() / "microseg.h"
 

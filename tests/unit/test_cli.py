@@ -66,7 +66,7 @@ def test_client_commands_without_a_daemon_fail_with_one_line(tmp_path) -> None:
 def test_the_example_policy_is_valid_and_fits_the_starter_lab() -> None:
     from pathlib import Path
 
-    from microseg.lab import STARTER, Lab
+    from microseg.lab.topology import STARTER, Lab
     from microseg.policy.parse import load_policy_file
 
     path = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"

@@ -9,12 +9,8 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microseg import abi
-from microseg.policy.compile import (
-    assign_rule_ids,
-    compile_policy,
-    lookup_identity,
-)
+from microseg.kernel import abi
+from microseg.policy.compile import assign_rule_ids, compile_policy, lookup_identity
 from microseg.policy.model import Policy, Rule, Workload
 from microseg.policy.model import Selector as S
 

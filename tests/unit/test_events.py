@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microseg.events import EventHub, ndjson
+from microseg.flow.hub import EventHub, ndjson
 
 
 def test_seq_time_and_history() -> None:

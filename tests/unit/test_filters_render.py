@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from microseg.filters import SESSION_KEYS, Filter, FilterError
-from microseg.render import duration, event_line, human_bytes, session_line
+from microseg.control.render import duration, event_line, human_bytes, session_line
+from microseg.flow.filters import SESSION_KEYS, Filter, FilterError
 
 V = {"time": "2026-11-27T07:51:44.595443Z", "seq": 1, "type": "verdict", "verdict": "denied",
      "reason": "rule", "rule": "no-ssh", "policy_generation": 3, "direction": "ingress",

@@ -7,8 +7,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from microseg.events import EventHub
 from microseg.exporters.flowlog import FlowLog
+from microseg.flow.hub import EventHub
 
 
 def events(n: int, start: int = 0) -> list[dict]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from microseg import abi
 from microseg.exporters.prometheus import Snapshot, parse_listen, render
+from microseg.kernel import abi
 
 # SPEC §8, names as exposed (counters with _total).
 SPEC_METRICS = {

@@ -12,10 +12,10 @@ import datetime as dt
 import ipaddress
 from collections.abc import Callable, Iterable
 
-from . import abi
-from .clock import ClockSample
-from .policy.compile import CompiledPolicy
-from .policy.model import PROTOCOL_NAMES
+from microseg.kernel import abi
+from microseg.kernel.clock import ClockSample
+from microseg.policy.compile import CompiledPolicy
+from microseg.policy.model import PROTOCOL_NAMES
 
 VERDICT_NAMES = {abi.Verdict.ALLOWED: "allowed", abi.Verdict.DENIED: "denied",
                  abi.Verdict.AUDIT: "audit", abi.Verdict.DROPPED: "dropped"}
@@ -112,7 +112,7 @@ class Names:
             return self._ip_workload[key]
         except KeyError:
             pass
-        from .policy.compile import lookup_identity
+        from microseg.policy.compile import lookup_identity
 
         e = lookup_identity(compiled, self.ip(family, raw))
         name = e.workload if e is not None else None

@@ -12,8 +12,8 @@ the datapath's own counts they tell the table's silent LRU evictions.
 
 from __future__ import annotations
 
-from . import abi
-from .bpfsys import BpfMap
+from microseg.kernel import abi
+from microseg.kernel.bpfsys import BpfMap
 
 _KEY = b"\0\0\0\0"
 

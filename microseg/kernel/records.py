@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from . import abi
+from microseg.kernel import abi
 
 # Ring-buffer records arrive with their 8-byte header in front.
 EVENT_IN_RING = struct.Struct("<8x" + abi.EVENT.struct.format[1:])
@@ -84,7 +84,7 @@ class SessionEntry(NamedTuple):
     dst: bytes
     dport: int
     created_ns: int           # CLOCK_MONOTONIC
-    last_seen: int            # jiffies (see microseg.clock.SessionClock)
+    last_seen: int            # jiffies (see microseg.kernel.clock.SessionClock)
     packets: tuple[int, int]  # original, reply
     bytes: tuple[int, int]
     rule_id: int

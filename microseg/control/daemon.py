@@ -20,22 +20,24 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from . import __version__, abi, api, bpfsys
-from .clock import SessionClock, monotonic_ns, wall_offset_ns
-from .datapath import DEFAULT_PIN_DIR, Datapath, DatapathConfig
-from .enrich import Names, session_rows
-from .events import EventHub, rfc3339
-from .filters import Filter
-from .interfaces import InterfaceManager
-from .journal import Journal
-from .netlink import LinkWatcher
-from .pipeline import Pipeline
-from .policy.manager import PolicyManager
-from .policy.model import PROTOCOL_NAMES
-from .policy.parse import PolicyError, load_policy_file
-from .policy.watch import watch_policy
-from .records import session_census
-from .sweeper import DEFAULT_TIMEOUTS, Sweeper, timeout_name
+from microseg import __version__
+from microseg.control import api
+from microseg.flow.enrich import Names, session_rows
+from microseg.flow.filters import Filter
+from microseg.flow.hub import EventHub, rfc3339
+from microseg.flow.pipeline import Pipeline
+from microseg.flow.sweeper import DEFAULT_TIMEOUTS, Sweeper, timeout_name
+from microseg.kernel import abi, bpfsys
+from microseg.kernel.clock import SessionClock, monotonic_ns, wall_offset_ns
+from microseg.kernel.datapath import DEFAULT_PIN_DIR, Datapath, DatapathConfig
+from microseg.kernel.interfaces import InterfaceManager
+from microseg.kernel.journal import Journal
+from microseg.kernel.netlink import LinkWatcher
+from microseg.kernel.records import session_census
+from microseg.policy.manager import PolicyManager
+from microseg.policy.model import PROTOCOL_NAMES
+from microseg.policy.parse import PolicyError, load_policy_file
+from microseg.policy.watch import watch_policy
 
 SWEEP_PUBLISH_SLICE = 1024
 
@@ -196,7 +198,7 @@ class Daemon:
             log.warning("interface %s not found (yet)", name)
         self.links.start(loop)
         if self.cfg.flow_log:
-            from .exporters.flowlog import FlowLog
+            from microseg.exporters.flowlog import FlowLog
 
             self.flowlog = FlowLog(self.cfg.flow_log, self.cfg.flow_log_max_bytes,
                                    self.cfg.flow_log_keep)
@@ -263,7 +265,7 @@ class Daemon:
         api.secure_socket(self.cfg.socket_path, self._group_gid)
 
     async def _serve_metrics(self, host: str, port: int) -> None:
-        from .exporters.prometheus import build_app
+        from microseg.exporters.prometheus import build_app
 
         self._metrics_runner = web.AppRunner(build_app(self.metrics_snapshot), access_log=None,
                                              shutdown_timeout=1.0)
@@ -337,7 +339,7 @@ class Daemon:
 
     async def metrics_snapshot(self):
         """All counters of a Prometheus scrape, read now (exporters.prometheus)."""
-        from .exporters.prometheus import Snapshot
+        from microseg.exporters.prometheus import Snapshot
 
         if not self.ready:
             raise web.HTTPServiceUnavailable(text="microseg: starting\n")

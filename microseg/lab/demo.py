@@ -23,8 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .client import DEFAULT_SOCKET, Client, DaemonError
-from .lab import Lab, WorkloadSpec, wait_for
+from microseg.control.client import DEFAULT_SOCKET, Client, DaemonError
+from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 PREFIX = "msd"
 PIN_DIR = "/sys/fs/bpf/microseg-demo"
@@ -178,7 +178,7 @@ class Demo:
             raise RuntimeError(f"the daemon did not start; its log:\n{self._log_tail()}")
         say(f"daemon: attached to {self.lab.glob}, socket {self.socket}")
         for source, targets in traffic(self.lab).items():
-            self.lab.spawn(source, [sys.executable, "-m", "microseg.labtraffic", "mix",
+            self.lab.spawn(source, [sys.executable, "-m", "microseg.lab.traffic", "mix",
                                     *targets, "--interval", "0.25"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         say("traffic: client, web, api and rogue generating allowed, denied and audited "
@@ -314,8 +314,8 @@ def run(duration: float | None, policy_path: Path, socket_path: str | None,
         say(f"policy: {policy_path} — edit it and watch the verdicts change")
         say(f"in another terminal: {command_line(demo.socket)} watch")
         if interactive and duration is None:
-            from .tui.app import TopApp
-            from .tui.source import DaemonSource
+            from microseg.tui.app import TopApp
+            from microseg.tui.source import DaemonSource
 
             app = TopApp(DaemonSource(demo.socket))
             signal.signal(signal.SIGTERM, lambda *_: app.exit())

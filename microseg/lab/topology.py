@@ -169,7 +169,7 @@ class Lab:
 
     def serve(self, name: str, tcp: Sequence[int] = (), udp: Sequence[int] = ()) -> None:
         """Start echo servers in a workload and wait until they listen."""
-        argv = [sys.executable, "-m", "microseg.labtraffic", "serve"]
+        argv = [sys.executable, "-m", "microseg.lab.traffic", "serve"]
         for p in tcp:
             argv += ["--tcp", str(p)]
         for p in udp:
@@ -186,7 +186,7 @@ class Lab:
         if proto == "icmp":
             r = self.run(name, ["ping", "-c", "1", "-W", str(max(1, int(timeout))), dst])
             return r.returncode == 0
-        r = self.run(name, [sys.executable, "-m", "microseg.labtraffic", "probe", proto, dst,
+        r = self.run(name, [sys.executable, "-m", "microseg.lab.traffic", "probe", proto, dst,
                             str(port), "--timeout", str(timeout)])
         return r.returncode == 0
 
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w in STARTER:
         print(f"  {w.name:7s} {lab.ipv4(w.name):15s} {lab.ipv6(w.name):18s} "
               f"netns {lab.ns(w.name)}, host interface {lab.host_if(w.name)}")
-    probe = f"ip netns exec {lab.ns('client')} {sys.executable} -m microseg.labtraffic probe"
+    probe = f"ip netns exec {lab.ns('client')} {sys.executable} -m microseg.lab.traffic probe"
     print(f"traffic: {probe} tcp {lab.ipv4('web')} 80\n"
           f"         {probe} udp {lab.ipv6('web')} 53\n"
           f"         ip netns exec {lab.ns('client')} ping -c1 {lab.ipv4('db')}")

@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .policy.model import PROTOCOLS
+from microseg.policy.model import PROTOCOLS
 
 EVENT_TYPES = ("verdict", "session", "drop", "policy", "lost")
 VERDICTS = ("allowed", "denied", "audit", "dropped")

@@ -16,12 +16,12 @@ import asyncio
 import logging
 import time
 
-from . import abi
-from .clock import wall_offset_ns
-from .enrich import Enricher, Names, TimeFormatter
-from .events import EventHub
-from .records import EVENT_IN_RING
-from .ringbuf import RingBuffer
+from microseg.flow.enrich import Enricher, Names, TimeFormatter
+from microseg.flow.hub import EventHub
+from microseg.kernel import abi
+from microseg.kernel.clock import wall_offset_ns
+from microseg.kernel.records import EVENT_IN_RING
+from microseg.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger("microseg.pipeline")
 

@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from . import abi
-from .clock import ClockSample, SessionClock
-from .gcpause import gc_paused
-from .records import SESSION_KEY_PROTO, SESSION_VALUE_IDLE
+from microseg.gcpause import gc_paused
+from microseg.kernel import abi
+from microseg.kernel.clock import ClockSample, SessionClock
+from microseg.kernel.records import SESSION_KEY_PROTO, SESSION_VALUE_IDLE
 
 # Conntrack-like defaults, in seconds.
 DEFAULT_TIMEOUTS: dict[str, float] = {

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
-from . import __version__
-from .client import Client, DaemonError, default_socket
+from microseg import __version__
+from microseg.control.client import Client, DaemonError, default_socket
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -49,12 +49,12 @@ def _size(text: str) -> int:
 # -- microseg run -----------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import RunConfig, run
+    from microseg.control.daemon import RunConfig, run
 
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
-    from .exporters.prometheus import parse_listen
-    from .sweeper import parse_timeouts
+    from microseg.exporters.prometheus import parse_listen
+    from microseg.flow.sweeper import parse_timeouts
 
     try:
         timeouts = parse_timeouts(args.timeout)
@@ -79,8 +79,8 @@ def _write_line(data: bytes) -> None:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .filters import Filter, FilterError
-    from .render import event_line
+    from microseg.control.render import event_line
+    from microseg.flow.filters import Filter, FilterError
 
     params = {"type": args.type, "verdict": args.verdict, "ip": args.ip,
               "from_ip": args.from_ip, "to_ip": args.to_ip, "port": args.port,
@@ -124,8 +124,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    from .filters import SESSION_KEYS, Filter, FilterError
-    from .render import session_line
+    from microseg.control.render import session_line
+    from microseg.flow.filters import SESSION_KEYS, Filter, FilterError
 
     params = {"protocol": args.protocol, "state": args.state, "ip": args.ip,
               "workload": args.workload}
@@ -151,7 +151,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .render import human_bytes
+    from microseg.control.render import human_bytes
 
     st = _daemon(args, lambda c: c.get("/v1/stats"))
     assert isinstance(st, dict)
@@ -190,7 +190,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .demo import run
+    from microseg.lab.demo import run
 
     return run(args.duration, Path(args.policy), args.socket)
 
@@ -199,8 +199,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     if args.synthetic is None:
         # One line and exit 1 when there is no daemon to show.
         _daemon(args, lambda c: c.get("/v1/status"))
-    from .tui.app import TopApp
-    from .tui.source import DaemonSource, SyntheticSource
+    from microseg.tui.app import TopApp
+    from microseg.tui.source import DaemonSource, SyntheticSource
 
     source = SyntheticSource(rate=args.synthetic) if args.synthetic is not None \
         else DaemonSource(args.socket)
@@ -221,7 +221,7 @@ def _daemon(args: argparse.Namespace, coro: Callable[[Client], object]) -> objec
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from .policy.parse import PolicyError, load_policy_file
+    from microseg.policy.parse import PolicyError, load_policy_file
 
     try:
         loaded = load_policy_file(args.file)
@@ -269,8 +269,8 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 
 def _apply_text(args: argparse.Namespace, data: bytes, label: str) -> int:
     """Validate, write over the daemon's policy file, reload, report."""
-    from .policy.edit import write_atomically
-    from .policy.parse import PolicyError, parse_policy
+    from microseg.policy.edit import write_atomically
+    from microseg.policy.parse import PolicyError, parse_policy
 
     try:
         loaded = parse_policy(data, label)
@@ -318,8 +318,8 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
 
 
 def _edit(args: argparse.Namespace, change: Callable[[str, str], str]) -> int:
-    from .policy.edit import EditError, write_atomically
-    from .policy.parse import PolicyError, parse_policy
+    from microseg.policy.edit import EditError, write_atomically
+    from microseg.policy.parse import PolicyError, parse_policy
 
     path = args.file
     if path is None:
@@ -349,7 +349,7 @@ def _edit(args: argparse.Namespace, change: Callable[[str, str], str]) -> int:
 
 
 def cmd_rule_add(args: argparse.Namespace) -> int:
-    from .policy.edit import add_rule
+    from microseg.policy.edit import add_rule
 
     return _edit(args, lambda text, path: add_rule(
         text, path, name=args.name, sources=args.src, destinations=args.dst,
@@ -357,7 +357,7 @@ def cmd_rule_add(args: argparse.Namespace) -> int:
 
 
 def cmd_rule_delete(args: argparse.Namespace) -> int:
-    from .policy.edit import delete_rule
+    from microseg.policy.edit import delete_rule
 
     return _edit(args, lambda text, path: delete_rule(text, path, args.name))
 
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_option(p)
     p.set_defaults(func=cmd_watch)
 
-    from .demo import DEFAULT_POLICY
+    from microseg.lab.demo import DEFAULT_POLICY
 
     p = sub.add_parser("demo", help="a microsegmented lab, live: workloads, traffic, the "
                        "daemon and `top`",

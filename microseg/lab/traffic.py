@@ -1,11 +1,11 @@
 """Echo servers and probes that run inside lab namespaces.
 
-    python -m microseg.labtraffic serve --tcp 80 --udp 53   # prints "ready"
-    python -m microseg.labtraffic probe tcp 10.203.0.20 80  # exit 0 if echoed
-    python -m microseg.labtraffic hold tcp 10.203.0.20 80   # one long-lived connection:
+    python -m microseg.lab.traffic serve --tcp 80 --udp 53   # prints "ready"
+    python -m microseg.lab.traffic probe tcp 10.203.0.20 80  # exit 0 if echoed
+    python -m microseg.lab.traffic hold tcp 10.203.0.20 80   # one long-lived connection:
                                                             # a line per exchange, ok|timeout
-    python -m microseg.labtraffic flood udp 10.203.0.20 9 --count 100000  # as fast as it can
-    python -m microseg.labtraffic mix tcp,10.203.0.20,80,3 icmp,fd00:203::20  # forever: a
+    python -m microseg.lab.traffic flood udp 10.203.0.20 9 --count 100000  # as fast as it can
+    python -m microseg.lab.traffic mix tcp,10.203.0.20,80,3 icmp,fd00:203::20  # forever: a
                                         # weighted random probe every --interval (demo traffic)
 """
 
@@ -163,7 +163,7 @@ def mix(targets: list[str], interval: float, timeout: float, seed: int | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m microseg.labtraffic")
+    ap = argparse.ArgumentParser(prog="python -m microseg.lab.traffic")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--tcp", type=int, action="append", default=[])

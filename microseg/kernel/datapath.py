@@ -20,9 +20,9 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from . import abi, bpfsys, tc
-from .clock import ClockSample
-from .records import SessionEntry, decode_sessions
+from microseg.kernel import abi, bpfsys, tc
+from microseg.kernel.clock import ClockSample
+from microseg.kernel.records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def bpf_source_dir() -> Path:
     """bpf/ beside the package in a source tree (also when the package is
     imported from the checkout rather than through the editable install),
     else the copy installed as package data."""
-    tree = Path(__file__).resolve().parent.parent / "bpf"
+    tree = Path(__file__).resolve().parents[2] / "bpf"
     if (tree / "microseg.bpf.c").is_file():
         return tree
     return Path(str(resources.files("microseg.bpf")))

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from .events import ndjson
-from .filters import EVENT_KEYS, SESSION_KEYS, Filter, FilterError
+from microseg.flow.filters import EVENT_KEYS, SESSION_KEYS, Filter, FilterError
+from microseg.flow.hub import ndjson
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from microseg.control.daemon import Daemon
 
 log = logging.getLogger("microseg.api")
 

@@ -21,7 +21,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 
-from . import bpfsys
+from microseg.kernel import bpfsys
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
