@@ -6,7 +6,7 @@
  *   (new flow, or policy changed) policy lookup -> verdict -> session
  *   update -> stats -> event -> TC_ACT_OK / TC_ACT_SHOT
  *
- * Compiled by BCC at load time (microseg/datapath.py); the include path
+ * Compiled by BCC at load time (microseg/kernel/loader.py); the include path
  * is this directory. The walk-through is docs/how-it-works.md.
  */
 #include <uapi/linux/bpf.h>
@@ -147,38 +147,3 @@ int mseg_clock(struct __sk_buff *skb)
 	}
 	return TC_ACT_OK;
 }
-
-#ifdef MSEG_BENCH_HARNESS
-/*
- * Benchmark harness, compiled only by bench/ (-DMSEG_BENCH_HARNESS) and never
- * attached. BPF_PROG_TEST_RUN repeats one packet; to measure new flows, every
- * repetition must be a new flow: mseg_bench_newflow rewrites the TCP source
- * port from a per-CPU counter, then runs the real ingress path.
- * mseg_bench_rewrite does only the rewrite: the floor for that comparison.
- */
-BPF_TABLE("percpu_array", u32, struct bench_ctl, bench_ctl_map, 1);
-
-static __always_inline int bench_rewrite(struct __sk_buff *skb)
-{
-	__u32 zero = 0;
-	struct bench_ctl *c = bench_ctl_map.lookup(&zero);
-
-	if (!c)
-		return -1;
-	__be16 port = bswap16((__u16)(c->base + c->next++));
-	/* bpf_skb_store_bytes: write the new source port into the packet. */
-	return bpf_skb_store_bytes(skb, c->sport_off, &port, sizeof(port), 0);
-}
-
-int mseg_bench_newflow(struct __sk_buff *skb)
-{
-	if (bench_rewrite(skb))
-		return TC_ACT_SHOT;
-	return handle_packet(skb, DIR_INGRESS);
-}
-
-int mseg_bench_rewrite(struct __sk_buff *skb)
-{
-	return bench_rewrite(skb) ? TC_ACT_SHOT : TC_ACT_OK;
-}
-#endif

@@ -13,6 +13,8 @@
 #ifndef MICROSEG_H
 #define MICROSEG_H
 
+#include <linux/types.h>
+
 #define MSEG_ABI_VERSION 1
 
 /* Hook the program runs at. Also part of the per-direction owner id. */
@@ -336,15 +338,6 @@ struct daemon_state {
 	__u64 last_seq;
 	__u64 ringbuf_lost_seen;
 	__u64 sessions_swept;   /* entries the daemons' sweeps deleted */
-};
-
-/* bench/ only (MSEG_BENCH_HARNESS): where and from what to rewrite the
- * TCP source port so every BPF_PROG_TEST_RUN repetition is a new flow. */
-struct bench_ctl {
-	__u32 sport_off;
-	__u32 base;
-	__u32 next;
-	__u32 pad;
 };
 
 #endif /* MICROSEG_H */

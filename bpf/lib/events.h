@@ -9,6 +9,11 @@
 #ifndef MSEG_EVENTS_H
 #define MSEG_EVENTS_H
 
+#include <uapi/linux/bpf.h>
+#include "../microseg.h"
+#include "maps.h"
+#include "parse.h"
+
 static __always_inline struct event *reserve_event(__u32 type)
 {
 	/* bpf_ringbuf_reserve: space in the ring, no copy; NULL when full. */

@@ -8,6 +8,12 @@
 #ifndef MSEG_FRAG_H
 #define MSEG_FRAG_H
 
+#include "../microseg.h"
+#include "maps.h"
+#include "parse.h"
+#include "clock.h"
+#include "verdict.h"
+
 static __always_inline void make_frag_key(const struct packet *p,
 					  struct frag_key *k)
 {

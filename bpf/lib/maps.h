@@ -11,6 +11,8 @@
 #ifndef MSEG_MAPS_H
 #define MSEG_MAPS_H
 
+#include "../microseg.h"
+
 #ifndef MSEG_SESSION_CAPACITY
 #define MSEG_SESSION_CAPACITY 1048576
 #endif

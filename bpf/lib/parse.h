@@ -11,7 +11,9 @@
 #ifndef MSEG_PARSE_H
 #define MSEG_PARSE_H
 
+#include <uapi/linux/bpf.h>
 #include "proto.h"
+
 
 #define MAX_VLAN_TAGS 2
 #define MAX_IPV6_EXT 8

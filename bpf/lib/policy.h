@@ -22,6 +22,11 @@
 #ifndef MSEG_POLICY_H
 #define MSEG_POLICY_H
 
+#include "../microseg.h"
+#include "maps.h"
+#include "proto.h"
+#include "verdict.h"
+
 /* Combo bits of the ANY row (src any) and ANY column (dst any). */
 #define COMBOS_SRC_ANY 0xF000
 #define COMBOS_DST_ANY 0x8888

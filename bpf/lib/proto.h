@@ -8,6 +8,8 @@
 #ifndef MSEG_PROTO_H
 #define MSEG_PROTO_H
 
+#include <linux/types.h>
+
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100

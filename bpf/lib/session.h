@@ -15,6 +15,15 @@
 #ifndef MSEG_SESSION_H
 #define MSEG_SESSION_H
 
+#include <uapi/linux/bpf.h>
+#include "../microseg.h"
+#include "maps.h"
+#include "parse.h"
+#include "clock.h"
+#include "stats.h"
+#include "events.h"
+#include "verdict.h"
+
 #define TRANSITION_INVALID 0xFF
 
 static __always_inline __u32 hook_id(struct __sk_buff *skb, __u32 dir)

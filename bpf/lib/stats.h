@@ -6,6 +6,9 @@
 #ifndef MSEG_STATS_H
 #define MSEG_STATS_H
 
+#include "../microseg.h"
+#include "maps.h"
+
 static __always_inline void count_packet(__u32 dir, __u32 verdict, __u32 reason,
 					 __u32 len)
 {

@@ -14,8 +14,13 @@
 #ifndef MSEG_VERDICT_H
 #define MSEG_VERDICT_H
 
-#define TC_ACT_OK 0
-#define TC_ACT_SHOT 2
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include "../microseg.h"
+#include "parse.h"
+#include "stats.h"
+#include "events.h"
+
 /* Returned by the stages below when the packet's outcome is a decision in
  * *d that handle_packet() must account and report: the single call site
  * of apply_verdict() for every drop and every judged packet. */

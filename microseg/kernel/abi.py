@@ -1,9 +1,12 @@
 """The datapath ABI: Python's one mirror of ``bpf/microseg.h``.
 
-Enums and struct layouts shared with the C program live here and only here.
-``tests/unit/test_abi.py`` parses the header and checks every enum value, and
-``tests/datapath/test_abi_layout.py`` checks every layout against the struct
-BCC compiled, so a change on one side without the other fails the tests.
+Enums and struct layouts shared with the C program live here and only here;
+every struct format the Python side reads or writes derives from these
+layouts (microseg/kernel/records.py decodes, microseg/kernel/maps.py lists
+the maps). ``tests/unit/test_abi.py`` parses the header and checks every enum
+value and constant, and every layout's size and field offsets against the C
+compiler's; ``tests/datapath/test_abi_layout.py`` checks the map structs BCC
+compiled. A change on one side without the other fails the tests.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class EventType(enum.IntEnum):
     VERDICT = 1
     DROP = 2
     SESSION = 3
+
+
+EVENT_TYPE_SLOTS = 4  # EVENT_TYPE_MAX: event_stats_map is indexed by type
 
 
 class Action(enum.IntEnum):
@@ -155,6 +161,10 @@ class Layout:
     def size(self) -> int:
         return self.struct.size
 
+    def names(self) -> tuple[str, ...]:
+        """The fields' names, padding left out."""
+        return tuple(name for name, _ in self.fields if not name.startswith("_"))
+
     def offsets(self) -> dict[str, int]:
         """Field name -> byte offset (no implicit padding: formats are '<')."""
         out: dict[str, int] = {}
@@ -219,12 +229,9 @@ CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
 SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q")))
 DAEMON_STATE = Layout("daemon_state", (("last_seq", "Q"), ("ringbuf_lost_seen", "Q"),
                                        ("sessions_swept", "Q")))
-BENCH_CTL = Layout("bench_ctl", (
-    ("sport_off", "I"), ("base", "I"), ("next", "I"), ("_pad", "4x"),
-))
 
 LAYOUTS = (
     SESSION_KEY, SESSION_VALUE, HOST4_KEY, HOST6_KEY, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE,
     POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
-    FRAG_VALUE, EVENT, CLOCK_SAMPLE, SESSION_STATS, DAEMON_STATE, BENCH_CTL,
+    FRAG_VALUE, EVENT, CLOCK_SAMPLE, SESSION_STATS, DAEMON_STATE,
 )

@@ -1,214 +1,37 @@
-"""The datapath interface: compile and load the TC program with BCC, pin and
-check its maps, attach it to interfaces, and read and write its maps.
+"""The datapath interface: the loaded TC program, its maps and hooks.
 
-Everything kernel-facing the daemon needs goes through ``Datapath``; policy
-compilation, event decoding and aggregation stay pure and never import BCC.
+Everything kernel-facing the daemon needs goes through ``Datapath``: load
+(microseg/kernel/loader.py), attach to interfaces, write a policy generation
+into the idle slot and switch to it, read counters and the session table.
+Policy compilation, event decoding and aggregation stay pure and never
+import BCC.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
-import re
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import NamedTuple
 
 from microseg.kernel import abi, bpfsys, tc
 from microseg.kernel.clock import ClockSample
+from microseg.kernel.loader import (
+    PROG_CLOCK,
+    PROG_EGRESS,
+    PROG_INGRESS,
+    DatapathConfig,
+    LoadReport,
+    load_program,
+)
 from microseg.kernel.records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_DIR = "/sys/fs/bpf/microseg"
-IDENT_CAPACITY = 131072
-POLICY_CAPACITY = 1 << 20
-FRAG_CAPACITY = 16384
-EVENT_TYPE_SLOTS = 4  # EVENT_TYPE_MAX
-PROG_INGRESS = "mseg_ingress"
-PROG_EGRESS = "mseg_egress"
-PROG_CLOCK = "mseg_clock"
-
 _U32 = struct.Struct("<I")
-_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
-
-
-class MapSpec(NamedTuple):
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
-
-
-@dataclass(frozen=True)
-class DatapathConfig:
-    pin_dir: str | None = DEFAULT_PIN_DIR
-    session_capacity: int = 1 << 20
-    ringbuf_bytes: int = 16 << 20
-    bench_harness: bool = False  # bench/ only: the new-flow harness entries
-
-    def __post_init__(self) -> None:
-        rb = self.ringbuf_bytes
-        if rb < mmap.PAGESIZE or rb & (rb - 1):
-            raise ValueError(f"ring buffer size must be a power of two >= {mmap.PAGESIZE}")
-        if self.session_capacity < 1:
-            raise ValueError("session capacity must be positive")
-
-    def map_specs(self) -> dict[str, MapSpec]:
-        """Every map the program defines, as the kernel should report it."""
-        B = bpfsys
-        percpu = (B.BPF_MAP_TYPE_PERCPU_ARRAY, 4)
-        return {
-            "session_map": MapSpec(B.BPF_MAP_TYPE_LRU_HASH, abi.SESSION_KEY.size,
-                                   abi.SESSION_VALUE.size, self.session_capacity, 0),
-            "host4_map": MapSpec(B.BPF_MAP_TYPE_HASH, abi.HOST4_KEY.size,
-                                 abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
-            "host6_map": MapSpec(B.BPF_MAP_TYPE_HASH, abi.HOST6_KEY.size,
-                                 abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
-            "ident4_map": MapSpec(B.BPF_MAP_TYPE_LPM_TRIE, abi.IDENT4_KEY.size,
-                                  abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
-            "ident6_map": MapSpec(B.BPF_MAP_TYPE_LPM_TRIE, abi.IDENT6_KEY.size,
-                                  abi.IDENT_VALUE.size, IDENT_CAPACITY, B.BPF_F_NO_PREALLOC),
-            "policy_map": MapSpec(B.BPF_MAP_TYPE_HASH, abi.POLICY_KEY.size,
-                                  abi.POLICY_VALUE.size, POLICY_CAPACITY, B.BPF_F_NO_PREALLOC),
-            "port_class_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, abi.PORT_CLASS_SLOTS, 0),
-            "config_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.POLICY_CONFIG.size, 2, 0),
-            "active_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
-            "stats_map": MapSpec(*percpu, abi.STATS_VALUE.size, abi.STATS_SLOTS, 0),
-            "rule_stats_map": MapSpec(*percpu, abi.RULE_STATS.size, abi.MAX_RULES, 0),
-            "event_stats_map": MapSpec(*percpu, abi.EVENT_STATS.size, EVENT_TYPE_SLOTS, 0),
-            "meta_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
-            "clock_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.CLOCK_SAMPLE.size, 1, 0),
-            "daemon_map": MapSpec(B.BPF_MAP_TYPE_ARRAY, 4, abi.DAEMON_STATE.size, 1, 0),
-            "session_stats_map": MapSpec(*percpu, abi.SESSION_STATS.size, 1, 0),
-            "frag_map": MapSpec(B.BPF_MAP_TYPE_LRU_HASH, abi.FRAG_KEY.size,
-                                abi.FRAG_VALUE.size, FRAG_CAPACITY, 0),
-            "events": MapSpec(B.BPF_MAP_TYPE_RINGBUF, 0, 0, self.ringbuf_bytes, 0),
-        }
-
-    def cflags(self) -> list[str]:
-        flags = [
-            f"-DMSEG_SESSION_CAPACITY={self.session_capacity}",
-            f"-DMSEG_RINGBUF_PAGES={self.ringbuf_bytes // mmap.PAGESIZE}",
-            f"-DMSEG_IDENT_CAPACITY={IDENT_CAPACITY}",
-            f"-DMSEG_POLICY_CAPACITY={POLICY_CAPACITY}",
-            f"-DMSEG_FRAG_CAPACITY={FRAG_CAPACITY}",
-            "-Wno-unused-function",
-        ]
-        if self.pin_dir:
-            flags.append(f'-DMSEG_PIN_DIR="{self.pin_dir}"')
-        if self.bench_harness:
-            flags.append("-DMSEG_BENCH_HARNESS")
-        return flags
-
-
-def bpf_source_dir() -> Path:
-    """bpf/ beside the package in a source tree (also when the package is
-    imported from the checkout rather than through the editable install),
-    else the copy installed as package data."""
-    tree = Path(__file__).resolve().parents[2] / "bpf"
-    if (tree / "microseg.bpf.c").is_file():
-        return tree
-    return Path(str(resources.files("microseg.bpf")))
-
-
-def program_source(entry: str = "microseg.bpf.c") -> str:
-    """The program as one text, our own ``#include "..."`` files inlined.
-
-    BCC rewrites map method calls (``session_map.lookup(&k)``) only in its
-    main file, so the headers under bpf/lib must be part of that file.
-    """
-    root = bpf_source_dir()
-    seen: set[Path] = set()
-
-    def inline(path: Path) -> list[str]:
-        out = [f"#line 1 \"{path.name}\""]
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            m = _INCLUDE.match(line)
-            if not m:
-                out.append(line)
-                continue
-            inc = (path.parent / m.group(1)).resolve()
-            if inc not in seen:
-                seen.add(inc)
-                out.extend(inline(inc))
-            out.append(f"#line {n + 1} \"{path.name}\"")
-        return out
-
-    return "\n".join(inline(root / entry)) + "\n"
-
-
-def check_pins(config: DatapathConfig) -> list[str]:
-    """Remove pinned maps that this program must not reuse; return warnings.
-
-    BCC reuses a pin of the right path blindly, whatever its type or sizes.
-    A pin whose kind, key/value size, capacity or flags differ, or pins
-    written under another ABI version, are unlinked here first so BCC
-    creates fresh maps (the old ones live on only as long as an attached
-    old program holds them).
-    """
-    if not config.pin_dir or not os.path.isdir(config.pin_dir):
-        return []
-    warnings: list[str] = []
-    specs = config.map_specs()
-    pins = {name: os.path.join(config.pin_dir, name) for name in specs}
-    present = {n: p for n, p in pins.items() if os.path.exists(p)}
-    if not present:
-        return []
-
-    abi_found = None
-    if "meta_map" in present:
-        try:
-            m = bpfsys.BpfMap.from_pin(present["meta_map"])
-            try:
-                raw = m.lookup(_U32.pack(0))
-                abi_found = _U32.unpack(raw)[0] if raw else None
-            finally:
-                m.close()
-        except OSError:
-            abi_found = None
-    if abi_found != abi.ABI_VERSION:
-        warnings.append(f"pinned maps in {config.pin_dir} were made by datapath ABI "
-                        f"{abi_found or 'unknown'}, this is ABI {abi.ABI_VERSION}: "
-                        "replacing all of them (sessions are re-evaluated)")
-        for p in present.values():
-            os.unlink(p)
-        return warnings
-
-    for name, path in present.items():
-        spec = specs[name]
-        try:
-            fd = bpfsys.obj_get(path)
-        except OSError as e:
-            warnings.append(f"pinned {name} unreadable ({e}); replacing it")
-            os.unlink(path)
-            continue
-        try:
-            info = bpfsys.map_info(fd)
-        finally:
-            os.close(fd)
-        got = MapSpec(info.type, info.key_size, info.value_size, info.max_entries,
-                      info.map_flags)
-        if got != spec:
-            warnings.append(f"pinned {name} has layout {tuple(got)}, expected "
-                            f"{tuple(spec)}: replacing it")
-            os.unlink(path)
-    return warnings
-
-
-@dataclass
-class LoadReport:
-    compile_s: float
-    load_s: float
-    warnings: list[str] = field(default_factory=list)
-    reused_pins: list[str] = field(default_factory=list)
 
 
 class CounterKey(NamedTuple):
@@ -236,26 +59,13 @@ class Datapath:
     # -- loading -----------------------------------------------------------
 
     def load(self) -> LoadReport:
-        from bcc import BPF  # BCC is imported only where the kernel is touched
-
-        cfg = self.config
-        warnings = check_pins(cfg)
-        reused = []
-        if cfg.pin_dir:
-            os.makedirs(cfg.pin_dir, mode=0o700, exist_ok=True)
-            reused = [n for n in cfg.map_specs() if os.path.exists(os.path.join(cfg.pin_dir, n))]
-        t0 = time.perf_counter()
-        self.bpf = BPF(text=program_source().encode(), cflags=cfg.cflags())
-        t1 = time.perf_counter()
-        self.ingress_fd = self.bpf.load_func(PROG_INGRESS.encode(), BPF.SCHED_CLS).fd
-        self.egress_fd = self.bpf.load_func(PROG_EGRESS.encode(), BPF.SCHED_CLS).fd
-        self.clock_fd = self.bpf.load_func(PROG_CLOCK.encode(), BPF.SCHED_CLS).fd
-        t2 = time.perf_counter()
-        for name in cfg.map_specs():
-            self.maps[name] = bpfsys.BpfMap(self.bpf.get_table(name.encode()).map_fd, name)
-        self.maps["meta_map"].update(_U32.pack(0), _U32.pack(abi.ABI_VERSION))
+        prog = load_program(self.config)
+        self.bpf, self.maps = prog.bpf, prog.maps
+        self.ingress_fd = prog.prog_fds[PROG_INGRESS]
+        self.egress_fd = prog.prog_fds[PROG_EGRESS]
+        self.clock_fd = prog.prog_fds[PROG_CLOCK]
         self._generation = self.active_generation()
-        return LoadReport(t1 - t0, t2 - t1, warnings, reused)
+        return prog.report
 
     def close(self) -> None:
         """Release our handles. Pins and attached filters stay (see unpin)."""

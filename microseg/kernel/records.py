@@ -1,18 +1,46 @@
-"""Decode kernel records — ring-buffer events and session-map entries — into
-typed Python objects. Pure functions over bytes; no kernel needed."""
+"""Decode kernel records — ring-buffer events and session-map entries.
+
+One decoder per record, and every struct format derived from the layouts in
+microseg/kernel/abi.py (the mirror of bpf/microseg.h): `fields_struct()`
+picks the named fields of a record and skips the rest, so a consumer's hot
+loop unpacks plain tuples in an order it declares by name next to the loop.
+A field moved or renamed in the layout fails at import, never shifts every
+value after it. Pure functions over bytes; no kernel needed.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from microseg.kernel import abi
 
-# Ring-buffer records arrive with their 8-byte header in front.
-EVENT_IN_RING = struct.Struct("<8x" + abi.EVENT.struct.format[1:])
+RING_HEADER = 8  # u32 len (busy, discard bits) + u32 pg_off before each record
+
+
+def fields_struct(layout: abi.Layout, names: Sequence[str], *, skip: int = 0) -> struct.Struct:
+    """A struct that unpacks only `names` of a `layout` record, in that order.
+
+    The names must follow the layout's order (a struct cannot reorder); an
+    array field gives one value per element; every other byte is skipped,
+    `skip` bytes before the record too (a ring-buffer record header).
+    """
+    order = {name: i for i, (name, _) in enumerate(layout.fields)}
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ValueError(f"struct {layout.c_name} has no field {', '.join(missing)}")
+    positions = [order[n] for n in names]
+    if positions != sorted(set(positions)):
+        raise ValueError(f"fields of struct {layout.c_name} must be named once, in the "
+                         f"struct's order: {', '.join(names)}")
+    wanted = set(names)
+    fmt = "<" + (f"{skip}x" if skip else "")
+    for name, f in layout.fields:
+        fmt += f if name in wanted else f"{struct.calcsize('<' + f)}x"
+    return struct.Struct(fmt)
 
 
 def ip_text(family: int, raw: bytes) -> str:
@@ -22,8 +50,22 @@ def ip_text(family: int, raw: bytes) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
+def addr16(ip: str) -> bytes:
+    """A 16-byte address field: IPv4 in the first 4 bytes, then zeros."""
+    packed = ipaddress.ip_address(ip).packed
+    return packed + bytes(16 - len(packed))
+
+
+# -- struct event ---------------------------------------------------------------
+
+EVENT_FIELDS = abi.EVENT.names()
+# Every field of every record of a ring-buffer run (records with their header).
+EVENT_IN_RING = fields_struct(abi.EVENT, EVENT_FIELDS, skip=RING_HEADER)
+
+
 class RawEvent(NamedTuple):
-    """struct event, field for field (arrays as tuples)."""
+    """struct event, field for field (arrays as tuples): for tests and tools;
+    the daemon's pipeline unpacks plain tuples (microseg/flow/enrich.py)."""
 
     ts_ns: int
     created_ns: int
@@ -58,21 +100,34 @@ class RawEvent(NamedTuple):
         return ip_text(self.family, self.daddr)
 
 
-def _event(t: tuple) -> RawEvent:
-    return RawEvent(t[0], t[1], (t[2], t[3]), (t[4], t[5]), *t[6:])
+def _grouped(layout: abi.Layout, flat: Sequence) -> list:
+    """A flat unpack of every field, arrays gathered into tuples."""
+    out, i = [], 0
+    for name, f in layout.fields:
+        if name.startswith("_"):
+            continue
+        n = len(struct.unpack("<" + f, bytes(struct.calcsize("<" + f))))
+        out.append(tuple(flat[i:i + n]) if n > 1 else flat[i])
+        i += n
+    return out
+
+
+assert RawEvent._fields == EVENT_FIELDS, "RawEvent must follow struct event"
 
 
 def decode_events(runs: Iterable[bytes]) -> Iterator[RawEvent]:
     """Events from ring-buffer runs (records with headers, back to back)."""
     for run in runs:
         for t in EVENT_IN_RING.iter_unpack(run):
-            yield _event(t)
+            yield RawEvent(*_grouped(abi.EVENT, t))
 
 
 def decode_event(record: bytes) -> RawEvent:
     """One bare struct event (no ring header)."""
-    return _event(abi.EVENT.struct.unpack(record))
+    return RawEvent(*_grouped(abi.EVENT, abi.EVENT.struct.unpack(record)))
 
+
+# -- session_map entries ------------------------------------------------------
 
 class SessionEntry(NamedTuple):
     """A session_map entry, oriented: src is the original direction's source."""
@@ -106,39 +161,35 @@ class SessionEntry(NamedTuple):
         return ip_text(self.family, self.dst)
 
 
-def decode_sessions(keys_values: Iterable[tuple[bytes, bytes, int]]) -> Iterator[SessionEntry]:
-    """Sessions from (keys, values, count) flat buffers of a batch lookup."""
-    kf, vf = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
-    for keys, values, _ in keys_values:
-        for k, v in zip(kf.iter_unpack(keys), vf.iter_unpack(values), strict=True):
-            yield session_entry(k, v)
+ORIG_LO = int(abi.SessionFlag.ORIG_LO)  # a plain int: enum & costs a microsecond
 
 
-_ORIG_LO = int(abi.SessionFlag.ORIG_LO)  # a plain int: enum & costs a microsecond
-
-
-def session_entry(k: tuple, v: tuple) -> SessionEntry:
-    """A session from its unpacked key and value (abi.SESSION_KEY/VALUE)."""
+def decode_session(key: bytes, value: bytes) -> SessionEntry:
+    """One entry, oriented by its ORIG_LO flag."""
+    k = _grouped(abi.SESSION_KEY, abi.SESSION_KEY.struct.unpack(key))
+    v = _grouped(abi.SESSION_VALUE, abi.SESSION_VALUE.struct.unpack(value))
     addr_lo, addr_hi, port_lo, port_hi, proto, family = k
-    (created, last, p0, p1, b0, b1, rule_id, gen, o0, o1, sid, did,
-     state, flags, verdict, reason) = v
-    if flags & _ORIG_LO:
+    (created, last, packets, byts, rule_id, gen, owner, sid, did, state, flags, verdict,
+     reason) = v
+    if flags & ORIG_LO:
         src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
     else:
         src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
-    return SessionEntry(family, proto, src, sport, dst, dport, created, last, (p0, p1),
-                        (b0, b1), rule_id, gen, (o0, o1), sid, did, state, flags, verdict,
-                        reason)
+    return SessionEntry(family, proto, src, sport, dst, dport, created, last, packets, byts,
+                        rule_id, gen, owner, sid, did, state, flags, verdict, reason)
 
 
-_U64X2 = struct.Struct("<QQ")
+def decode_sessions(batches: Iterable[tuple[bytes, bytes, int]]) -> Iterator[SessionEntry]:
+    """Sessions from (keys, values, count) flat buffers of a batch lookup."""
+    ks, vs = abi.SESSION_KEY.size, abi.SESSION_VALUE.size
+    for keys, values, count in batches:
+        for i in range(count):
+            yield decode_session(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
 
 
 # Only the fields a sweep needs, straight from batch buffers.
-SESSION_KEY_PROTO = struct.Struct("<36xB3x")
-SESSION_VALUE_IDLE = struct.Struct("<8xQ56xB7x")  # last_seen, state
-assert SESSION_KEY_PROTO.size == abi.SESSION_KEY.size
-assert SESSION_VALUE_IDLE.size == abi.SESSION_VALUE.size
+SESSION_KEY_PROTO = fields_struct(abi.SESSION_KEY, ("proto",))
+SESSION_VALUE_IDLE = fields_struct(abi.SESSION_VALUE, ("last_seen", "state"))
 _PROTO_AT = abi.SESSION_KEY.offsets()["proto"]
 _STATE_AT = abi.SESSION_VALUE.offsets()["state"]
 _PUBLIC_STATE = tuple(abi.State(s).public.value if s in abi.State._value2member_map_ else s
@@ -159,6 +210,9 @@ def session_census(batches: Iterable[tuple[bytes, bytes, int]]) -> dict[tuple[in
     return out
 
 
+_U64X2 = struct.Struct("<QQ")
+
+
 def session_key(family: int, proto: int, saddr: bytes, daddr: bytes, sport: int,
                 dport: int) -> bytes:
     """The canonical session_map key of a flow, as make_session_key() builds
@@ -167,13 +221,3 @@ def session_key(family: int, proto: int, saddr: bytes, daddr: bytes, sport: int,
     lo = (*_U64X2.unpack(saddr), sport) <= (*_U64X2.unpack(daddr), dport)
     a, b, pa, pb = (saddr, daddr, sport, dport) if lo else (daddr, saddr, dport, sport)
     return abi.SESSION_KEY.struct.pack(a, b, pa, pb, proto, family)
-
-
-def addr16(ip: str) -> bytes:
-    """A 16-byte address field: IPv4 in the first 4 bytes, then zeros."""
-    packed = ipaddress.ip_address(ip).packed
-    return packed + bytes(16 - len(packed))
-
-
-def decode_session(key: bytes, value: bytes) -> SessionEntry:
-    return session_entry(abi.SESSION_KEY.struct.unpack(key), abi.SESSION_VALUE.struct.unpack(value))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from microseg.kernel import abi
-from microseg.kernel.datapath import EVENT_TYPE_SLOTS, bpf_source_dir
+from microseg.kernel.loader import bpf_source_dir
 
 HEADER = bpf_source_dir() / "microseg.h"
 
@@ -74,7 +74,7 @@ def test_bounds_and_constants() -> None:
     assert abi.port_class_index(1, True, 80) == ((1 * 2 + 1) << 16) | 80
     assert {k.removeprefix("TCP_FLAG_"): v for k, v in defines.items()
             if k.startswith("TCP_FLAG_")} == {f.name: f.value for f in abi.TcpFlag}
-    assert enums["mseg_event_type"]["EVENT_TYPE_MAX"] == EVENT_TYPE_SLOTS
+    assert enums["mseg_event_type"]["EVENT_TYPE_MAX"] == abi.EVENT_TYPE_SLOTS
     dirs, verdicts, reasons = (enums[n][m] for n, m in (
         ("mseg_direction", "DIR_MAX"), ("mseg_verdict", "VERDICT_MAX"),
         ("mseg_reason", "REASON_MAX")))
