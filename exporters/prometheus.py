@@ -1,10 +1,11 @@
-"""Prometheus metrics (SPEC §8), served at `--metrics ADDR` under /metrics.
+"""Prometheus metrics (docs/metrics.md), served at `--metrics ADDR` under /metrics.
 
 Nothing is counted twice: the kernel's per-CPU maps hold the packet, rule
 and ring-buffer counters, the daemon holds its own (events published,
-reloads). A scrape reads all of them into one Snapshot in a worker thread
-(a million-entry session table takes a fraction of a second to census) and
-turns it into fresh metric families — a custom collector over a snapshot,
+reloads). A scrape reads all of them into one Report in a worker thread
+(microseg/control/report.py: the same reading `/v1/stats` renders; a
+million-entry session table takes a fraction of a second to census) and
+turns it into fresh metric families — a custom collector over a report,
 not counters incremented on the hot path. The text format or OpenMetrics
 is chosen by the scraper's Accept header.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -26,6 +26,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from microseg.control.report import Report
 from microseg.kernel import abi
 
 DEFAULT_LISTEN = "127.0.0.1:9750"
@@ -58,34 +59,8 @@ def parse_listen(addr: str) -> tuple[str, int] | None:
     return host or "0.0.0.0", int(port)
 
 
-@dataclass
-class Snapshot:
-    """Everything one scrape reports, read at one moment."""
-
-    version: str
-    # (direction, verdict, reason) -> (packets, bytes), summed over CPUs
-    counters: dict[tuple[abi.Direction, abi.Verdict, abi.Reason], tuple[int, int]]
-    rule_hits: list[tuple[str, str, int]]  # (rule, action, hits) of the active policy
-    sessions: dict[tuple[int, int], int]   # (protocol, public state) -> entries
-    session_capacity: int
-    sessions_expired: int
-    events_published: dict[str, int]      # by type
-    events_lost: dict[str, int]           # by source: ringbuf, subscriber
-    policy_generation: int
-    policy_reloads: int
-    policy_reload_failures: int
-    policy_rules: int
-    policy_workloads: int
-    interfaces_attached: int
-    run_time_ns: int
-    run_count: int
-    flow_log: dict[str, int] | None = None  # lines, bytes, write_errors, rotations, lost
-    sessions_evicted: int = 0              # by the full table's LRU (Daemon.evictions)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-class SnapshotCollector(Collector):
-    def __init__(self, snap: Snapshot) -> None:
+class ReportCollector(Collector):
+    def __init__(self, snap: Report) -> None:
         self.snap = snap
 
     def collect(self) -> Iterator[Metric]:
@@ -196,17 +171,17 @@ class SnapshotCollector(Collector):
                                       value=fl["rotations"])
 
 
-def render(snap: Snapshot, accept: str) -> tuple[bytes, str]:
-    """The exposition of one snapshot, in the format the Accept header asks
+def render(snap: Report, accept: str) -> tuple[bytes, str]:
+    """The exposition of one report, in the format the Accept header asks
     for: (body, content type)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snap))
+    registry.register(ReportCollector(snap))
     ProcessCollector(registry=registry)  # the daemon's CPU, memory, fds
     encoder, content_type = choose_encoder(accept)
     return encoder(registry), content_type
 
 
-def build_app(snapshot: Callable[[], Awaitable[Snapshot]]) -> web.Application:
+def build_app(snapshot: Callable[[], Awaitable[Report]]) -> web.Application:
     """The read-only metrics listener: GET /metrics, and / pointing there."""
 
     async def metrics(request: web.Request) -> web.Response:

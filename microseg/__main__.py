@@ -2,6 +2,6 @@
 
 import sys
 
-from microseg.control.cli import main
+from microseg.cli import main
 
 sys.exit(main())

@@ -37,7 +37,7 @@ from microseg.flow.filters import EVENT_KEYS, SESSION_KEYS, Filter, FilterError
 from microseg.flow.hub import ndjson
 
 if TYPE_CHECKING:
-    from microseg.control.daemon import Daemon
+    from microseg.control.views import Views
 
 log = logging.getLogger("microseg.api")
 
@@ -78,7 +78,9 @@ def peer_allowed(sock: socket.socket, group_gid: int | None) -> bool:
     return False
 
 
-def build_app(daemon: Daemon, group_gid: int | None) -> web.Application:
+def build_app(views: Views, group_gid: int | None) -> web.Application:
+    hub, policy = views.parts.hub, views.parts.policy
+
     @web.middleware
     async def credentials(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -89,13 +91,13 @@ def build_app(daemon: Daemon, group_gid: int | None) -> web.Application:
         return await handler(request)
 
     async def status(request: web.Request) -> web.Response:
-        return json_response(daemon.status())
+        return json_response(views.status())
 
     async def policy_show(request: web.Request) -> web.Response:
-        return json_response(await daemon.policy_show())
+        return json_response(await views.policy_show())
 
     async def policy_reload(request: web.Request) -> web.Response:
-        res = await daemon.policy.reload("api", force=request.query.get("force") == "1")
+        res = await policy.reload("api", force=request.query.get("force") == "1")
         return json_response(res.as_dict())
 
     async def events(request: web.Request) -> web.StreamResponse:
@@ -109,7 +111,7 @@ def build_app(daemon: Daemon, group_gid: int | None) -> web.Application:
         follow = q.get("follow", "1") != "0"
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        sub = daemon.hub.subscribe(flt.predicate(), size=STREAM_QUEUE, last=last)
+        sub = hub.subscribe(flt.predicate(), size=STREAM_QUEUE, last=last)
         sent = 0
         try:
             while True:
@@ -147,7 +149,7 @@ def build_app(daemon: Daemon, group_gid: int | None) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
-            async for rows in daemon.session_rows(flt):
+            async for rows in views.session_rows(flt):
                 if rows:
                     await resp.write(b"".join(
                         orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in rows))
@@ -157,7 +159,7 @@ def build_app(daemon: Daemon, group_gid: int | None) -> web.Application:
         return resp
 
     async def stats(request: web.Request) -> web.Response:
-        return json_response(await daemon.stats())
+        return json_response(await views.stats())
 
     app = web.Application(middlewares=[credentials])
     app.router.add_get("/v1/status", status)

@@ -1,9 +1,12 @@
-"""Kernel records -> SPEC §6 events.
+"""Kernel records -> events (docs/events.md).
 
-Pure and fast: a batch of raw ring-buffer tuples becomes a list of dicts
-with names filled in — interfaces, workloads, rules of the generation that
+Pure and fast: ring-buffer runs and session-map records become dicts with
+names filled in — interfaces, workloads, rules of the generation that
 judged them — through caches that make the common case a few dict lookups.
 Events leave here with `seq` 0 in second place; the hub numbers them.
+
+Each loop unpacks the fields it names in the *_FIELDS tuple above it, with
+a struct derived from the record's layout (microseg/kernel/records.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 from microseg.kernel import abi
 from microseg.kernel.clock import ClockSample
+from microseg.kernel.records import ORIG_LO, RING_HEADER, fields_struct
 from microseg.policy.compile import CompiledPolicy
 from microseg.policy.model import PROTOCOL_NAMES
 
@@ -31,7 +35,6 @@ _TYPE_VERDICT, _TYPE_DROP, _TYPE_SESSION = (int(abi.EventType.VERDICT),
                                              int(abi.EventType.DROP),
                                              int(abi.EventType.SESSION))
 _CLOSED = int(abi.State.CLOSED)
-_ORIG_LO = int(abi.SessionFlag.ORIG_LO)
 # Byte-indexed tables for the hot loop (a u8 field indexes them directly).
 _STATES = tuple(STATE_NAMES.get(i) for i in range(256))
 _VERDICTS = tuple(VERDICT_NAMES.get(i) for i in range(256))
@@ -39,6 +42,19 @@ _REASONS = tuple(REASON_NAMES.get(i) for i in range(256))
 _DIRS = tuple(DIRECTIONS[i] if i < 2 else None for i in range(256))
 _FAMS = tuple(FAMILIES.get(i) for i in range(256))
 _PROTOS = tuple(PROTOCOL_NAMES.get(i, i) for i in range(256))
+
+# What Enricher.events() unpacks from each ring-buffer record, in this order.
+EVENT_FIELDS = ("ts_ns", "created_ns", "packets", "bytes", "saddr", "daddr", "ifindex",
+                "rule_id", "generation", "pkt_len", "src_identity", "dst_identity", "sport",
+                "dport", "type", "verdict", "reason", "direction", "family", "proto",
+                "tcp_flags", "state", "prev_state")
+_EVENT = fields_struct(abi.EVENT, EVENT_FIELDS, skip=RING_HEADER)
+# What expired() and session_rows() unpack from session_map entries.
+SESSION_KEY_FIELDS = ("addr_lo", "addr_hi", "port_lo", "port_hi", "proto", "family")
+SESSION_VALUE_FIELDS = ("created_ns", "last_seen", "packets", "bytes", "rule_id", "generation",
+                        "owner", "src_identity", "dst_identity", "state", "flags", "verdict")
+_SESSION_KEY = fields_struct(abi.SESSION_KEY, SESSION_KEY_FIELDS)
+_SESSION_VALUE = fields_struct(abi.SESSION_VALUE, SESSION_VALUE_FIELDS)
 
 
 def protocol_name(proto: int) -> str | int:
@@ -51,16 +67,18 @@ class TimeFormatter:
 
     def __init__(self, wall_offset_ns: int) -> None:
         self.offset = wall_offset_ns
-        self._sec = -1
-        self._prefix = ""
+        # The last second formatted and its text: hot loops read them to
+        # format in place (a call per event costs as much as the event).
+        self.second = -1
+        self.prefix = ""
 
     def __call__(self, mono_ns: int) -> str:
         unix_us = (mono_ns + self.offset) // 1000
         sec, us = divmod(unix_us, 1_000_000)
-        if sec != self._sec:
-            self._sec = sec
-            self._prefix = dt.datetime.fromtimestamp(sec, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{us:06d}Z"
+        if sec != self.second:
+            self.second = sec
+            self.prefix = dt.datetime.fromtimestamp(sec, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self.prefix}.{us:06d}Z"
 
 
 class Names:
@@ -69,12 +87,14 @@ class Names:
     def __init__(self, compiled_for: Callable[[int], CompiledPolicy | None],
                  interface_name: Callable[[int], str | None],
                  current: Callable[[], CompiledPolicy | None] = lambda: None) -> None:
-        self._compiled_for = compiled_for
+        # generation -> its compiled policy (None: unknown generation)
+        self.compiled_for = compiled_for
         self._current = current
         self._interface_name = interface_name
         self._ip: dict[bytes, str] = {}
         self._ip_workload: dict[tuple[int, bytes], str | None] = {}
-        self._ifname: dict[int, str | None] = {}
+        # ifindex -> name, filled by interface(): hot loops read it directly.
+        self.interfaces: dict[int, str | None] = {}
 
     def ip(self, family: int, raw: bytes) -> str:
         s = self._ip.get(raw)
@@ -87,16 +107,16 @@ class Names:
 
     def interface(self, ifindex: int) -> str | None:
         try:
-            return self._ifname[ifindex]
+            return self.interfaces[ifindex]
         except KeyError:
-            name = self._ifname[ifindex] = self._interface_name(ifindex)
+            name = self.interfaces[ifindex] = self._interface_name(ifindex)
             return name
 
     def forget_interfaces(self) -> None:
-        self._ifname.clear()
+        self.interfaces.clear()
 
     def workload(self, generation: int, identity: int, family: int, raw: bytes) -> str | None:
-        compiled = self._compiled_for(generation)
+        compiled = self.compiled_for(generation)
         if compiled is None:
             # A generation we cannot name (an earlier daemon's): its identity
             # numbers mean nothing here, but addresses do, in today's policy.
@@ -124,7 +144,7 @@ class Names:
     def rule(self, generation: int, rule_id: int) -> str | None:
         if not rule_id:
             return None
-        compiled = self._compiled_for(generation)
+        compiled = self.compiled_for(generation)
         return compiled.rule_names.get(rule_id) if compiled else None
 
 
@@ -156,10 +176,9 @@ class Enricher:
                                          "workload": n.workload(gen, identity, family, raw)}
         return ep
 
-    def event(self, t: tuple) -> dict:
-        return self.events([t])[0]
-
-    def events(self, raws: Iterable[tuple]) -> list[dict]:
+    def events(self, runs: Iterable[bytes]) -> list[dict]:
+        """Ring-buffer runs (records with their headers, back to back) as
+        events, in order."""
         # The hot loop of the pipeline: everything it calls per event is
         # inlined into local lookups (a method call costs as much as a
         # dict built).
@@ -167,65 +186,67 @@ class Enricher:
         endpoints = self._endpoints
         new_endpoint = self._endpoint
         tf = self.time
-        offset, last_sec, prefix = tf.offset, tf._sec, tf._prefix
-        ifnames = n._ifname
+        offset, last_sec, prefix = tf.offset, tf.second, tf.prefix
+        ifnames = n.interfaces
+        compiled_for = n.compiled_for
         rule_gen, rule_names = -1, {}
         active = None
+        unpack = _EVENT.iter_unpack
         out = []
         append = out.append
-        for (ts, created, p0, p1, b0, b1, saddr, daddr, ifindex, rule_id, gen, pkt_len,
-             sid, did, sport, dport, etype, verdict, reason, direction, family, proto,
-             tcp_flags, state, prev_state) in raws:
-            if not gen:
-                if active is None:
-                    active = self.active_generation()
-                gen = active
-            us = (ts + offset) // 1000
-            sec = us // 1_000_000
-            if sec != last_sec:
-                tf(ts)  # formats and caches the new second
-                last_sec, prefix = tf._sec, tf._prefix
-            when = f"{prefix}.{us - sec * 1_000_000:06d}Z"
-            if proto in _ICMP:
-                sport = dport = None
-            src = endpoints.get((gen, saddr, sport, sid)) or new_endpoint(gen, family, saddr,
-                                                                         sport, sid)
-            dst = endpoints.get((gen, daddr, dport, did)) or new_endpoint(gen, family, daddr,
-                                                                         dport, did)
-            if rule_id:
-                if gen != rule_gen:
-                    compiled = n._compiled_for(gen)
-                    rule_gen, rule_names = gen, compiled.rule_names if compiled else {}
-                rule = rule_names.get(rule_id)
-            else:
-                rule = None
-            iface = ifnames.get(ifindex) if ifindex in ifnames else n.interface(ifindex)
-            if etype == _TYPE_SESSION:
-                st = _STATES[state]
-                final = state == _CLOSED
-                append({"time": when, "seq": 0, "type": "session", "state": st,
-                        "prev_state": _STATES[prev_state], "rule": rule,
-                        "policy_generation": gen, "direction": _DIRS[direction],
-                        "interface": iface, "family": _FAMS[family],
-                        "protocol": _PROTOS[proto], "src": src, "dst": dst,
-                        "packets": {"orig": p0, "reply": p1} if final else None,
-                        "bytes": {"orig": b0, "reply": b1} if final else None,
-                        "duration_s": round((ts - created) / 1e9, 6) if final else None})
-            else:
-                append({"time": when, "seq": 0,
-                        "type": "drop" if etype == _TYPE_DROP else "verdict",
-                        "verdict": _VERDICTS[verdict], "reason": _REASONS[reason],
-                        "rule": rule, "policy_generation": gen,
-                        "direction": _DIRS[direction], "interface": iface,
-                        "family": _FAMS[family], "protocol": _PROTOS[proto],
-                        "src": src, "dst": dst,
-                        "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
-                        "bytes": pkt_len})
+        for run in runs:
+            for (ts, created, p0, p1, b0, b1, saddr, daddr, ifindex, rule_id, gen, pkt_len,
+                 sid, did, sport, dport, etype, verdict, reason, direction, family, proto,
+                 tcp_flags, state, prev_state) in unpack(run):
+                if not gen:
+                    if active is None:
+                        active = self.active_generation()
+                    gen = active
+                us = (ts + offset) // 1000
+                sec = us // 1_000_000
+                if sec != last_sec:
+                    tf(ts)  # formats and caches the new second
+                    last_sec, prefix = tf.second, tf.prefix
+                when = f"{prefix}.{us - sec * 1_000_000:06d}Z"
+                if proto in _ICMP:
+                    sport = dport = None
+                src = endpoints.get((gen, saddr, sport, sid)) or new_endpoint(gen, family, saddr,
+                                                                             sport, sid)
+                dst = endpoints.get((gen, daddr, dport, did)) or new_endpoint(gen, family, daddr,
+                                                                             dport, did)
+                if rule_id:
+                    if gen != rule_gen:
+                        compiled = compiled_for(gen)
+                        rule_gen, rule_names = gen, compiled.rule_names if compiled else {}
+                    rule = rule_names.get(rule_id)
+                else:
+                    rule = None
+                iface = ifnames.get(ifindex) if ifindex in ifnames else n.interface(ifindex)
+                if etype == _TYPE_SESSION:
+                    final = state == _CLOSED
+                    append({"time": when, "seq": 0, "type": "session", "state": _STATES[state],
+                            "prev_state": _STATES[prev_state], "rule": rule,
+                            "policy_generation": gen, "direction": _DIRS[direction],
+                            "interface": iface, "family": _FAMS[family],
+                            "protocol": _PROTOS[proto], "src": src, "dst": dst,
+                            "packets": {"orig": p0, "reply": p1} if final else None,
+                            "bytes": {"orig": b0, "reply": b1} if final else None,
+                            "duration_s": round((ts - created) / 1e9, 6) if final else None})
+                else:
+                    append({"time": when, "seq": 0,
+                            "type": "drop" if etype == _TYPE_DROP else "verdict",
+                            "verdict": _VERDICTS[verdict], "reason": _REASONS[reason],
+                            "rule": rule, "policy_generation": gen,
+                            "direction": _DIRS[direction], "interface": iface,
+                            "family": _FAMS[family], "protocol": _PROTOS[proto],
+                            "src": src, "dst": dst,
+                            "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
+                            "bytes": pkt_len})
         return out
 
-    def expired(self, pairs: Iterable[tuple[tuple, tuple]], now_mono_ns: int,
+    def expired(self, records: Iterable[tuple[bytes, bytes]], now_mono_ns: int,
                 interface_of: Callable[[int], str | None]) -> list[dict]:
-        """Sessions the sweeper removed — unpacked (key, value) tuples of
+        """Sessions the sweeper removed — raw (key, value) records of
         session_map — as their `expired` events. interface_of(ifindex)."""
         names = self.names
         endpoints = self._endpoints
@@ -233,12 +254,14 @@ class Enricher:
         when = self.time(now_mono_ns)
         rule_gen, rule_names = -1, {}
         ifnames: dict[int, str | None] = {}
+        key_of, value_of = _SESSION_KEY.unpack, _SESSION_VALUE.unpack
         out = []
         append = out.append
-        for ((addr_lo, addr_hi, port_lo, port_hi, proto, family),
-             (created, _, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did,
-              state, flags, _, _)) in pairs:
-            if flags & _ORIG_LO:
+        for key, value in records:
+            addr_lo, addr_hi, port_lo, port_hi, proto, family = key_of(key)
+            (created, _, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did, state, flags,
+             _) = value_of(value)
+            if flags & ORIG_LO:
                 src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
             else:
                 src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
@@ -246,7 +269,7 @@ class Enricher:
                 sport = dport = None
             if rule_id:
                 if gen != rule_gen:
-                    compiled = names._compiled_for(gen)
+                    compiled = names.compiled_for(gen)
                     rule_gen, rule_names = gen, compiled.rule_names if compiled else {}
                 rule = rule_names.get(rule_id)
             else:
@@ -269,11 +292,12 @@ class Enricher:
         return out
 
 
-def session_rows(pairs: Iterable[tuple[tuple, tuple]], names: Names, ref: ClockSample,
+def session_rows(keys: bytes, values: bytes, names: Names, ref: ClockSample,
                  hz: float, timeout_of: Callable[[int, int], float],
                  interface_of: Callable[[int], str | None]) -> list[dict]:
-    """session_map entries — unpacked (key, value) tuples — as `sessions`
-    rows (conntrack -L, as JSON). timeout_of(proto, state) in seconds."""
+    """session_map entries — the flat key and value buffers of a batch
+    lookup — as `sessions` rows (conntrack -L, as JSON).
+    timeout_of(proto, state) in seconds."""
     now_j, now_ns = ref.jiffies, ref.ktime_ns
     ip, workload, rule_of = names.ip, names.workload, names.rule
     ifnames: dict[int, str | None] = {}
@@ -282,8 +306,9 @@ def session_rows(pairs: Iterable[tuple[tuple, tuple]], names: Names, ref: ClockS
     append = out.append
     for ((addr_lo, addr_hi, port_lo, port_hi, proto, family),
          (created, last_seen, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did,
-          state, flags, verdict, _)) in pairs:
-        if flags & _ORIG_LO:
+          state, flags, verdict)) in zip(_SESSION_KEY.iter_unpack(keys),
+                                         _SESSION_VALUE.iter_unpack(values), strict=True):
+        if flags & ORIG_LO:
             src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
         else:
             src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo

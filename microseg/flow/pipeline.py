@@ -20,7 +20,6 @@ from microseg.flow.enrich import Enricher, Names, TimeFormatter
 from microseg.flow.hub import EventHub
 from microseg.kernel import abi
 from microseg.kernel.clock import wall_offset_ns
-from microseg.kernel.records import EVENT_IN_RING
 from microseg.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger("microseg.pipeline")
@@ -83,8 +82,7 @@ class Pipeline:
         assert self.ring is not None
         batch = self.ring.drain(limit)
         if batch.count:
-            unpack = EVENT_IN_RING.iter_unpack
-            events = self.enricher.events(t for run in batch.runs for t in unpack(run))
+            events = self.enricher.events(batch.runs)
             self.decoded += len(events)
             self.hub.publish_batch(events)
         if batch.skipped:

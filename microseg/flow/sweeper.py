@@ -80,16 +80,15 @@ class SweepResult:
     def ref_ktime_ns(self) -> int:
         return self.ref.ktime_ns
 
-    def expired(self, slice_size: int = 4096) -> Iterator[list[tuple[tuple, tuple]]]:
-        """The expired sessions as unpacked (key, value) tuples of
-        session_map (records.session_entry() makes one a SessionEntry), in
-        lists of at most slice_size."""
-        kf, vf = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
-        ks, vs = kf.size, vf.size
-        out: list[tuple[tuple, tuple]] = []
+    def expired(self, slice_size: int = 4096) -> Iterator[list[tuple[bytes, bytes]]]:
+        """The expired sessions as raw (key, value) records of session_map
+        (records.decode_session() decodes one), in lists of at most
+        slice_size."""
+        ks, vs = abi.SESSION_KEY.size, abi.SESSION_VALUE.size
+        out: list[tuple[bytes, bytes]] = []
         for keys, values, idx in self.expired_batches:
             for i in idx:
-                out.append((kf.unpack_from(keys, i * ks), vf.unpack_from(values, i * vs)))
+                out.append((keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]))
                 if len(out) >= slice_size:
                     yield out
                     out = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 from microseg.flow.sweeper import DEFAULT_TIMEOUTS, Sweeper, parse_timeouts, timeout_name
 from microseg.kernel import abi
 from microseg.kernel.clock import SessionClock
-from microseg.kernel.records import addr16, session_entry, session_key
+from microseg.kernel.records import addr16, decode_session, session_key
 
 from .harness import Harness
 
@@ -38,7 +38,7 @@ def test_idle_sessions_expire_and_fresh_ones_stay(dp: Harness) -> None:
     assert res.scanned == 50_000
     assert res.expired_count == 25_000 and res.removed_closed == 5_000
     assert dp.dp.session_count() == 20_000
-    expired = [session_entry(k, v) for chunk in res.expired(1000) for k, v in chunk]
+    expired = [decode_session(k, v) for chunk in res.expired(1000) for k, v in chunk]
     assert len(expired) == 25_000 and max(map(len, res.expired(1000))) == 1000
     entry = expired[0]
     assert clock.idle_ns(entry.last_seen, res.ref) >= 60 * 10**9

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from microseg.exporters.prometheus import Snapshot, parse_listen, render
+from microseg.control.report import Report
+from microseg.exporters.prometheus import parse_listen, render
 from microseg.kernel import abi
 
 # SPEC §8, names as exposed (counters with _total).
@@ -34,7 +35,7 @@ SPEC_METRICS = {
 D, V, R = abi.Direction, abi.Verdict, abi.Reason
 
 
-def snapshot(**kw) -> Snapshot:
+def snapshot(**kw) -> Report:
     base = dict(
         version="1.2.3",
         counters={(D.INGRESS, V.ALLOWED, R.RULE): (10, 1000),
@@ -50,7 +51,7 @@ def snapshot(**kw) -> Snapshot:
         policy_workloads=2, interfaces_attached=4, run_time_ns=2_500_000_000, run_count=1000,
         flow_log={"lines": 50, "bytes": 5000, "write_errors": 0, "rotations": 1})
     base.update(kw)
-    return Snapshot(**base)
+    return Report(**base)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

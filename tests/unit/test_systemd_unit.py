@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.control.cli import build_parser
+from microseg.cli import build_parser
 
 UNIT = Path(__file__).resolve().parents[2] / "contrib" / "systemd" / "microseg.service"
 

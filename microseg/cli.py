@@ -49,7 +49,8 @@ def _size(text: str) -> int:
 # -- microseg run -----------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from microseg.control.daemon import RunConfig, run
+    from microseg.control.config import RunConfig
+    from microseg.control.daemon import run
 
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)

@@ -1,0 +1,64 @@
+"""One reading of every figure the daemon reports.
+
+A Report is read at one moment — the kernel's per-CPU counters, the session
+table's census, the daemon's own counts — and rendered by both `/v1/stats`
+(microseg/control/views.py) and `/metrics` (microseg/exporters/prometheus.py),
+so the two never show two sources for one figure (docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from microseg.kernel import abi
+
+CounterKey = tuple[abi.Direction, abi.Verdict, abi.Reason]
+
+
+@dataclass
+class Report:
+    version: str
+    # (direction, verdict, reason) -> (packets, bytes), summed over CPUs
+    counters: dict[CounterKey, tuple[int, int]]
+    rule_hits: list[tuple[str, str, int]]  # (rule, action, hits) of the active policy
+    sessions: dict[tuple[int, int], int]   # (protocol, public state) -> entries
+    session_capacity: int
+    sessions_expired: int
+    events_published: dict[str, int]      # by type
+    # by source: ringbuf (the kernel's count of failed reservations, exact
+    # even between two drains), subscriber (dropped from slow clients' queues)
+    events_lost: dict[str, int]
+    policy_generation: int
+    policy_reloads: int
+    policy_reload_failures: int
+    policy_rules: int
+    policy_workloads: int
+    interfaces_attached: int
+    run_time_ns: int
+    run_count: int
+    flow_log: dict | None = None           # path, lines, events, lost, bytes, write_errors, ...
+    sessions_evicted: int = 0              # by the full table's LRU (see evictions())
+    sessions_created: int = 0              # entries the datapath made
+    sessions_revoked: int = 0              # entries the datapath deleted (revocation)
+    sweeps: int = 0
+    last_sweep: dict | None = None
+    # event type -> (records submitted, reservations that failed), the kernel's
+    events_kernel: dict[abi.EventType, tuple[int, int]] = field(default_factory=dict)
+    # Σ count of the ringbuf `lost` events this daemon published (the kernel's
+    # losses it has reported so far)
+    events_lost_reported: int = 0
+    events_last_seq: int = 0
+    subscribers: int = 0
+    at_ns: int = 0                         # CLOCK_MONOTONIC when read
+
+    @property
+    def session_entries(self) -> int:
+        return sum(self.sessions.values())
+
+
+def evictions(created: int, revoked: int, swept: int, entries: int) -> int:
+    """Sessions the full table's LRU evicted to make room: it says nothing
+    itself, so they are what is missing from the books — made by the
+    datapath, minus revoked by it, swept by the daemons, and in the table now.
+    (Read a few microseconds apart: ±a few in flight.)"""
+    return max(0, created - revoked - swept - entries)

@@ -1,0 +1,282 @@
+"""What the daemon shows: the views the control API serves and the report
+the metrics render, built from the running parts.
+
+The daemon owns the parts' lifecycle (microseg/control/daemon.py); this
+module only reads them. Reads that block — map batch lookups, per-CPU
+sums — run in worker threads so the loop keeps draining events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from microseg import __version__
+from microseg.control.config import RunConfig
+from microseg.control.report import Report, evictions
+from microseg.flow.enrich import Names, session_rows
+from microseg.flow.filters import Filter
+from microseg.flow.hub import EventHub, rfc3339
+from microseg.flow.sweeper import timeout_name
+from microseg.kernel import abi
+from microseg.kernel.clock import monotonic_ns, wall_offset_ns
+from microseg.kernel.records import session_census
+from microseg.policy.model import PROTOCOL_NAMES
+
+if TYPE_CHECKING:
+    from microseg.exporters.flowlog import FlowLog
+    from microseg.flow.pipeline import Pipeline
+    from microseg.flow.sweeper import Sweeper
+    from microseg.kernel.clock import SessionClock
+    from microseg.kernel.datapath import Datapath
+    from microseg.kernel.interfaces import InterfaceManager
+    from microseg.kernel.journal import Journal
+    from microseg.policy.manager import PolicyManager
+
+
+@dataclass
+class Parts:
+    """What the daemon runs; the later fields are filled in as it starts."""
+
+    cfg: RunConfig
+    hub: EventHub
+    datapath: Datapath
+    policy: PolicyManager
+    interfaces: InterfaceManager
+    names: Names
+    pipeline: Pipeline
+    started_ns: int
+    clock: SessionClock | None = None
+    sweeper: Sweeper | None = None
+    journal: Journal | None = None
+    flowlog: FlowLog | None = None
+    last_sweep: dict | None = None
+    metrics_listen: str | None = None
+    ready: bool = False
+
+
+def _ports_text(ports: tuple[tuple[int, int], ...]) -> list[str]:
+    return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports]
+
+
+class Views:
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self._baseline: Report | None = None
+
+    # -- the report -----------------------------------------------------------
+
+    def read_report(self) -> Report:
+        """Every figure, read now (blocking: run it in a worker thread)."""
+        p = self.parts
+        dp = p.datapath
+        census = session_census(dp.maps["session_map"].lookup_batch_raw(8192))
+        counters = dp.read_stats()
+        rule_stats = dp.read_rule_stats()
+        run_ns, runs = dp.run_stats()
+        kernel = dp.read_event_stats()
+        created, revoked = dp.read_session_stats()
+        a = p.policy.active
+        rule_hits = []
+        if a is not None:
+            ids = a.compiled.rule_ids
+            rule_hits = [(r.name, r.action, rule_stats.get(ids[r.name], (0, 0))[0])
+                         for r in a.loaded.policy.rules]
+        fl = p.flowlog
+        swept = p.journal.sessions_swept if p.journal else 0
+        entries = sum(census.values())
+        return Report(
+            version=__version__, counters=dict(counters), rule_hits=rule_hits,
+            sessions=census, session_capacity=p.cfg.session_capacity,
+            sessions_expired=p.sweeper.expired_total if p.sweeper else 0,
+            sessions_evicted=evictions(created, revoked, swept, entries),
+            sessions_created=created, sessions_revoked=revoked,
+            sweeps=p.sweeper.sweeps if p.sweeper else 0, last_sweep=p.last_sweep,
+            events_published=dict(p.hub.published),
+            events_lost={"ringbuf": sum(lost for _, lost in kernel.values()),
+                         "subscriber": p.hub.subscriber_lost},
+            events_kernel=kernel, events_lost_reported=p.pipeline.lost_ringbuf,
+            events_last_seq=p.hub.last_seq, subscribers=p.hub.subscribers,
+            policy_generation=p.policy.generation, policy_reloads=p.policy.reloads_total,
+            policy_reload_failures=p.policy.reload_failures_total,
+            policy_rules=len(a.loaded.policy.rules) if a else 0,
+            policy_workloads=len(a.loaded.policy.workloads) if a else 0,
+            interfaces_attached=len(p.interfaces.attached),
+            run_time_ns=run_ns, run_count=runs,
+            flow_log=None if fl is None else {
+                "path": fl.path, "lines": fl.lines, "events": fl.events, "lost": fl.lost,
+                "bytes": fl.bytes, "write_errors": fl.write_errors, "rotations": fl.rotations},
+            at_ns=monotonic_ns())
+
+    async def report(self) -> Report:
+        return await asyncio.get_running_loop().run_in_executor(None, self.read_report)
+
+    def mark_baseline(self) -> None:
+        """Rates in `stats` are since this reading (the daemon's start)."""
+        self._baseline = self.read_report()
+
+    # -- GET /v1/stats --------------------------------------------------------
+
+    async def stats(self) -> dict:
+        r = await self.report()
+        base = self._baseline
+        elapsed = max(1e-9, (r.at_ns - (base.at_ns if base else r.at_ns)) / 1e9)
+        counters, totals, rates, drops = [], {}, {}, {}
+        for (d, v, reason), (pk, by) in sorted(r.counters.items()):
+            counters.append({"direction": d.name.lower(), "verdict": v.name.lower(),
+                             "reason": reason.name.lower(), "packets": pk, "bytes": by})
+            vname = v.name.lower()
+            totals[vname] = totals.get(vname, 0) + pk
+            before = base.counters.get((d, v, reason), (0, 0))[0] if base else 0
+            rates[vname] = rates.get(vname, 0.0) + (pk - before) / elapsed
+            if v == abi.Verdict.DROPPED:
+                drops[reason.name.lower()] = drops.get(reason.name.lower(), 0) + pk
+        runs = r.run_count - (base.run_count if base else 0)
+        run_ns = r.run_time_ns - (base.run_time_ns if base else 0)
+        entries = r.session_entries
+        by_state = {f"{PROTOCOL_NAMES.get(p, p)}/{abi.State(st).name.lower()}": n
+                    for (p, st), n in sorted(r.sessions.items())}
+        started = self.parts.started_ns
+        return {
+            "time": rfc3339(time.time_ns()),
+            "uptime_s": round((time.time_ns() - started) / 1e9, 3),
+            "packets": totals,
+            "rates_since_start_pps": {k: round(v, 3) for k, v in rates.items()},
+            "drops": drops,
+            "counters": counters,
+            "sessions": {"entries": entries, "capacity": r.session_capacity,
+                         "fill": round(entries / r.session_capacity, 6),
+                         "by_state": by_state,
+                         "expired_total": r.sessions_expired,
+                         "created_total": r.sessions_created,
+                         "revoked_total": r.sessions_revoked,
+                         "evicted_total": r.sessions_evicted,
+                         "sweeps": r.sweeps,
+                         "last_sweep": r.last_sweep},
+            "events": {"published": r.events_published, "last_seq": r.events_last_seq,
+                       "lost": r.events_lost,
+                       "lost_reported": {"ringbuf": r.events_lost_reported},
+                       "kernel": {t.name.lower(): {"submitted": sub, "lost": lost}
+                                  for t, (sub, lost) in r.events_kernel.items()},
+                       "subscribers": r.subscribers},
+            "policy": {"generation": r.policy_generation,
+                       "reloads_total": r.policy_reloads,
+                       "reload_failures_total": r.policy_reload_failures},
+            "datapath": {"runs": runs, "run_time_ns": run_ns,
+                         "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None},
+            "flow_log": r.flow_log,
+        }
+
+    # -- GET /v1/status -------------------------------------------------------
+
+    def status(self) -> dict:
+        p = self.parts
+        cfg = p.cfg
+        a = p.policy.active
+        pol = a.loaded.policy if a else None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "ready": p.ready,
+            "started_at": rfc3339(p.started_ns),
+            "uptime_s": round((time.time_ns() - p.started_ns) / 1e9, 3),
+            "socket": cfg.socket_path,
+            "interfaces": {
+                "patterns": cfg.interfaces,
+                "attached": sorted(x.name for x in p.interfaces.attached.values()),
+                "missing": p.interfaces.missing(),
+                "failed": p.interfaces.failed,
+            },
+            "policy": {
+                "path": os.path.abspath(cfg.policy_path),
+                "generation": p.policy.generation,
+                "source": a.loaded.source if a else None,
+                "sha256": a.loaded.sha256 if a else None,
+                "loaded_at": rfc3339(a.loaded_at_ns) if a else None,
+                "mode": pol.mode if pol else None,
+                "default": pol.default if pol else None,
+                "rules": len(pol.rules) if pol else 0,
+                "workloads": len(pol.workloads) if pol else 0,
+                "reloads_total": p.policy.reloads_total,
+                "reload_failures_total": p.policy.reload_failures_total,
+                "last_reload": p.policy.last.as_dict() if p.policy.last else None,
+            },
+            "metrics": p.metrics_listen,
+            "datapath": {
+                "pin_dir": cfg.pin_dir,
+                "session_capacity": cfg.session_capacity,
+                "ringbuf_bytes": cfg.ringbuf_bytes,
+                "keep_on_exit": cfg.keep_on_exit,
+            },
+        }
+
+    # -- GET /v1/policy -------------------------------------------------------
+
+    async def policy_show(self) -> dict:
+        p = self.parts
+        loop = asyncio.get_running_loop()
+        stats = await loop.run_in_executor(None, p.datapath.read_rule_stats)
+        a = p.policy.active
+        if a is None:
+            return {"generation": 0, "rules": [], "workloads": [], "never_hit": []}
+        pol, ids = a.loaded.policy, a.compiled.rule_ids
+        offset = wall_offset_ns()
+        rules = []
+        for r in pol.rules:
+            hits, last_ns = stats.get(ids[r.name], (0, 0))
+            rules.append({
+                "name": r.name,
+                "from": [str(s) for s in r.sources],
+                "to": [str(s) for s in r.destinations],
+                "protocol": PROTOCOL_NAMES.get(r.protocol, "any") if r.protocol else "any",
+                "ports": _ports_text(r.ports),
+                "action": r.action,
+                "hits": hits,
+                "last_hit": rfc3339(last_ns + offset) if hits else None,
+            })
+        return {
+            "generation": a.generation,
+            "source": a.loaded.source,
+            "sha256": a.loaded.sha256,
+            "loaded_at": rfc3339(a.loaded_at_ns),
+            "mode": pol.mode,
+            "default": pol.default,
+            "workloads": [{"name": w.name, "labels": dict(w.labels),
+                           "addresses": [str(x) for x in w.addresses], "mode": w.mode}
+                          for w in pol.workloads],
+            "rules": rules,
+            "never_hit": [r["name"] for r in rules if not r["hits"]],
+            "last_reload": p.policy.last.as_dict() if p.policy.last else None,
+        }
+
+    # -- GET /v1/sessions -----------------------------------------------------
+
+    async def session_rows(self, flt: Filter, chunk: int = 2048) -> AsyncIterator[list[dict]]:
+        """Session rows, a batch at a time (the table may hold millions)."""
+        p = self.parts
+        clock = p.clock
+        assert clock is not None
+        loop = asyncio.get_running_loop()
+        ref = await loop.run_in_executor(None, clock.refresh)
+        batches = p.datapath.maps["session_map"].lookup_batch_raw(chunk)
+        timeouts = p.cfg.timeouts
+        match = flt.predicate()
+
+        def timeout_of(proto: int, state: int) -> float:
+            return timeouts[timeout_name(proto, state)]
+
+        def next_rows() -> list[dict] | None:
+            try:
+                keys, values, _ = next(batches)
+            except StopIteration:
+                return None
+            rows = session_rows(keys, values, p.names, ref, clock.hz, timeout_of,
+                                p.interfaces.name_of)
+            return rows if match is None else [r for r in rows if match(r)]
+
+        while (rows := await loop.run_in_executor(None, next_rows)) is not None:
+            yield rows
