@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from .report import DATAPATH_TARGETS, soak_verdicts, traffic_verdicts, tui_verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = Path(__file__).with_name("results.json")
@@ -33,8 +35,6 @@ def _secs(x: float | None) -> str:
 
 
 def _datapath(res: dict) -> list[str]:
-    from .__main__ import DATAPATH_TARGETS
-
     p = res["params"]
     big, small = res["scenarios"]["rules_10000"], res["scenarios"]["rules_10"]
     out = [
@@ -81,8 +81,6 @@ def _datapath(res: dict) -> list[str]:
 def _traffic(res: dict | None) -> list[str]:
     if res is None:
         return ["**Real traffic** — not measured yet."]
-    from .__main__ import traffic_verdicts
-
     p = res["params"]
     out = [
         "**Real traffic** — two lab namespaces on a bridge (as containers are), "
@@ -219,7 +217,6 @@ def _tui(res: dict | None) -> list[str]:
            "",
            "| events/s | ingested/s | keys | median | p95 | max | target < 100 ms per key |",
            "|---|---|---|---|---|---|---|"]
-    from .__main__ import tui_verdict
     for r in res.values():
         target = tui_verdict(r).replace("not met", "**not met**") \
             .replace("not at max", "**not at max**")
@@ -232,8 +229,6 @@ def _tui(res: dict | None) -> list[str]:
 def _soak(res: dict | None) -> list[str]:
     if res is None:
         return ["**Soak** — not measured yet."]
-    from .__main__ import soak_verdicts
-
     out = [f"**Soak** — {res['seconds']} s of connection churn through a running daemon "
            f"({res['cycles']:,} TCP connections and as many UDP flows, {res['cycles_per_s']:,}"
            "/s, a `watch --json` client and the flow log on), sampled every 5 s; the first "
