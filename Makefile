@@ -4,12 +4,17 @@ PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH  ?= full
 
-.PHONY: all setup demo test lint bench clean
+.PHONY: all setup lock demo test lint bench clean
 
 all: test
 
 setup:
 	@scripts/setup.sh
+
+# Pin every Python dependency afresh in requirements.lock (then make test,
+# and commit it): the only way newer libraries reach `make setup`.
+lock: setup
+	@scripts/lock.sh
 
 # The lab a newcomer sees first: workloads, traffic, the daemon and `top`.
 # DEMO_ARGS=--duration 20 runs it without the TUI and prints a summary.

@@ -61,13 +61,16 @@ if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
     say "mounted bpffs on /sys/fs/bpf"
 fi
 
-# The venv sees Debian's site-packages (for bcc); everything else from PyPI.
+# The venv sees Debian's site-packages (for bcc); everything else from PyPI,
+# at the versions requirements.lock pins (`make lock` renews it), so a fresh
+# machine runs the libraries the suite was run with.
 STAMP="$VENV/.microseg-setup"
-WANT=$(cat pyproject.toml | md5sum | cut -d' ' -f1)
+WANT=$(cat pyproject.toml requirements.lock | md5sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     say "creating virtualenv $VENV"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' \
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -c requirements.lock -e '.[test]' \
         || fail "pip install failed (is PyPI reachable?)"
     echo "$WANT" > "$STAMP"
 fi

@@ -92,17 +92,20 @@ class Names:
         self._current = current
         self._interface_name = interface_name
         self._ip: dict[bytes, str] = {}
-        self._ip_workload: dict[tuple[int, bytes], str | None] = {}
+        self._ip_workload: dict[tuple[int, int, bytes], str | None] = {}
         # ifindex -> name, filled by interface(): hot loops read it directly.
         self.interfaces: dict[int, str | None] = {}
 
     def ip(self, family: int, raw: bytes) -> str:
-        s = self._ip.get(raw)
+        # Keyed by the address's own bytes: 10.0.0.1 and a00:1:: share the
+        # 16-byte field, not the key.
+        key = raw[:4] if family == 4 else raw
+        s = self._ip.get(key)
         if s is None:
-            s = str(ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw))
+            s = str(ipaddress.IPv4Address(key) if family == 4 else ipaddress.IPv6Address(raw))
             if len(self._ip) > 200_000:
                 self._ip.clear()
-            self._ip[raw] = s
+            self._ip[key] = s
         return s
 
     def interface(self, ifindex: int) -> str | None:
@@ -127,7 +130,7 @@ class Names:
             return compiled.workload_of_identity.get(identity)
         # No identity in the record (a drop before the policy lookup, or an
         # address no prefix covers): find it by address, cached per policy.
-        key = (id(compiled), raw)
+        key = (id(compiled), family, raw)
         try:
             return self._ip_workload[key]
         except KeyError:
@@ -166,7 +169,7 @@ class Enricher:
 
     def _endpoint(self, gen: int, family: int, raw: bytes, port: int | None,
                   identity: int) -> dict:
-        key = (gen, raw, port, identity)
+        key = (gen, family, raw, port, identity)
         ep = self._endpoints.get(key)
         if ep is None:
             if len(self._endpoints) >= self._ENDPOINT_CACHE:
@@ -210,10 +213,10 @@ class Enricher:
                 when = f"{prefix}.{us - sec * 1_000_000:06d}Z"
                 if proto in _ICMP:
                     sport = dport = None
-                src = endpoints.get((gen, saddr, sport, sid)) or new_endpoint(gen, family, saddr,
-                                                                             sport, sid)
-                dst = endpoints.get((gen, daddr, dport, did)) or new_endpoint(gen, family, daddr,
-                                                                             dport, did)
+                src = endpoints.get((gen, family, saddr, sport, sid)) \
+                    or new_endpoint(gen, family, saddr, sport, sid)
+                dst = endpoints.get((gen, family, daddr, dport, did)) \
+                    or new_endpoint(gen, family, daddr, dport, did)
                 if rule_id:
                     if gen != rule_gen:
                         compiled = compiled_for(gen)
@@ -283,9 +286,9 @@ class Enricher:
                     "prev_state": _STATES[state], "rule": rule, "policy_generation": gen,
                     "direction": None, "interface": iface, "family": _FAMS[family],
                     "protocol": _PROTOS[proto],
-                    "src": endpoints.get((gen, src, sport, sid))
+                    "src": endpoints.get((gen, family, src, sport, sid))
                     or new_endpoint(gen, family, src, sport, sid),
-                    "dst": endpoints.get((gen, dst, dport, did))
+                    "dst": endpoints.get((gen, family, dst, dport, did))
                     or new_endpoint(gen, family, dst, dport, did),
                     "packets": {"orig": p0, "reply": p1}, "bytes": {"orig": b0, "reply": b1},
                     "duration_s": round((now_mono_ns - created) / 1e9, 6)})
