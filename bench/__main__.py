@@ -1,4 +1,4 @@
-"""`make bench`: measure, compare with the SPEC §12 targets, print a table,
+"""`make bench`: measure, compare with the targets of docs/performance.md, print a table,
 write bench/results.json.
 
     python -m bench                 # full: 5 runs x 1M repeats

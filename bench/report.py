@@ -119,7 +119,7 @@ def sessions_table(res: dict) -> list[str]:
 
 
 def traffic_verdicts(res: dict) -> list[tuple[str, str, bool]]:
-    """SPEC §12 on real traffic: (what, measured, met)."""
+    """docs/performance.md on real traffic: (what, measured, met)."""
     c = res["configs"]
     none, ms = c["none"], c["microseg"]
     nft_p50 = min(c["nft_linear"]["p50_us"]["median"], c["nft_sets"]["p50_us"]["median"])
@@ -181,7 +181,7 @@ def soak_table(res: dict) -> list[str]:
 
 
 def tui_verdict(r: dict) -> str:
-    """SPEC §12: a key answers in < 100 ms at 50,000 events/s ("" below that rate)."""
+    """docs/performance.md: a key answers in < 100 ms at 50,000 events/s ("" below that rate)."""
     if r["rate"] < 50_000:
         return ""
     return "met" if r["max_ms"] < 100 else \

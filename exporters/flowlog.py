@@ -1,4 +1,4 @@
-"""The JSON flow log: every event as one line (SPEC §6), appended to a file
+"""The JSON flow log: every event as one line (docs/events.md), appended to a file
 rotated by size (`FILE`, `FILE.1`, … `FILE.N`, oldest last).
 
 It subscribes to the hub like any client, with a large queue; batches are

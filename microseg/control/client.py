@@ -55,7 +55,7 @@ class Client:
 
     def _denied(self) -> DaemonError:
         """Refused by the socket's mode: missing privileges, not a daemon
-        that is unreachable (SPEC §4: exit 3, not 1)."""
+        that is unreachable (exit 3, not 1: see the README's Commands)."""
         return DaemonError(f"permission denied on {self.socket_path}: run as root or "
                            "as a member of the daemon's --socket-group", True)
 

@@ -7,7 +7,7 @@ loses its oldest queued events — counted, and told with a ``lost`` event
 placed exactly at the gap (its `seq` is the last one missed) — and never
 slows the hub or anyone else.
 
-Events are plain dicts in the SPEC §6 schema; serialising them is the
+Events are plain dicts in the schema of docs/events.md; serialising them is the
 consumers' business (the API streams NDJSON, the flow log appends lines).
 """
 

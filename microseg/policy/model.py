@@ -1,4 +1,4 @@
-"""The validated policy, as plain immutable data (SPEC §5).
+"""The validated policy, as plain immutable data (docs/policy.md).
 
 The YAML parser produces it, the compiler consumes it, and tests build it
 directly. Nothing here touches files or the kernel.

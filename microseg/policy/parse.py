@@ -1,4 +1,4 @@
-"""Read and validate a policy file (SPEC §5) into a Policy.
+"""Read and validate a policy file (docs/policy.md) into a Policy.
 
 Validation works on the YAML node tree (ruamel.yaml's composer), where every
 scalar knows its line and column, duplicate keys are still visible and an

@@ -1,4 +1,4 @@
-"""Policies the datapath tests share: the SPEC §5 example shop, by hand."""
+"""Policies the datapath tests share: the example shop of docs/policy.md, by hand."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Two independent answers to "what does the policy say about this packet":
 
-* ``reference_verdict`` reads SPEC §5 literally: walk every rule, deny beats
+* ``reference_verdict`` reads docs/policy.md literally: walk every rule, deny beats
   allow, the first written decides among equals, else the default; audit by
   the destination workload's mode or the global one.
 * ``simulate_datapath`` does what the kernel does with the compiled maps:

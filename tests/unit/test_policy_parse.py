@@ -1,4 +1,4 @@
-"""The policy file: every SPEC §5 validation error reported as
+"""The policy file: every validation error of docs/policy.md reported as
 FILE:LINE:COL with the field and what was expected, all at once; hostile
 input refused with a clear error, never a crash or a hang."""
 

@@ -9,8 +9,8 @@ from microseg.control.report import Report
 from microseg.exporters.prometheus import parse_listen, render
 from microseg.kernel import abi
 
-# SPEC §8, names as exposed (counters with _total).
-SPEC_METRICS = {
+# docs/metrics.md, names as exposed (counters with _total).
+CONTRACT_METRICS = {
     "microseg_packets_total": {"direction", "verdict"},
     "microseg_bytes_total": {"direction", "verdict"},
     "microseg_verdicts_total": {"verdict", "reason"},
@@ -73,7 +73,7 @@ def test_every_spec_metric_with_its_labels() -> None:
     seen: dict[str, set[str]] = {}
     for (name, labels) in samples(text):
         seen.setdefault(name, set()).update(k for k, _ in labels)
-    for name, labels in SPEC_METRICS.items():
+    for name, labels in CONTRACT_METRICS.items():
         assert name in seen, name
         assert seen[name] == labels, (name, seen[name])
 
