@@ -108,7 +108,8 @@ def _traffic(res: dict | None) -> list[str]:
         out.append(f"| {r['label']} | {cell(r['rr_per_s'], 0)} | {cell(r['p50_us'], 1)} | "
                    f"{cell(r['p99_us'], 1)} | {cell(r['udp_pps'], 0)} | "
                    f"{cell(r['stream_gbps'], 2)} |")
-    out += ["", "| target ([docs/performance.md](docs/performance.md)) | measured | |", "|---|---|---|"]
+    out += ["", "| target ([docs/performance.md](docs/performance.md)) | measured | |",
+            "|---|---|---|"]
     out += [f"| {what} | {measured} | {_met(ok)} |" for what, measured, ok in
             traffic_verdicts(res)]
     return out
@@ -250,7 +251,8 @@ def render(res: dict) -> str:
            f"`make bench` on {res['date'][:10]} (mode {res['mode']}; `bench/results.json` "
            f"holds every figure): Linux {m['kernel']}, {m['cpu']}, {m['cpus']} vCPUs, "
            f"{m['memory_gib']:.0f} GiB, Python {m['python']}, a shared VM. Every figure and "
-           "its baseline come from the same run. Targets: [docs/performance.md](docs/performance.md).", ""]
+           "its baseline come from the same run. "
+           "Targets: [docs/performance.md](docs/performance.md).", ""]
     again = res.get("remeasured")
     if again:  # sections measured again later (same bench functions, full sizes)
         out[-1:] = [f"Measured again on {again['date'][:16].replace('T', ' ')} UTC: "
