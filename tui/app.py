@@ -67,6 +67,7 @@ HELP = """\
            Sessions: a age, i idle, k packets, b bytes
            Rules: h hits, t hits/s, n name          (again: reverse)
   ?        this help          q  quit
+  Esc, q   close this help, a drill-in or the filter box (where q is text)
 
 Verdicts: denied red, audit yellow. Matrix: source rows by destination
 columns, allowed ✓ / denied ✗ / audit ! since top started.
@@ -152,7 +153,7 @@ class TopApp(App[int]):
     #drill-title { height: 1; padding: 0 1; }
     """
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
+        Binding("q", "close_or_quit", "Quit"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("question_mark", "help", "Help"),
         Binding("slash", "filter", "Filter"),
@@ -519,6 +520,19 @@ class TopApp(App[int]):
     # -- keys -------------------------------------------------------------------
 
     async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key) and not event.is_forwarded:
+            # Keys are taken here, in the order they came, before Textual
+            # hands them on: Escape acts at once, so that a key typed right
+            # after it reaches what is open then (a fast typist's `p` never
+            # lands in the filter box it closed).
+            if event.key.startswith("alt+") and event.is_printable:
+                # Escape and a key within Textual's escape delay (0.1 s) arrive
+                # as one alt+KEY, as Alt+KEY does: nothing here binds Alt with
+                # a printable key, so it is the two keys a person typed.
+                self._escape()
+                event = events.Key(event.key.removeprefix("alt+"), event.character)
+            elif event.key == "escape" and self._escape():
+                return
         await super().on_event(event)
         if isinstance(event, events.Key) and event.time != self._last_key_time:
             # A key reaches the app twice (on its way in, bubbling up): once.
@@ -563,6 +577,23 @@ class TopApp(App[int]):
         self.query_one(f"#{view}-table", SyncedTable).sort_by(col)
         self._label_sorts()
 
+    def _escape(self) -> bool:
+        """What Escape does: close the help or the drill-in, else the filter
+        box (not applied). False when nothing was open."""
+        if isinstance(self.screen, ModalScreen):
+            self.screen.dismiss()
+            return True
+        if self.query_one("#filter", Input).has_class("open"):
+            self._close_filter()
+            return True
+        return False
+
+    def action_close_or_quit(self) -> None:
+        """q closes what is open (as in htop and k9s) and quits from the
+        views. Typed into the filter box it is text, and never gets here."""
+        if not self._escape():
+            self.exit()
+
     def action_pause(self) -> None:
         self.paused = not self.paused
         self._render_header()
@@ -597,12 +628,6 @@ class TopApp(App[int]):
         self._tail_seen = 0
         self.render_model()
 
-    def on_key(self, event: events.Key) -> None:
-        box = self.query_one("#filter", Input)
-        if event.key == "escape" and box.has_class("open"):
-            self._close_filter()
-            event.stop()
-
     def _close_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.remove_class("open")
@@ -611,7 +636,8 @@ class TopApp(App[int]):
 
     def _focus_view(self) -> None:
         active = self.query_one(TabbedContent).active
-        self.query_one(f"#{active}-table", SyncedTable).focus()
+        table = self.query_one(f"#{active}-table", SyncedTable)
+        table.screen.set_focus(table)  # now: the next key is the table's
 
     def on_synced_table_row_selected(self, event: SyncedTable.RowSelected) -> None:
         table, key = event.table, event.key

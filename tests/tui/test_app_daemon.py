@@ -21,9 +21,13 @@ from microseg.tui.app import TopApp
 from microseg.tui.screentext import screen_text
 from microseg.tui.source import DaemonSource
 
-from ..e2e.daemon import DaemonProcess
+from ..e2e.harness import DaemonProcess, Daemons, LabSpec
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.root  # a lab and a daemon
+
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
+              prefix="mst7", subnet4="10.209.0.0/24", subnet6="fd00:209::/64",
+              serve={"web": {"tcp": [80, 22]}, "db": {"tcp": [5432]}})
 
 POLICY = """\
 version: 1
@@ -43,21 +47,18 @@ rules:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
-             prefix="mst7", subnet4="10.209.0.0/24", subnet6="fd00:209::/64") as lab:
-        lab.serve("web", tcp=[80, 22])
-        lab.serve("db", tcp=[5432])
+    with LAB.up() as lab:
         yield lab
 
 
 @pytest.fixture
 def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path, lab, POLICY)
-    d.start()
+    """A daemon per test, stopped and its clean-up checked afterwards."""
+    daemons = Daemons(lambda: tmp_path)
     try:
-        yield d
+        yield daemons.start(lab, POLICY)
     finally:
-        d.stop(check=False)
+        daemons.close()
 
 
 def traffic(lab: Lab) -> None:
@@ -159,12 +160,16 @@ class Tmux:
         self.run("new-session", "-d", "-s", self.name, "-x", "150", "-y", "42",
                  f"env {exports} {command}; echo EXITED $?; sleep 30")
 
-    def keys(self, *keys: str) -> None:
+    def keys(self, *keys: str, pace: float = 0.15) -> None:
+        """Keys of one send-keys, back to back; then a person's pace."""
         self.run("send-keys", "-t", self.name, *keys)
-        time.sleep(0.15)  # a person's pace between keystrokes
+        time.sleep(pace)
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", self.name)
+
+    def header(self) -> str:
+        return "\n".join(self.screen().splitlines()[:3])
 
     def kill(self) -> None:
         subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
@@ -205,5 +210,40 @@ def test_microseg_top_in_tmux(lab: Lab, daemon: DaemonProcess) -> None:
             tmux.screen()
         tmux.keys("q")
         assert wait_for(lambda: "EXITED 0" in tmux.screen(), timeout=10), tmux.screen()
+    finally:
+        tmux.kill()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (make setup)")
+def test_escape_glued_to_a_key_then_q_in_tmux(daemon: DaemonProcess) -> None:
+    """Escape then `p` within milliseconds, as a fast typist or Alt+p sends
+    them (`send-keys Escape p`; the raw bytes ESC p): whatever was open
+    closes, the screen pauses, and the next `q` quits. Keys 0.5 s apart."""
+    tmux = Tmux(f"msesc{os.getpid()}")
+    env = {"MICROSEG_SOCKET": daemon.socket, "TERM": "xterm-256color", "COLUMNS": "150",
+           "LINES": "42"}
+    tmux.start(f"{sys.executable} -m microseg top", env)
+    help_text = "live view of the microseg daemon"
+    try:
+        assert wait_for(lambda: "connected" in tmux.header(), timeout=20), tmux.screen()
+        for opened, glued in ((["?"], ["Escape", "p"]), (["?"], ["-H", "1b", "70"]),
+                              (["/", "-l", "port=22"], ["Escape", "p"])):
+            tmux.keys(*opened[:1], pace=0.5)
+            if opened[1:]:
+                tmux.keys(*opened[1:], pace=0.5)
+            if opened[0] == "?":
+                assert wait_for(lambda: help_text in tmux.screen(), timeout=10), tmux.screen()
+            tmux.keys(*glued, pace=0.5)
+            assert wait_for(lambda: "PAUSED" in tmux.header() and help_text not in
+                            tmux.screen() and "port=22" not in tmux.screen(), timeout=10), \
+                (opened, glued, tmux.screen())
+            tmux.keys("p", pace=0.5)
+            assert wait_for(lambda: "PAUSED" not in tmux.header(), timeout=10), tmux.screen()
+        tmux.keys("?", pace=0.5)
+        assert wait_for(lambda: help_text in tmux.screen(), timeout=10), tmux.screen()
+        tmux.keys("q", pace=0.5)
+        assert wait_for(lambda: help_text not in tmux.screen(), timeout=10), tmux.screen()
+        tmux.keys("q", pace=0.5)
+        assert wait_for(lambda: "EXITED 0" in tmux.screen(), timeout=5), tmux.screen()
     finally:
         tmux.kill()
