@@ -1,5 +1,7 @@
 """Shared fixtures. Datapath and end-to-end tests need root (BPF, tc,
-network namespaces); `make test` runs as root, as CI does."""
+network namespaces); `make test` runs as root, as CI does. Every test under
+tests/datapath/ and tests/e2e/ carries the `root` marker (their conftests add
+it), so `-m "not root"` leaves them out and a run as another user skips them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import os
 import pytest
 
 
+# Last: after the conftests below have marked their tests.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return

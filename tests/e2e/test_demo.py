@@ -2,7 +2,11 @@
 shows allowed, denied and audited verdicts from the rules the demo traffic is
 built to hit; editing the printed policy file changes verdicts live; and
 whatever ends it — the duration, SIGTERM, SIGKILL followed by a second run —
-leaves no namespace, link, qdisc, pin or process behind."""
+leaves no namespace, link, qdisc, pin or process behind.
+
+The traffic is a random mix: a test that asserts on verdicts waits until each
+one it names has come by (the demo runs until SIGTERM), never counts what a
+few seconds of it happened to do."""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +30,7 @@ from microseg.lab import demo as demo_module
 from microseg.lab.demo import PIN_DIR, PREFIX, STATE_DIR
 from microseg.lab.topology import wait_for
 
-pytestmark = pytest.mark.root
-
-# What the demo traffic is built to produce (microseg/demo.py traffic()).
+# What the demo traffic is built to produce (microseg/lab/demo.py traffic()).
 EXPECTED = {("allowed", "client-to-web"), ("allowed", "web-to-api"), ("allowed", "api-to-db"),
             ("allowed", "dns"), ("allowed", "ping-inside"), ("allowed", "ping6-inside"),
             ("denied", "no-ssh-to-db"), ("denied", "default"), ("audit", "default")}
@@ -94,7 +97,9 @@ def leftovers() -> list[str]:
     found += [f"qdisc {q}" for q in qdiscs.splitlines() if f" dev {PREFIX}" in q]
     if Path(PIN_DIR).exists():
         found.append(f"pins {PIN_DIR}: {sorted(p.name for p in Path(PIN_DIR).iterdir())}")
-    procs = subprocess.run(["pgrep", "-af", "microseg (run|demo)|microseg.lab.traffic"],
+    # The demo's processes, not those of other tests' labs and daemons.
+    procs = subprocess.run(["pgrep", "-af", f"microseg demo|microseg run .*--pin-dir {PIN_DIR}"
+                                            "|microseg.lab.traffic mix"],
                            capture_output=True, text=True).stdout
     found += [f"process {p}" for p in procs.splitlines() if "pgrep" not in p]
     if (STATE_DIR / "daemon.pid").exists():
@@ -115,10 +120,49 @@ def summary_rows(text: str) -> dict[tuple[str, str], int]:
     return {(v, r): int(n.replace(",", "")) for v, r, n in rows}
 
 
+async def _wait_for_verdicts(sock: str, wanted: set, key: Callable[[dict], object],
+                             timeout: float) -> set:
+    """Read the demo's verdicts until key(e) has taken every wanted value,
+    counting only events the demo's own count (its summary) has had too."""
+    async with Client(sock, timeout=30) as c:
+        # The daemon's subscribers: its flow log, then the demo's count.
+        deadline = time.monotonic() + 30
+        while (st := await c.get("/v1/stats"))["events"]["subscribers"] < 2:
+            assert time.monotonic() < deadline, "the demo never subscribed to its events"
+            await asyncio.sleep(0.1)
+        since = st["events"]["last_seq"]
+
+    async def read() -> set:
+        seen: set = set()
+        async with Client(sock, timeout=None) as c:
+            async for e in c.stream("/v1/events", type="verdict"):
+                if e["seq"] > since:
+                    seen.add(key(e))
+                if seen >= wanted:
+                    # The demo's count reads the same stream: a second more
+                    # and it has these too.
+                    await asyncio.sleep(1)
+                    return seen
+        raise AssertionError("the event stream ended")
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"not all of {wanted} in {timeout} s") from None
+
+
+def wait_for_verdicts(demo: Demo, wanted: set, key: Callable[[dict], object],
+                      timeout: float = 120) -> None:
+    asyncio.run(_wait_for_verdicts(demo.socket, wanted, key, timeout))
+
+
 def test_demo_summary_shows_every_verdict_kind_and_cleans_up(tmp_path: Path, clean) -> None:
-    demo = Demo(tmp_path, "--duration", "10")
+    demo = Demo(tmp_path, "--duration", "300")
     try:
         demo.expect(rf"policy: {re.escape(str(demo.policy))}")
+        demo.expect(r"running for")
+        wait_for_verdicts(demo, EXPECTED, lambda e: (e["verdict"], e["rule"] or "default"))
+        demo.proc.send_signal(signal.SIGTERM)
         assert demo.finish() == 0, demo.output()
     finally:
         demo.kill()
@@ -178,14 +222,33 @@ def test_a_second_run_after_a_crash_works(tmp_path: Path, clean) -> None:
         crashed.proc.send_signal(signal.SIGKILL)  # no clean-up at all
         crashed.kill()
     assert leftovers(), "SIGKILL should have left the lab and the daemon behind"
-    demo = Demo(tmp_path, "--duration", "5")
+    demo = Demo(tmp_path, "--duration", "300")
     try:
+        demo.expect(r"running for")
+        kinds = {"allowed", "denied", "audit"}
+        wait_for_verdicts(demo, kinds, lambda e: e["verdict"])
+        demo.proc.send_signal(signal.SIGTERM)
         assert demo.finish() == 0, demo.output()
     finally:
         demo.kill()
     seen = summary_rows(demo.output())
-    assert {v for v, _ in seen} == {"allowed", "denied", "audit"}, demo.output()
+    assert {v for v, _ in seen} == kinds, demo.output()
     assert wait_for(lambda: not leftovers(), timeout=5), leftovers()
+
+
+def test_the_demo_ends_by_itself_after_its_duration(tmp_path: Path, clean) -> None:
+    """What it saw in so short a time is random: only that it ends, sums up
+    and cleans up is asserted."""
+    demo = Demo(tmp_path, "--duration", "3")
+    try:
+        assert demo.finish() == 0, demo.output()
+    finally:
+        demo.kill()
+    out = demo.output()
+    assert re.search(r"running for 3 s", out), out
+    assert re.search(r"^microseg demo: \d+ s, [\d,]+ verdicts", out, re.M), out
+    assert "done: no namespace, link, pin or process left" in out
+    assert leftovers() == []
 
 
 def test_the_demo_leaves_a_running_daemons_socket_alone(tmp_path: Path, monkeypatch) -> None:

@@ -29,21 +29,19 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 from ..datapath import hostile as H
-from .daemon import DaemonProcess
-
-pytestmark = pytest.mark.root
+from .harness import DaemonProcess, LabSpec
 
 WEB4, DB4, ROGUE4 = "10.213.0.10", "10.213.0.30", "10.213.0.66"
 WEB6, DB6, ROGUE6 = "fd00:213::10", "fd00:213::30", "fd00:213::66"
 FAKE_MAC = bytes.fromhex("02deadbeef66")  # only the hostile frames carry it
+LAB = LabSpec([WorkloadSpec("web", 10), WorkloadSpec("db", 30), WorkloadSpec("rogue", 66)],
+              prefix="msta", subnet4="10.213.0.0/24", subnet6="fd00:213::/64",
+              serve={"db": {"tcp": [5432], "udp": [5433]}})
 
 POLICY = f"""\
 version: 1
@@ -250,27 +248,6 @@ def drops(stats: dict) -> Counter[tuple[str, str]]:
         if c["verdict"] in ("denied", "dropped"):
             out[(c["verdict"], c["reason"])] += c["packets"]
     return out
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("web", 10), WorkloadSpec("db", 30), WorkloadSpec("rogue", 66)],
-             prefix="msta", subnet4="10.213.0.0/24", subnet6="fd00:213::/64") as lab:
-        lab.serve("db", tcp=[5432], udp=[5433])
-        yield lab
-    assert lab.stale_namespaces() == [] and lab.stale_links() == []
-
-
-@pytest.fixture
-def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path, lab, POLICY)
-    d.start()
-    try:
-        yield d
-    finally:
-        rc = d.stop(check=False)
-        d.cleanup_pins()
-    assert rc == 0, d.log()
 
 
 class Hold:

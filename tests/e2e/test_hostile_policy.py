@@ -11,20 +11,18 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-
-import pytest
 
 from microseg.lab.topology import Lab, WorkloadSpec
 from microseg.policy.parse import MAX_ERRORS, MAX_FILE_BYTES, MAX_MESSAGE
 
-from .daemon import DaemonProcess, wait_until
+from .harness import DaemonProcess, LabSpec, wait_until
 
-pytestmark = pytest.mark.root
-
-POLICY = """\
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20)], prefix="mst8",
+              subnet4="10.211.0.0/24", subnet6="fd00:211::/64", serve={"web": {"tcp": [80, 81]}})
+TEMPLATE = """\
 version: 1
 default: deny
 workloads:
@@ -38,6 +36,7 @@ rules:
     ports: [{ports}]
     action: allow
 """
+POLICY = TEMPLATE.format(ports="80")
 
 
 def laughs() -> bytes:
@@ -74,7 +73,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
                        "rules[1]: aliases (*name) are not allowed"),
     "deep-nesting": (lambda p: write(p, b"version: 1\nrules: " + b"[{a: " * 100_000),
                      "nesting too deep"),
-    "invalid-utf8": (lambda p: write(p, POLICY.format(ports="80").encode().replace(
+    "invalid-utf8": (lambda p: write(p, POLICY.encode().replace(
         b"default: deny", b"mode: \xff\xfe deny")), ":2:7: not valid UTF-8"),
     "over-16-mib": (lambda p: write(p, b"version: 1\n" + b"#" * (MAX_FILE_BYTES - 11) + b"\n"),
                     f"file is {MAX_FILE_BYTES + 1} bytes, over the 16 MiB limit"),
@@ -83,7 +82,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
                         "YAML nodes; no policy needs that many"),
     "random-bytes": (lambda p: write(p, random.Random(9).randbytes(64 * 1024)),
                      ":1:2: not valid UTF-8"),
-    "python-tag": (lambda p: write(p, POLICY.format(ports="80, 81").replace(
+    "python-tag": (lambda p: write(p, TEMPLATE.format(ports="80, 81").replace(
         "action: allow", "action: !!python/object/apply:os.system allow").encode()),
                    "YAML tags (!!python/object/apply:os.system) are not allowed"),
     "too-many-errors": (lambda p: write(p, b"version: 1\nworkloads:\n" + b"".join(
@@ -92,25 +91,6 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "fifo": (make_fifo, "cannot read: a FIFO, not a regular file"),
     "directory": (make_directory, "cannot read: a directory, not a regular file"),
 }
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("web", 20)], prefix="mst8",
-             subnet4="10.211.0.0/24", subnet6="fd00:211::/64") as lab:
-        lab.serve("web", tcp=[80, 81])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path_factory.mktemp("hostile"), lab, POLICY.format(ports="80"))
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        restore_regular_file(d.policy_path)
 
 
 def restore_regular_file(p: Path) -> None:
@@ -167,7 +147,7 @@ def test_hostile_files_leave_the_running_policy_untouched(daemon: DaemonProcess,
     # No reload is stuck (a FIFO once blocked one forever): a valid policy
     # still applies, and enforces.
     restore_regular_file(path)
-    write(path, POLICY.format(ports="80, 81").encode())
+    write(path, TEMPLATE.format(ports="80, 81").encode())
     assert wait_until(lambda: daemon.generation() > before["generation"], timeout=10), \
         daemon.log()
     assert wait_until(lambda: can(lab, 81)) is not None

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from microseg.control.cli import build_parser
+from microseg.cli import build_parser
 from microseg.exporters.prometheus import parse_listen
 from microseg.lab.topology import Lab
 
-from .daemon import DaemonProcess
-
-pytestmark = pytest.mark.root
+from .harness import DaemonProcess, Daemons, LabSpec
 
 POLICY = """\
 version: 1
@@ -87,7 +85,8 @@ def _getent_gid(group: str) -> str:
 def lab() -> Iterator[Lab]:
     """No workloads: the daemon's glob matches nothing, which it allows. The
     bridge carries HOST_ADDRESS."""
-    with Lab([], prefix="mst9", subnet4="10.212.0.0/24", subnet6="fd00:212::/64") as lab:
+    with LabSpec([], prefix="mst9", subnet4="10.212.0.0/24", subnet6="fd00:212::/64").up() \
+            as lab:
         subprocess.run(["ip", "addr", "add", f"{HOST_ADDRESS}/24", "dev", lab.bridge],
                        check=True)
         yield lab
@@ -111,25 +110,16 @@ def workdirs() -> Iterator[Callable[[], Path]]:
 
 
 @pytest.fixture(scope="module")
-def daemon(lab: Lab, workdirs: Callable[[], Path]) -> Iterator[DaemonProcess]:
+def daemon(lab: Lab, workdirs: Callable[[], Path], module_daemons: Daemons) -> DaemonProcess:
     """Started as by default: no --socket-group."""
-    d = DaemonProcess(workdirs(), lab, POLICY)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
+    return module_daemons.start(lab, POLICY, workdir=workdirs())
 
 
 @pytest.fixture
-def group_daemon(lab: Lab, workdirs: Callable[[], Path],
-                 accounts: dict[str, Account]) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(workdirs(), lab, POLICY, "--socket-group", accounts["group"].name)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
+def group_daemon(lab: Lab, workdirs: Callable[[], Path], accounts: dict[str, Account],
+                 daemons: Daemons) -> DaemonProcess:
+    return daemons.start(lab, POLICY, "--socket-group", accounts["group"].name,
+                         workdir=workdirs())
 
 
 def run_as(who: Account, argv: list[str], *, group: int | None = None,

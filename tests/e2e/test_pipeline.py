@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
-from .daemon import DaemonProcess, wait_until
+from .harness import DaemonProcess, Daemons, LabSpec, wait_until
 
-pytestmark = pytest.mark.root
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
+              prefix="mst4", subnet4="10.205.0.0/24", subnet6="fd00:205::/64",
+              serve={"web": {"tcp": [80, 81]}, "db": {"udp": [53, 54]}})
+DAEMON_ARGS = ("--flow-log-max-bytes", "64KiB", "--flow-log-keep", "2",
+               "--timeout", "udp_new=2", "--timeout", "udp_established=2",
+               "--sweep-interval", "0.5")
 
 POLICY = """\
 version: 1
@@ -69,41 +74,25 @@ SESSION_KEYS = {"time", "seq", "type", "state", "prev_state", "rule", "policy_ge
 ENDPOINT_KEYS = {"ip", "port", "workload"}
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
-             prefix="mst4", subnet4="10.205.0.0/24", subnet6="fd00:205::/64") as lab:
-        lab.serve("web", tcp=[80, 81])
-        lab.serve("db", udp=[53, 54])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    work = tmp_path_factory.mktemp("pipeline")
-    d = DaemonProcess(work, lab, POLICY, "--flow-log", str(work / "flow.log"),
-                      "--flow-log-max-bytes", "64KiB", "--flow-log-keep", "2",
-                      "--timeout", "udp_new=2", "--timeout", "udp_established=2",
-                      "--sweep-interval", "0.5")
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
+def subscribers(daemon: DaemonProcess) -> int:
+    return daemon.api("GET", "/v1/stats")["events"]["subscribers"]
 
 
 class Watch:
-    """`microseg watch --json` running as a user would run it; a thread
-    reads its output as it comes."""
+    """`microseg watch --json` running as a user would run it, subscribed
+    once constructed; a thread reads its output as it comes."""
 
     def __init__(self, daemon: DaemonProcess, *args: str) -> None:
         env = dict(os.environ, MICROSEG_SOCKET=daemon.socket)
+        before = subscribers(daemon)
         self.proc = subprocess.Popen([sys.executable, "-m", "microseg", "watch", "--json",
                                       *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env)
         self.events: list[dict] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        assert wait_for(lambda: subscribers(daemon) > before, timeout=20), \
+            "watch never subscribed"
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -119,9 +108,27 @@ class Watch:
         return self.poll()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
         self._reader.join(timeout=10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def watch() -> Iterator[Callable[..., Watch]]:
+    """watch(daemon, *args): a Watch, stopped after the test whatever happens."""
+    made: list[Watch] = []
+
+    def start(daemon: DaemonProcess, *args: str) -> Watch:
+        made.append(Watch(daemon, *args))
+        return made[-1]
+
+    yield start
+    for w in made:
+        w.stop()
 
 
 def _flows(events: list[dict], **match: object) -> list[dict]:
@@ -139,10 +146,9 @@ def _flows(events: list[dict], **match: object) -> list[dict]:
     return out
 
 
-def test_watch_shows_every_verdict_and_session_transition(daemon: DaemonProcess,
-                                                          lab: Lab) -> None:
-    w = Watch(daemon)
-    time.sleep(0.3)
+def test_watch_shows_every_verdict_and_session_transition(daemon: DaemonProcess, lab: Lab,
+                                                          watch) -> None:
+    w = watch(daemon)
     web4, web6, db4, db6 = lab.ipv4("web"), lab.ipv6("web"), lab.ipv4("db"), lab.ipv6("db")
     assert lab.probe("client", "tcp", web4, 80)
     assert lab.probe("client", "tcp", web6, 80)
@@ -216,7 +222,7 @@ def run_watch(daemon: DaemonProcess, *args: str, timeout: float = 20) -> list[di
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-def test_last_count_and_filters(daemon: DaemonProcess, lab: Lab) -> None:
+def test_last_count_and_filters(daemon: DaemonProcess, lab: Lab, watch) -> None:
     web4, db4 = lab.ipv4("web"), lab.ipv4("db")
     for _ in range(3):
         lab.probe("client", "tcp", web4, 80)
@@ -261,29 +267,38 @@ def test_last_count_and_filters(daemon: DaemonProcess, lab: Lab) -> None:
     assert both and all(e["verdict"] == "allowed" and e["protocol"] == "tcp" for e in both)
 
     # --count: a live stream that stops by itself.
-    w = subprocess.Popen([sys.executable, "-m", "microseg", "watch", "--json", "--count", "2",
-                          "--type", "verdict"], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, MICROSEG_SOCKET=daemon.socket))
-    time.sleep(0.5)
-    lab.probe("client", "tcp", web4, 81, timeout=0.2)
-    lab.probe("client", "tcp", web4, 81, timeout=0.2)
-    lab.probe("client", "tcp", web4, 81, timeout=0.2)
-    out, _ = w.communicate(timeout=15)
-    assert w.returncode == 0
-    assert [json.loads(x)["type"] for x in out.splitlines()] == ["verdict", "verdict"]
+    w = watch(daemon, "--count", "2", "--type", "verdict")
+    deadline = time.monotonic() + 15
+    while w.proc.poll() is None and time.monotonic() < deadline:
+        lab.probe("client", "tcp", web4, 81, timeout=0.2)
+    w.stop()
+    assert w.proc.returncode == 0
+    assert [e["type"] for e in w.events] == ["verdict", "verdict"]
 
     r = daemon.cli("watch", "--ip", "not-an-ip")
     assert r.returncode == 2 and "not an address or CIDR" in r.stderr
 
 
-def test_slow_client_loses_events_others_keep_up(daemon: DaemonProcess, lab: Lab) -> None:
+def settled(count: Callable[[], int]) -> int:
+    """count() once it stopped moving (polled every 0.5 s)."""
+    seen, now = -1, count()
+    while now != seen:
+        seen = now
+        time.sleep(0.5)
+        now = count()
+    return now
+
+
+def test_slow_client_loses_events_others_keep_up(daemon: DaemonProcess, lab: Lab,
+                                                 watch) -> None:
     # A client that asks for the stream and then never reads.
+    before = subscribers(daemon)
     slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.connect(daemon.socket)
     slow.sendall(b"GET /v1/events?type=verdict HTTP/1.1\r\nHost: microseg\r\n\r\n")
-    fast = Watch(daemon, "--type", "verdict", "--protocol", "udp")
-    time.sleep(0.5)
+    assert wait_for(lambda: subscribers(daemon) > before, timeout=10)
+    fast = watch(daemon, "--type", "verdict", "--protocol", "udp")
     kernel = lambda: json.loads(daemon.cli("stats", "--json").stdout)["events"]["kernel"]  # noqa: E731
     before = kernel().get("verdict", {"submitted": 0, "lost": 0})
     sub_lost0 = lost_by_source(daemon)["subscriber"]
@@ -295,7 +310,7 @@ def test_slow_client_loses_events_others_keep_up(daemon: DaemonProcess, lab: Lab
     assert r.returncode == 0
     # Some datagrams die in the veth backlog before the hook; count what the
     # kernel judged (each a verdict event, nothing else runs meanwhile).
-    time.sleep(1)
+    settled(lambda: kernel()["verdict"]["submitted"])
     after = kernel()["verdict"]
     assert after["lost"] == before["lost"]
     n = after["submitted"] - before["submitted"]
@@ -333,10 +348,11 @@ def test_slow_client_loses_events_others_keep_up(daemon: DaemonProcess, lab: Lab
     assert daemon.status()["ready"]  # and the daemon never stalled
 
 
-def test_interfaces_that_appear_later_are_attached(daemon: DaemonProcess, lab: Lab) -> None:
+def test_interfaces_that_appear_later_are_attached(daemon: DaemonProcess, lab: Lab,
+                                                   watch) -> None:
     late = lab.host_if("late")
     assert late not in daemon.status()["interfaces"]["attached"]
-    w = Watch(daemon, "--workload", "late")
+    w = watch(daemon, "--workload", "late")
     lab.add_workload(WorkloadSpec("late", 40))
     try:
         assert wait_until(lambda: late in daemon.status()["interfaces"]["attached"], 5)
@@ -403,15 +419,12 @@ def test_stats(daemon: DaemonProcess) -> None:
 
 
 def test_flow_log_rotates(daemon: DaemonProcess, lab: Lab) -> None:
-    log = Path(daemon.argv()[daemon.argv().index("--flow-log") + 1])
+    log = daemon.flow_log
     lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
                        lab.ipv4("db"), "9", "--count", "3000", "--sources", "100"])
     assert wait_until(lambda: Path(f"{log}.2").exists(), 20)
-    lines = lambda: json.loads(daemon.cli("stats", "--json").stdout)["flow_log"]["lines"]  # noqa: E731
-    seen = -1
-    while (now := lines()) != seen:  # until the flood is all written
-        seen = now
-        time.sleep(0.5)
+    # until the flood is all written
+    settled(lambda: json.loads(daemon.cli("stats", "--json").stdout)["flow_log"]["lines"])
     assert not Path(f"{log}.3").exists()
     for f in (log, Path(f"{log}.1"), Path(f"{log}.2")):
         assert f.stat().st_size <= 64 * 1024
@@ -430,49 +443,49 @@ def lost_by_source(d: DaemonProcess) -> dict[str, int]:
             for s in f.samples if s.name == "microseg_events_lost_total"}
 
 
-def test_ring_buffer_overflow_is_reported_exactly(tmp_path: Path) -> None:
+SMALL_RING_LAB = LabSpec([WorkloadSpec("a", 10), WorkloadSpec("b", 20)], prefix="mst5",
+                         subnet4="10.206.0.0/24", subnet6="fd00:206::/64")
+
+
+def test_ring_buffer_overflow_is_reported_exactly(new_lab, daemons: Daemons, watch) -> None:
     """A 4 KiB ring under a flood: every record the kernel could not reserve
     is reported in a `lost` event, and what arrived plus what was lost is
     exactly what the kernel produced."""
-    with Lab([WorkloadSpec("a", 10), WorkloadSpec("b", 20)], prefix="mst5",
-             subnet4="10.206.0.0/24", subnet6="fd00:206::/64") as lab:
-        policy = "version: 1\ndefault: deny\n"
-        d = DaemonProcess(tmp_path, lab, policy, "--ringbuf-bytes", "4096")
-        d.start()
-        try:
-            w = Watch(d)
-            time.sleep(0.5)
-            before = json.loads(d.cli("stats", "--json").stdout)["events"]["kernel"]
-            n = 50000
-            lab.run("a", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
-                          lab.ipv4("b"), "9", "--count", str(n), "--sources", "50"])
-            time.sleep(2)  # the loss check runs every 0.5 s
+    lab = new_lab(SMALL_RING_LAB)
+    d = daemons.start(lab, "version: 1\ndefault: deny\n", "--ringbuf-bytes", "4096")
+    w = watch(d)
+    stats = lambda: json.loads(d.cli("stats", "--json").stdout)  # noqa: E731
+    before = stats()["events"]["kernel"]
+    n = 50000
+    lab.run("a", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
+                  lab.ipv4("b"), "9", "--count", str(n), "--sources", "50"])
+    settled(lambda: sum(x["submitted"] + x["lost"] for x in stats()["events"]["kernel"].values()))
 
-            def settled() -> bool:
-                k = json.loads(d.cli("stats", "--json").stdout)["events"]["kernel"]
-                lost = sum(x["lost"] - before.get(t, {}).get("lost", 0) for t, x in k.items())
-                evs = w.poll()
-                return sum(e["count"] for e in evs if e["type"] == "lost"
-                           and e["source"] == "ringbuf") == lost
-            assert wait_until(settled, 15)
-            w.stop()
-            after = json.loads(d.cli("stats", "--json").stdout)["events"]["kernel"]
-            produced = sum(x["submitted"] + x["lost"] for x in after.values()) - \
-                sum(x["submitted"] + x["lost"] for x in before.values())
-            lost_kernel = sum(x["lost"] for x in after.values()) - \
-                sum(x["lost"] for x in before.values())
-            evs = w.events
-            delivered = sum(1 for e in evs if e["type"] in ("verdict", "drop", "session"))
-            lost_ring = sum(e["count"] for e in evs if e["type"] == "lost"
-                            and e["source"] == "ringbuf")
-            lost_sub = sum(e["count"] for e in evs if e["type"] == "lost"
-                           and e["source"] == "subscriber")
-            assert lost_kernel > 0, "the 4 KiB ring must have overflowed"
-            assert lost_ring == lost_kernel
-            assert delivered + lost_ring + lost_sub == produced
-            # The same accounting in the metrics, per source (w was the only
-            # subscriber, so the daemon's subscriber losses are all its own).
-            lost_metric = lost_by_source(d)
-            assert lost_metric == {"ringbuf": lost_ring, "subscriber": lost_sub}
-        finally:
-            d.stop()
+    def reported_all() -> bool:  # the loss check runs every 0.5 s
+        k = stats()["events"]["kernel"]
+        lost = sum(x["lost"] - before.get(t, {}).get("lost", 0) for t, x in k.items())
+        return sum(e["count"] for e in w.poll() if e["type"] == "lost"
+                   and e["source"] == "ringbuf") == lost
+    assert wait_until(reported_all, 15)
+    w.stop()
+    st = stats()
+    after = st["events"]["kernel"]
+    produced = sum(x["submitted"] + x["lost"] for x in after.values()) - \
+        sum(x["submitted"] + x["lost"] for x in before.values())
+    lost_kernel = sum(x["lost"] for x in after.values()) - \
+        sum(x["lost"] for x in before.values())
+    evs = w.events
+    delivered = sum(1 for e in evs if e["type"] in ("verdict", "drop", "session"))
+    lost_ring = sum(e["count"] for e in evs if e["type"] == "lost"
+                    and e["source"] == "ringbuf")
+    lost_sub = sum(e["count"] for e in evs if e["type"] == "lost"
+                   and e["source"] == "subscriber")
+    assert lost_kernel > 0, "the 4 KiB ring must have overflowed"
+    assert lost_ring == lost_kernel
+    assert delivered + lost_ring + lost_sub == produced
+    # The same accounting in the metrics, per source: w and the flow log were
+    # the only subscribers, and the flow log lost nothing, so the daemon's
+    # subscriber losses are all w's.
+    assert st["flow_log"]["lost"] == 0
+    lost_metric = lost_by_source(d)
+    assert lost_metric == {"ringbuf": lost_ring, "subscriber": lost_sub}

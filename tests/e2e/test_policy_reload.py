@@ -12,18 +12,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from microseg.lab.topology import Lab, WorkloadSpec
 
-from .daemon import DaemonProcess, wait_until
+from .harness import DaemonProcess, LabSpec, wait_until
 
-pytestmark = pytest.mark.root
-
-POLICY = """\
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20)], prefix="mst3",
+              subnet4="10.204.0.0/24", subnet6="fd00:204::/64",
+              serve={"web": {"tcp": [80, 81, 82]}})
+TEMPLATE = """\
 # lab policy
 version: 1
 default: deny
@@ -46,25 +46,10 @@ rules:
 
 
 def policy(ports: str = "80", extra: str = "") -> str:
-    return POLICY.format(ports=ports, extra=extra)
+    return TEMPLATE.format(ports=ports, extra=extra)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("web", 20)], prefix="mst3",
-             subnet4="10.204.0.0/24", subnet6="fd00:204::/64") as lab:
-        lab.serve("web", tcp=[80, 81, 82])
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path_factory.mktemp("reload"), lab, policy())
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
+POLICY = policy()
 
 
 @pytest.fixture
@@ -73,9 +58,7 @@ def fresh(daemon: DaemonProcess) -> DaemonProcess:
     p = daemon.policy_path
     if p.is_symlink():
         p.unlink()
-    gen = daemon.generation()
-    p.write_text(policy(extra="# " + os.urandom(4).hex() + "\n"))
-    daemon.wait_generation_above(gen)
+    daemon.apply_policy(policy(extra="# " + os.urandom(4).hex() + "\n"))
     return daemon
 
 

@@ -21,9 +21,7 @@ import pytest
 
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
-from .daemon import DaemonProcess
-
-pytestmark = pytest.mark.root
+from .harness import DaemonProcess, LabSpec
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
 SCRAPE_S = 1
@@ -43,6 +41,9 @@ rules:
   - {name: never, from: {workload: db}, to: {workload: client}, protocol: tcp, ports: [9],
      action: allow}
 """
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
+              prefix="mst6", subnet4="10.208.0.0/24", subnet6="fd00:208::/64",
+              serve={"web": {"tcp": [80], "udp": [53]}, "db": {"tcp": [22]}})
 ALLOWED_SESSIONS = 5
 DENIED_DATAGRAMS = 37
 
@@ -100,45 +101,45 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    work = tmp_path_factory.mktemp("prom")
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
-             prefix="mst6", subnet4="10.208.0.0/24", subnet6="fd00:208::/64") as lab:
-        lab.serve("web", tcp=[80], udp=[53])
-        lab.serve("db", tcp=[22])
-        d = DaemonProcess(work, lab, POLICY)
-        d.start()
-        prom = None
-        try:
-            target = d.status()["metrics"]
-            prom = Prometheus(work, target)
-            assert wait_for(prom.ready, timeout=60), (work / "prometheus.log").read_text()
-            # Prometheus applies new targets after a few seconds: the first
-            # scrape (all counters, at zero) comes before any traffic.
-            assert wait_for(lambda: prom.api("query", query="up")["result"], timeout=30)
-            started = time.time()
-            for _ in range(ALLOWED_SESSIONS):
-                assert lab.probe("client", "tcp", lab.ipv4("web"), 80)
-            r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
-                                   lab.ipv4("web"), "53", "--count", str(DENIED_DATAGRAMS)])
-            assert r.returncode == 0, r.stderr
-            assert lab.probe("client", "tcp", lab.ipv4("db"), 22)  # audit: passes
-            gen = d.generation()
-            d.write_policy(POLICY.replace("ports: [80]", "ports: [80, 8080]"))
-            gen = d.wait_generation_above(gen)
-            failures = d.status()["policy"]["reload_failures_total"]
-            # Rejected once, counted once: Prometheus writing its TSDB next to
-            # the policy file sets off the file watcher again and again.
-            d.write_policy(POLICY + "  - {name: broken}\n")
-            assert wait_for(lambda: d.status()["policy"]["reload_failures_total"] > failures,
-                            timeout=10)
-            # enough scrapes after the last change for rate() and changes()
-            time.sleep(6 * SCRAPE_S)
-            yield d, prom, started, gen
-        finally:
-            if prom is not None:
-                prom.stop()
-            d.stop()
+def scraped(lab: Lab, daemon: DaemonProcess) -> Iterator[tuple]:
+    d = daemon
+    # Prometheus keeps its TSDB next to the policy file (see the rejected reload).
+    prom = Prometheus(d.workdir, d.status()["metrics"])
+    try:
+        assert wait_for(prom.ready, timeout=60), (d.workdir / "prometheus.log").read_text()
+        # Prometheus applies new targets after a few seconds: the first
+        # scrape (all counters, at zero) comes before any traffic.
+        assert wait_for(lambda: prom.api("query", query="up")["result"], timeout=30)
+        started = time.time()
+        for _ in range(ALLOWED_SESSIONS):
+            assert lab.probe("client", "tcp", lab.ipv4("web"), 80)
+        r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
+                               lab.ipv4("web"), "53", "--count", str(DENIED_DATAGRAMS)])
+        assert r.returncode == 0, r.stderr
+        assert lab.probe("client", "tcp", lab.ipv4("db"), 22)  # audit: passes
+        gen = d.apply_policy(POLICY.replace("ports: [80]", "ports: [80, 8080]"))
+        failures = d.status()["policy"]["reload_failures_total"]
+        # Rejected once, counted once: Prometheus writing its TSDB next to
+        # the policy file sets off the file watcher again and again.
+        d.write_policy(POLICY + "  - {name: broken}\n")
+        assert wait_for(lambda: d.status()["policy"]["reload_failures_total"] > failures,
+                        timeout=10)
+        # Scraped after the last change, then enough scrapes more for rate()
+        # and changes().
+        assert wait_for(lambda: scraped_value(prom, "microseg_policy_reload_failures_total")
+                        == failures + 1, timeout=30)
+        seen = time.time()
+        assert wait_for(lambda: scraped_value(prom, "timestamp(up)") > seen + 5 * SCRAPE_S,
+                        timeout=30)
+        yield d, prom, started, gen
+    finally:
+        prom.stop()
+
+
+def scraped_value(prom: Prometheus, expr: str) -> float:
+    """The latest value Prometheus has of expr; NaN (equal to nothing) if none."""
+    res = prom.api("query", query=expr)["result"]
+    return float(res[0]["value"][1]) if res else float("nan")
 
 
 def test_prometheus_scrapes_the_daemon(scraped) -> None:

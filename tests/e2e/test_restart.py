@@ -18,16 +18,16 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
-from .daemon import DaemonProcess
+from .harness import DaemonProcess, Daemons, LabSpec
 
-pytestmark = pytest.mark.root
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("server", 20), WorkloadSpec("rogue", 66)],
+              prefix="mstb", subnet4="10.214.0.0/24", subnet6="fd00:214::/64",
+              serve={"server": {"tcp": [7000], "udp": [7001, 7002]}})
 
 POLICY = """\
 version: 1
@@ -44,23 +44,16 @@ rules:
 """
 
 
+# Per test: each starts from a lab nothing is attached to, and no pins.
+
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("server", 20), WorkloadSpec("rogue", 66)],
-             prefix="mstb", subnet4="10.214.0.0/24", subnet6="fd00:214::/64") as lab:
-        lab.serve("server", tcp=[7000], udp=[7001, 7002])
-        yield lab
+def lab(new_lab) -> Lab:
+    return new_lab(LAB)
 
 
 @pytest.fixture
-def daemon(lab: Lab, tmp_path: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(tmp_path, lab, POLICY, "--ringbuf-bytes", "65536")
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop(check=False)
-        d.cleanup_pins()
+def daemon(lab: Lab, daemons: Daemons) -> DaemonProcess:
+    return daemons.start(lab, POLICY, "--ringbuf-bytes", "65536")
 
 
 def retransmits(lab: Lab) -> int:
@@ -100,14 +93,21 @@ def test_sigkill_and_restart_lose_nothing(daemon: DaemonProcess, lab: Lab) -> No
     before = held_session(daemon, lab)
     assert denied(lab)
     # Everything the first daemon publishes, to its last breath.
+    subscribers = daemon.api("GET", "/v1/stats")["events"]["subscribers"]
     watch = subprocess.Popen([sys.executable, "-m", "microseg", "watch", "--json", "--last",
                               "16384"],
                              env={**os.environ, "MICROSEG_SOCKET": daemon.socket},
                              stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-
-    daemon.kill()  # SIGKILL: no clean-up at all
-    first = [json.loads(line) for line in watch.communicate(timeout=10)[0].splitlines()]
+    try:
+        assert wait_for(lambda: daemon.api("GET", "/v1/stats")["events"]["subscribers"]
+                        > subscribers, timeout=20), "watch never subscribed"
+        daemon.kill()  # SIGKILL: no clean-up at all
+        out = watch.communicate(timeout=10)[0]
+    finally:
+        if watch.poll() is None:  # a failure above: no watch left behind
+            watch.kill()
+            watch.communicate()
+    first = [json.loads(line) for line in out.splitlines()]
     last_seq = max(e["seq"] for e in first)
     first_lost = sum(e["count"] for e in first if e["type"] == "lost" and e["source"] == "ringbuf")
     t_dead = time.monotonic()
@@ -119,7 +119,9 @@ def test_sigkill_and_restart_lose_nothing(daemon: DaemonProcess, lab: Lab) -> No
     time.sleep(max(0.0, 1.0 - (time.monotonic() - t_dead)))
 
     daemon.start()
-    time.sleep(1.0)  # the connections keep going under the new daemon
+    # the connections keep going under the new daemon
+    assert wait_for(lambda: held_session(daemon, lab)["packets"]["orig"]
+                    > before["packets"]["orig"] + 150, timeout=20)
     after = held_session(daemon, lab)
     tcp.terminate()
     udp.terminate()
@@ -168,70 +170,62 @@ def tc_state(lab: Lab) -> dict[str, str]:
     return out
 
 
-def test_clean_stop_leaves_nothing_behind(lab: Lab, tmp_path: Path) -> None:
+def test_clean_stop_leaves_nothing_behind(lab: Lab, daemons: Daemons) -> None:
     before = tc_state(lab)
-    d = DaemonProcess(tmp_path, lab, POLICY)
-    d.start()
-    try:
-        assert all("clsact" in s and "bpf" in s for s in tc_state(lab).values())
-        assert denied(lab)
-    finally:
-        d.stop()  # checks: exit 0, no pins, no socket
+    d = daemons.start(lab, POLICY)
+    assert all("clsact" in s and "bpf" in s for s in tc_state(lab).values())
+    assert denied(lab)
+    d.stop()  # checks: exit 0, no pins, no socket
     assert tc_state(lab) == before  # no filter, and the clsact qdisc it added is gone
     assert not denied(lab), "nothing enforces any more"
 
 
-def test_keep_on_exit_leaves_everything_enforcing(lab: Lab, tmp_path: Path) -> None:
-    d = DaemonProcess(tmp_path, lab, POLICY, "--keep-on-exit")
+def test_keep_on_exit_leaves_everything_enforcing(lab: Lab, daemons: Daemons) -> None:
+    d = daemons.start(lab, POLICY, "--keep-on-exit")
+    attached = tc_state(lab)
+    pins = sorted(os.listdir(d.pin_dir))
+    assert d.stop(check=False) == 0
+    assert tc_state(lab) == attached and sorted(os.listdir(d.pin_dir)) == pins
+    assert denied(lab), "the last policy is still enforced"
+    ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
+                            lab.ipv4("server"), "7000"])
+    assert ok.returncode == 0, "and still allows what it allowed"
+    # The next daemon takes over the same pins and filters; its clean stop
+    # removes everything.
+    d.extra.remove("--keep-on-exit")
     d.start()
-    try:
-        attached = tc_state(lab)
-        pins = sorted(os.listdir(d.pin_dir))
-        assert d.stop(check=False) == 0
-        assert tc_state(lab) == attached and sorted(os.listdir(d.pin_dir)) == pins
-        assert denied(lab), "the last policy is still enforced"
-        ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
-                                lab.ipv4("server"), "7000"])
-        assert ok.returncode == 0, "and still allows what it allowed"
-        # The next daemon takes over the same pins and filters; its clean stop
-        # removes everything.
-        d.extra.remove("--keep-on-exit")
-        d.start()
-        assert denied(lab)
-    finally:
-        d.stop(check=False)
-        d.cleanup_pins()
+    assert denied(lab)
+    d.stop()  # checks: exit 0, no pins, no socket
     assert not any("bpf" in s for s in tc_state(lab).values())
-    assert not os.path.exists(d.pin_dir)
 
 
 def test_upgrade_with_a_changed_map_layout_replaces_the_pins_and_keeps_enforcing(
-        lab: Lab, tmp_path: Path) -> None:
+        lab: Lab, daemons: Daemons) -> None:
     """A new daemon whose session table has another layout (here: capacity)
     never reuses the old pinned table: it warns and replaces it. The held
     connection is picked up mid-stream (re-judged under the policy) without
     losing a packet; the denied flow stays denied."""
-    d = DaemonProcess(tmp_path, lab, POLICY)
+    d = daemons.start(lab, POLICY)
+    tcp = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
+                               lab.ipv4("server"), "7000", "--interval", "0.01"],
+                    stdout=subprocess.PIPE, text=True)
+    assert wait_for(lambda: held_session(d, lab)["packets"]["orig"] > 20, timeout=10)
+    retrans0 = retransmits(lab)
+    d.kill()
+    d.extra += ["--session-capacity", "65536"]
     d.start()
-    try:
-        tcp = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
-                                   lab.ipv4("server"), "7000", "--interval", "0.01"],
-                        stdout=subprocess.PIPE, text=True)
-        assert wait_for(lambda: held_session(d, lab)["packets"]["orig"] > 20, timeout=10)
-        retrans0 = retransmits(lab)
-        d.kill()
-        d.extra += ["--session-capacity", "65536"]
-        d.start()
-        time.sleep(1.0)
-        assert re.search(r"WARNING .*session_map.*replac", d.log()), d.log()[-2000:]
-        picked = held_session(d, lab)
-        assert picked["rule"] == "hold-tcp" and picked["state"] == "established"
-        tcp.terminate()
-        held, _ = tcp.communicate(timeout=10)
-        assert "timeout" not in held and held.count("ok ") > 100, held[-300:]
-        assert retransmits(lab) == retrans0
-        assert d.status()["datapath"]["session_capacity"] == 65536
-        assert denied(lab)
-    finally:
-        d.stop(check=False)
-        d.cleanup_pins()
+
+    def picked_up() -> bool:
+        try:
+            s = held_session(d, lab)
+        except StopIteration:  # not yet in the new table
+            return False
+        return s["rule"] == "hold-tcp" and s["state"] == "established"
+    assert wait_for(picked_up, timeout=20), d.log()[-2000:]
+    assert re.search(r"WARNING .*session_map.*replac", d.log()), d.log()[-2000:]
+    tcp.terminate()
+    held, _ = tcp.communicate(timeout=10)
+    assert "timeout" not in held and held.count("ok ") > 100, held[-300:]
+    assert retransmits(lab) == retrans0
+    assert d.status()["datapath"]["session_capacity"] == 65536
+    assert denied(lab)

@@ -10,19 +10,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
-from .daemon import DaemonProcess
+from .harness import DaemonProcess, LabSpec
 
-pytestmark = pytest.mark.root
-
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("server", 20)], prefix="mstc",
+              subnet4="10.216.0.0/24", subnet6="fd00:216::/64",
+              serve={"server": {"tcp": [7000, 7003], "udp": [7001]}})
 CAPACITY = 2048
+DAEMON_ARGS = ("--session-capacity", str(CAPACITY))
 POLICY = """\
 version: 1
 default: deny
@@ -37,14 +36,6 @@ rules:
 """
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("server", 20)], prefix="mstc",
-             subnet4="10.216.0.0/24", subnet6="fd00:216::/64") as lab:
-        lab.serve("server", tcp=[7000, 7003], udp=[7001])
-        yield lab
-
-
 def gauges(d: DaemonProcess) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{d.status()['metrics']}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -52,56 +43,50 @@ def gauges(d: DaemonProcess) -> dict[str, float]:
             if s.name.startswith(("microseg_session_table_", "microseg_sessions_evicted"))}
 
 
-def test_a_full_table_keeps_new_flows_working(lab: Lab, tmp_path: Path) -> None:
-    flow_log = tmp_path / "flows.json"
-    d = DaemonProcess(tmp_path, lab, POLICY, "--session-capacity", str(CAPACITY),
-                      "--flow-log", str(flow_log))
-    d.start()
-    try:
-        hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
-                                    lab.ipv4("server"), "7000", "--interval", "0.01"],
-                         stdout=subprocess.PIPE, text=True)
-        # Four times the table's size in UDP flows, each from its own port.
-        flows = 4 * CAPACITY
-        r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
-                               lab.ipv4("server"), "7001", "--count", str(flows),
-                               "--sources", str(flows), "--rate", "4000"], timeout=60)
-        assert r.returncode == 0
-        st = json.loads(d.cli("stats", "--json").stdout)
-        entries = st["sessions"]["entries"]
-        # Full, never over: the LRU made room for every new flow.
-        assert CAPACITY * 0.9 <= entries <= CAPACITY, st["sessions"]
-        assert st["sessions"]["capacity"] == CAPACITY and st["sessions"]["fill"] >= 0.9
-        assert sum(st["drops"].values()) == 0, st["drops"]  # nothing refused for room
-        g = gauges(d)
-        assert g["microseg_session_table_capacity"] == CAPACITY
-        assert g["microseg_session_table_entries"] >= CAPACITY * 0.9
-        # The evictions: every session opened, less those still in the table
-        # (none expired or was revoked here) — the opened ones counted
-        # independently, from the `new` events in the flow log.
-        def logged() -> int:
-            return json.loads(d.cli("stats", "--json").stdout)["flow_log"]["lines"]
+def test_a_full_table_keeps_new_flows_working(lab: Lab, daemon: DaemonProcess) -> None:
+    d, flow_log = daemon, daemon.flow_log
+    hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
+                                lab.ipv4("server"), "7000", "--interval", "0.01"],
+                     stdout=subprocess.PIPE, text=True)
+    # Four times the table's size in UDP flows, each from its own port.
+    flows = 4 * CAPACITY
+    r = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
+                           lab.ipv4("server"), "7001", "--count", str(flows),
+                           "--sources", str(flows), "--rate", "4000"], timeout=60)
+    assert r.returncode == 0
+    st = json.loads(d.cli("stats", "--json").stdout)
+    entries = st["sessions"]["entries"]
+    # Full, never over: the LRU made room for every new flow.
+    assert CAPACITY * 0.9 <= entries <= CAPACITY, st["sessions"]
+    assert st["sessions"]["capacity"] == CAPACITY and st["sessions"]["fill"] >= 0.9
+    assert sum(st["drops"].values()) == 0, st["drops"]  # nothing refused for room
+    g = gauges(d)
+    assert g["microseg_session_table_capacity"] == CAPACITY
+    assert g["microseg_session_table_entries"] >= CAPACITY * 0.9
+    # The evictions: every session opened, less those still in the table
+    # (none expired or was revoked here) — the opened ones counted
+    # independently, from the `new` events in the flow log.
+    def logged() -> int:
+        return json.loads(d.cli("stats", "--json").stdout)["flow_log"]["lines"]
 
-        n = -1
-        while (m := logged()) != n:
-            n = m
-            time.sleep(0.5)
-        full = json.loads(d.cli("stats", "--json").stdout)
-        assert full["events"]["lost"] == {"ringbuf": 0, "subscriber": 0}  # the log has all
-        opened = sum(1 for line in flow_log.read_text().splitlines()
-                     if '"type":"session"' in line and '"state":"new"' in line)
-        st = full["sessions"]
-        assert st["created_total"] == opened > flows * 0.9
-        assert st["evicted_total"] == opened - st["entries"] > 2 * CAPACITY
-        assert gauges(d)["microseg_sessions_evicted_total"] == st["evicted_total"]
-        # A brand-new connection is judged and allowed with the table full.
-        ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
-                                lab.ipv4("server"), "7003"])
-        assert ok.returncode == 0
-        # The connection in use all along kept its session: no exchange lost.
-        hold.terminate()
-        held, _ = hold.communicate(timeout=10)
-        assert "timeout" not in held and held.count("ok ") > 50, held[-300:]
-        assert wait_for(lambda: d.status()["ready"], timeout=5)
-    finally:
-        d.stop()
+    n = -1
+    while (m := logged()) != n:
+        n = m
+        time.sleep(0.5)
+    full = json.loads(d.cli("stats", "--json").stdout)
+    assert full["events"]["lost"] == {"ringbuf": 0, "subscriber": 0}  # the log has all
+    opened = sum(1 for line in flow_log.read_text().splitlines()
+                 if '"type":"session"' in line and '"state":"new"' in line)
+    st = full["sessions"]
+    assert st["created_total"] == opened > flows * 0.9
+    assert st["evicted_total"] == opened - st["entries"] > 2 * CAPACITY
+    assert gauges(d)["microseg_sessions_evicted_total"] == st["evicted_total"]
+    # A brand-new connection is judged and allowed with the table full.
+    ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
+                            lab.ipv4("server"), "7003"])
+    assert ok.returncode == 0
+    # The connection in use all along kept its session: no exchange lost.
+    hold.terminate()
+    held, _ = hold.communicate(timeout=10)
+    assert "timeout" not in held and held.count("ok ") > 50, held[-300:]
+    assert wait_for(lambda: d.status()["ready"], timeout=5)

@@ -5,7 +5,6 @@ ping; IPv4 and IPv6), then detaches cleanly."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,16 +17,17 @@ from microseg.policy.compile import compile_policy
 from microseg.policy.model import Policy, Rule, Workload
 from microseg.policy.model import Selector as S
 
-pytestmark = pytest.mark.root
+from .harness import LabSpec
+
+LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("server", 20)], prefix="mst2",
+              serve={"server": {"tcp": [8080, 8081], "udp": [5353, 5354]},
+                     "client": {"tcp": [8080]}})
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab([WorkloadSpec("client", 10), WorkloadSpec("server", 20)], prefix="mst2") as lab:
-        lab.serve("server", tcp=[8080, 8081], udp=[5353, 5354])
-        lab.serve("client", tcp=[8080])
-        yield lab
-    assert lab.stale_namespaces() == [] and lab.stale_links() == []
+def lab(new_lab) -> Lab:
+    """A lab per test: each starts with nothing attached."""
+    return new_lab(LAB)
 
 
 def _policy(lab: Lab) -> Policy:
