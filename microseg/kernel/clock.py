@@ -48,17 +48,25 @@ def hz_between(a: ClockSample, b: ClockSample) -> float:
 class SessionClock:
     """Converts session_map's jiffies to CLOCK_MONOTONIC nanoseconds."""
 
-    def __init__(self, sample: Callable[[], ClockSample], *, min_ticks: int = 10) -> None:
+    def __init__(self, sample: Callable[[], ClockSample], *, span_s: float = 0.1) -> None:
         self._sample = sample
-        first = sample()
-        # Wait for enough ticks to tell HZ apart (10 ticks: 100 ms at most).
-        while True:
-            now = sample()
-            if now.jiffies - first.jiffies >= min_ticks:
-                break
-            time.sleep(0.005)
+        # Measured between two tick edges at least span_s apart: a sample
+        # taken anywhere within a tick would be off by up to a tick (10 %
+        # over 10 ticks); at the edges the error is one sample's latency —
+        # a millisecond on a busy machine, 1 % of the span.
+        first = self._tick_edge()
+        time.sleep(span_s)
+        now = self._tick_edge()
         self.hz = hz_between(first, now)
         self.ref = now
+
+    def _tick_edge(self) -> ClockSample:
+        """The first sample after the jiffies counter moved on."""
+        start = self._sample()
+        while True:
+            s = self._sample()
+            if s.jiffies != start.jiffies:
+                return s
 
     def refresh(self) -> ClockSample:
         self.ref = self._sample()
