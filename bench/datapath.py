@@ -107,7 +107,7 @@ def measure(runs: int = 5, repeat: int = 1_000_000, new_flows: int = 60_000,
             compiled = compile_policy(pol)
             t1 = time.perf_counter()
             dp.reset_state()
-            gen = dp.apply_policy(compiled, grace_s=0)
+            gen = dp.apply_policy(compiled)
             t2 = time.perf_counter()
             fill_sessions(dp, sessions, gen)
             results["scenarios"][label] = _scenario(dp, ring, floor_fd, pol, runs, repeat,

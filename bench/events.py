@@ -46,7 +46,7 @@ def decode_rate(records: int) -> dict:
         pol = Policy(workloads=(Workload.make("a", ["10.9.0.1"]), Workload.make("b",
                                                                              ["10.9.0.2"])))
         c = compile_policy(pol)
-        gen = dp.apply_policy(c, grace_s=0)
+        gen = dp.apply_policy(c)
         denied = tcp_packet("10.9.0.1", "10.9.0.2", 40000, 80, "S")
         ring = RingBuffer(dp.maps["events"].fd, abi.EVENT.size)
         en = Enricher(Names(lambda g: c, lambda i: "eth0"), TimeFormatter(wall_offset_ns()),

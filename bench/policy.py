@@ -41,7 +41,7 @@ def compile_apply(sizes: tuple[int, ...], workloads: int) -> dict:
             t0 = time.perf_counter()
             compiled = compile_policy(pol)
             t1 = time.perf_counter()
-            dp.apply_policy(compiled, grace_s=None)
+            dp.apply_policy(compiled, converge=False)
             t2 = time.perf_counter()
             dp.converge()
             t3 = time.perf_counter()
@@ -53,7 +53,7 @@ def compile_apply(sizes: tuple[int, ...], workloads: int) -> dict:
             t4 = time.perf_counter()
             edited = compile_policy(edit, compiled)
             t5 = time.perf_counter()
-            dp.apply_policy(edited, grace_s=None)
+            dp.apply_policy(edited, converge=False)
             t6 = time.perf_counter()
             dp.converge()
             out[str(n)] = {

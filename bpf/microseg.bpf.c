@@ -18,14 +18,29 @@
 #include "lib/clock.h"
 #include "lib/stats.h"
 #include "lib/events.h"
+#include "lib/decision.h"
+#include "lib/aggregate.h"
 #include "lib/verdict.h"
 #include "lib/policy.h"
 #include "lib/session.h"
 #include "lib/frag.h"
 
+/* Not a connection start: a reply whose session may have been lost. */
+static __always_inline int maybe_reply(const struct packet *p)
+{
+	if (p->proto == IPPROTO_TCP)
+		return !(p->tcp_flags & TCP_FLAG_SYN) ||
+		       (p->tcp_flags & TCP_FLAG_ACK); /* SYN-ACK */
+	if (p->proto == IPPROTO_UDP)
+		return 1; /* either: the policy decides which way is allowed */
+	return p->icmp == ICMP_KIND_ECHO_REPLY;
+}
+
 /* Everything after parsing, for a packet that has its L4 header. The
- * policy is consulted at one place: for a new flow in its own direction,
- * for a session whose generation is stale in the session's original one. */
+ * policy is consulted at one place (match_policy, in the loop below): for
+ * a new flow in its own direction and, for a packet that may be a reply
+ * whose session was lost, in the other; for a session whose generation is
+ * stale, in the session's original direction. */
 static __always_inline int process(struct __sk_buff *skb, const struct packet *p,
 				   __u32 dir, struct decision *d)
 {
@@ -34,7 +49,7 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 	__u8 tf = p->tcp_flags;
 	struct session_key key = {};
 	struct session_value *s = NULL;
-	int is_lo = 0, reported = 0;
+	int is_lo = 0, reported = 0, pending = 0, reuse = 0;
 	__u32 side = 0;
 	/* ICMP errors and informational ICMP open no session. */
 	int stateless = p->icmp == ICMP_KIND_ERROR || p->icmp == ICMP_KIND_OTHER;
@@ -43,95 +58,158 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 		/* An ICMP error quoting a tracked session is related to it;
 		 * other ICMP errors open no session and are judged alone. */
 		struct quoted q = {};
-		if (parse_quote(skb, p, &q) != PARSE_OK)
-			return drop_packet(d, REASON_INVALID);
+		int rc = parse_quote(skb, p, &q);
+		if (rc != PARSE_OK) {
+			drop_packet(d, REASON_INVALID);
+			if (rc == PARSE_SUSPECT)
+				d->audit = AUDIT_BY_DST;
+			return NEED_VERDICT;
+		}
 		make_session_key(p->family, q.proto, q.saddr, q.daddr, q.sport,
 				 q.dport, &key);
-		if (session_map.lookup(&key)) {
+		if (find_session(&key, &pending)) {
 			d->verdict = VERDICT_ALLOWED;
 			d->reason = REASON_RELATED;
-			return pass_packet(dir, VERDICT_ALLOWED, REASON_RELATED,
-					   p->len);
+			return pass_packet(dir, VERDICT_ALLOWED, REASON_RELATED, p);
 		}
 	} else if (!stateless) {
 		is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
 					 p->sport, p->dport, &key);
-		/* bpf_map_lookup_elem: the session, whichever direction. */
-		s = session_map.lookup(&key);
+		s = find_session(&key, &pending);
 		if (s && tcp && s->state == STATE_CLOSED &&
-		    (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		    (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
 			s = NULL; /* a new connection on a closed tuple */
+			reuse = !pending;
+		}
 		if (s)
 			side = is_lo == !!(s->flags & SESSION_ORIG_LO) ? 0 : 1;
 	}
 
-	if (s && (p->icmp == ICMP_KIND_ECHO_REQUEST || p->icmp == ICMP_KIND_ECHO_REPLY) &&
-	    (p->icmp == ICMP_KIND_ECHO_REPLY) != side) {
-		/* An echo request from the session's responder (or a reply
-		 * from its originator) is no part of it: the identifier is all
-		 * they share, and riding on it would let the responder ping a
-		 * peer the policy keeps it from. Judged alone, in its own
-		 * direction, like a ping with a fresh identifier. */
-		match_policy(p->family, p->proto, p->saddr, p->daddr, p->dport, gen, d);
-		return NEED_VERDICT;
+	/* An echo request from the session's responder (or a reply from its
+	 * originator) is no part of it: the identifier is all they share, and
+	 * riding on it would let the responder ping a peer the policy keeps it
+	 * from. Judged alone, in its own direction, like a fresh identifier. */
+	int alone = s && (p->icmp == ICMP_KIND_ECHO_REQUEST ||
+			  p->icmp == ICMP_KIND_ECHO_REPLY) &&
+		    (p->icmp == ICMP_KIND_ECHO_REPLY) != side;
+
+	if (s && !alone && s->generation == gen)
+		return account_session(skb, p, dir, &key, s, side, pending, 0, d);
+
+	/* Judge. A stale session: in its original direction. A new flow: in
+	 * its own direction, then — a packet that may be a reply whose session
+	 * was lost — in the other; a SYN-ACK only in the other. */
+	int reval = s && !alone;
+	int synack = tcp && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) ==
+				    (TCP_FLAG_SYN | TCP_FLAG_ACK);
+	int last = reval || alone || stateless || !maybe_reply(p) ? 0 : 1;
+	int first = !reval && !alone && synack;
+	struct decision own = {};
+	int rev = 0;
+#pragma clang loop unroll(disable)
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass < first || pass > last)
+			continue;
+		rev = reval ? side : pass;
+		judge_flow(p, rev, gen, d);
+		if (reval || d->verdict != VERDICT_DENIED)
+			break;
+		if (pass == 0)
+			own = *d;
 	}
 
-	if (!s || s->generation != gen) {
-		if (!s && tcp && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) ==
-					 (TCP_FLAG_SYN | TCP_FLAG_ACK))
-			return drop_packet(d, REASON_STATE); /* SYN-ACK, no SYN seen */
-		int reverse = s && side; /* a session: its original direction */
-		match_policy(p->family, p->proto, reverse ? p->daddr : p->saddr,
-			     reverse ? p->saddr : p->daddr,
-			     reverse ? p->sport : p->dport, gen, d);
-		if (!s) {
-			/* Denied, stateless ICMP, or an allowed RST (nothing to
-			 * track): the verdict is all. */
-			if (d->verdict == VERDICT_DENIED || stateless ||
-			    (tcp && (tf & TCP_FLAG_RST)))
-				return NEED_VERDICT;
-			return open_session(skb, p, dir, &key, is_lo, d);
-		}
-		int r = revalidate_session(skb, p, dir, &key, s, side, d);
+	if (reval) {
+		int r = revalidate_session(skb, p, dir, &key, s, side, pending, d);
 		if (r == REVAL_REVOKED)
 			return NEED_VERDICT;
 		reported = r == REVAL_REPORTED;
+		return account_session(skb, p, dir, &key, s, side, pending, reported, d);
 	}
-	return account_session(skb, p, dir, s, side, reported, d);
+	if (alone)
+		return NEED_VERDICT;
+	if (d->verdict == VERDICT_DENIED) {
+		if (synack) {
+			/* A SYN-ACK nobody allowed the SYN of: the state machine
+			 * drops it (audit mode: passes). */
+			__u32 g = d->generation;
+			drop_packet(d, REASON_STATE);
+			d->generation = g;
+			d->audit = AUDIT_BY_SRC;
+			return NEED_VERDICT;
+		}
+		if (first == 0 && last == 1)
+			*d = own; /* both ways denied: judged in its own direction */
+		return NEED_VERDICT;
+	}
+	/* Stateless ICMP, or an allowed RST (nothing to track): the verdict
+	 * is all. */
+	if (stateless || (tcp && (tf & TCP_FLAG_RST)))
+		return NEED_VERDICT;
+	return open_session(skb, p, dir, &key, is_lo, rev, reuse, d);
 }
 
-static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir)
+static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir, int l3)
 {
-	struct packet p = {};
+	struct scratch *sc = scratch();
 	struct decision d = {};
-	int rc = parse_packet(skb, &p);
 	int act;
 
+	if (!sc) /* cannot happen (index 0 of an array); never fail open */
+		return TC_ACT_SHOT;
+	/* The packet lives in the per-CPU scratch: the stack has no room. */
+	struct packet *p = &sc->packet;
+	sc->opened = 0;
+	int rc = parse_packet(skb, p, l3);
+
 	if (rc == PARSE_NON_IP)
-		return pass_packet(dir, VERDICT_ALLOWED, REASON_NON_IP, skb->len);
+		return pass_packet(dir, VERDICT_ALLOWED, REASON_NON_IP, p);
 	if (rc == PARSE_NEIGHBOR)
-		return pass_packet(dir, VERDICT_ALLOWED, REASON_NEIGHBOR, p.len);
-	if (rc != PARSE_OK)
+		return pass_packet(dir, VERDICT_ALLOWED, REASON_NEIGHBOR, p);
+	if (rc == PARSE_SUSPECT) {
+		/* Well formed, not to be passed unjudged: audit mode lets it. */
 		act = drop_packet(&d, REASON_INVALID);
-	else if (p.frag == FRAG_LATER)
-		act = follow_fragment(&p, dir, &d);
-	else
-		act = process(skb, &p, dir, &d);
-	if (act == NEED_VERDICT)
-		act = apply_verdict(skb, &p, dir, &d, precise_now());
-	if (p.frag == FRAG_FIRST)
-		remember_first_fragment(&p, &d);
+		d.audit = AUDIT_BY_DST;
+	} else if (rc != PARSE_OK) {
+		act = drop_packet(&d, REASON_INVALID);
+	} else if (p->frag == FRAG_LATER) {
+		act = follow_fragment(p, dir, &d);
+	} else {
+		act = process(skb, p, dir, &d);
+	}
+	if (act == NEED_VERDICT) {
+		if (d.audit >= AUDIT_BY_DST) /* one lookup, whichever stage asked */
+			d.audit = audited(p->family, d.audit == AUDIT_BY_SRC ? p->saddr
+									     : p->daddr,
+					  active_generation()) ? AUDIT_YES : AUDIT_NO;
+		act = apply_verdict(skb, p, dir, &d, precise_now());
+		report_new_session(skb, p, dir); /* after its verdict, if any */
+	}
+	if (p->frag == FRAG_FIRST)
+		remember_first_fragment(p, &d);
 	return act;
 }
 
+/* Links with an Ethernet header (veth, bridges, tap, physical NICs). */
 int mseg_ingress(struct __sk_buff *skb)
 {
-	return handle_packet(skb, DIR_INGRESS);
+	return handle_packet(skb, DIR_INGRESS, 0);
 }
 
 int mseg_egress(struct __sk_buff *skb)
 {
-	return handle_packet(skb, DIR_EGRESS);
+	return handle_packet(skb, DIR_EGRESS, 0);
+}
+
+/* Links without one (tun, WireGuard, ipip, gre, sit): the packet starts
+ * with its IP header. */
+int mseg_ingress_l3(struct __sk_buff *skb)
+{
+	return handle_packet(skb, DIR_INGRESS, 1);
+}
+
+int mseg_egress_l3(struct __sk_buff *skb)
+{
+	return handle_packet(skb, DIR_EGRESS, 1);
 }
 
 /* Never attached: userspace runs it (BPF_PROG_TEST_RUN) to sample the
@@ -146,4 +224,17 @@ int mseg_clock(struct __sk_buff *skb)
 		c->ktime_ns = bpf_ktime_get_ns();
 	}
 	return TC_ACT_OK;
+}
+
+/* Never attached: the daemon runs it (BPF_PROG_TEST_RUN) with a struct
+ * agg_key as the packet, for a denied flow that went quiet: its held
+ * count is reported, or its idle entry retired (bpf/lib/aggregate.h). */
+int mseg_flush(struct __sk_buff *skb)
+{
+	struct agg_key k = {};
+
+	/* bpf_skb_load_bytes: the key, from the test run's data. */
+	if (bpf_skb_load_bytes(skb, 0, &k, sizeof(k)))
+		return FLUSH_NONE;
+	return flush_flow(&k, precise_now());
 }

@@ -15,7 +15,7 @@
 
 #include <linux/types.h>
 
-#define MSEG_ABI_VERSION 1
+#define MSEG_ABI_VERSION 2
 
 /* Hook the program runs at. Also part of the per-direction owner id. */
 enum mseg_direction {
@@ -105,13 +105,29 @@ enum mseg_policy_flags {
 	POLICY_EXCEPTIONS = 1, /* some port classes decide otherwise: look up */
 };
 
-/* session_value.flags */
+/* session_value.flags (FIN bits are set with an atomic OR: both directions
+ * of a connection may be handled on two CPUs at once) */
 enum mseg_session_flags {
 	SESSION_ORIG_LO = 1,    /* original direction's source is key.addr_lo */
 	SESSION_FIN_ORIG = 2,   /* FIN seen from the originator */
 	SESSION_FIN_REPLY = 4,  /* FIN seen from the responder */
 	SESSION_AUDIT = 8,      /* allowed only because of audit mode */
 	SESSION_PICKUP = 16,    /* created mid-stream (no SYN seen) */
+	SESSION_REPLY_PICKUP = 32, /* created by a reply whose session was lost */
+	SESSION_SIMOPEN = 64,   /* TCP simultaneous open (both sides sent SYN) */
+};
+
+/* event.flags */
+enum mseg_event_flags {
+	EVENT_F_AUDIT = 1,      /* a would-be drop that audit mode let pass */
+};
+
+/* Ring buffers. Denied verdicts and drops have a ring of their own, so a
+ * flood of them can never push session events and allowed verdicts out. */
+enum mseg_ring {
+	RING_EVENTS = 0,        /* session events, allowed and audit verdicts */
+	RING_DENIALS = 1,       /* denied verdicts, drops */
+	RING_MAX = 2,
 };
 
 #define TCP_FLAG_FIN 0x01
@@ -151,21 +167,28 @@ struct session_key {
 	__u8 pad[2];
 };
 
+/* A session lives in pending_map until both of its directions have been
+ * seen, then in session_map (see bpf/lib/session.h): a flood of first
+ * packets that never get an answer can only evict other unanswered ones. */
 struct session_value {
 	__u64 created_ns;    /* bpf_ktime_get_ns() of the first packet */
 	__u64 last_seen;     /* bpf_jiffies64() of the latest packet */
+	__u64 seen[2];       /* bpf_jiffies64() of each direction's latest
+			      * packet at its owner hook (handover, see
+			      * account_session) */
 	__u64 packets[2];    /* [0] original direction, [1] reply */
 	__u64 bytes[2];
+	__u64 flags;         /* enum mseg_session_flags; 64 bits for the atomic
+			      * OR the FIN bits are set with */
 	__u32 rule_id;       /* rule that allowed it (0: default) */
 	__u32 generation;    /* policy generation it was judged under */
 	__u32 owner[2];      /* hook that accounts each direction: ifindex<<1|dir */
 	__u32 src_identity;  /* identities of the original src and dst */
 	__u32 dst_identity;
 	__u8 state;          /* enum mseg_state */
-	__u8 flags;          /* enum mseg_session_flags */
 	__u8 verdict;        /* VERDICT_ALLOWED or VERDICT_AUDIT */
 	__u8 reason;         /* REASON_RULE or REASON_DEFAULT */
-	__u32 pad;
+	__u8 pad[5];
 };
 
 /* ---- identities: address -> identity and classes, per policy slot ---- */
@@ -261,17 +284,23 @@ struct rule_stats {
 	__u64 last_hit_ns;  /* bpf_ktime_get_ns() of the last one */
 };
 
+/* event_stats_map[ring * EVENT_TYPE_MAX + type] */
 struct event_stats {
 	__u64 submitted;    /* records handed to the ring buffer */
 	__u64 lost;         /* bpf_ringbuf_reserve() failed: ring full */
 };
+#define EVENT_STATS_SLOTS (RING_MAX * EVENT_TYPE_MAX)
 
-/* Entries the datapath added to and removed from session_map. With the
- * daemon's own deletions (struct daemon_state) they tell the LRU's silent
- * evictions: created - revoked - swept - entries. */
+/* Entries the datapath added to and removed from the session tables
+ * (pending_map and session_map together; a promotion moves an entry). With
+ * the daemon's own deletions (struct daemon_state) they tell the LRUs'
+ * silent evictions: created - revoked - reused - swept - entries. */
 struct session_stats {
-	__u64 created;      /* new entries (not a closed one replaced in place) */
+	__u64 created;      /* new entries, in pending_map */
 	__u64 revoked;      /* deleted when a new policy denied the session */
+	__u64 reused;       /* closed entries deleted for a new connection */
+	__u64 promoted;     /* moved from pending_map to session_map */
+	__u64 agg_full;     /* denials reported one by one: agg_map was full */
 };
 
 /* ---- fragments: first fragment's verdict for the rest ----------------- */
@@ -285,13 +314,64 @@ struct frag_key {
 	__u8 pad[2];
 };
 
+/* Bytes of the datagram seen so far, and its length once its last
+ * fragment told it: the entry is freed when all of them passed. */
 struct frag_value {
 	__u64 seen;          /* bpf_jiffies64() */
 	__u32 rule_id;
 	__u32 generation;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 received;      /* fragment payload bytes seen */
+	__u32 total;         /* the datagram's payload length; 0: not known yet */
 	__u8 verdict;
 	__u8 reason;
-	__u8 pad[6];
+	__u8 audit;          /* a would-be fragment drop passes (audit mode) */
+	__u8 pad[5];
+};
+
+/* ---- event aggregation: repeated denials and drops of one flow -------- */
+
+/* One flow of denied or dropped packets (the source port is left out: a
+ * flood that varies it is still one flow). */
+struct agg_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 hook;          /* ifindex << 1 | direction */
+	__u32 generation;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 verdict;        /* as counted: VERDICT_AUDIT for an audited drop */
+	__u8 reason;
+	__u8 audit;
+	__u8 type;           /* EVENT_VERDICT or EVENT_DROP */
+};
+
+/* The first packet of a window is reported at once; the rest are counted
+ * in `pending` (atomic adds) and reported together by the next packet
+ * after the window, or by mseg_flush (the daemon runs it for flows that
+ * went quiet). Only atomic exchanges take `pending`, so every packet is
+ * reported exactly once. */
+struct agg_value {
+	__u64 window_start;  /* bpf_ktime_get_ns() */
+	__u64 last_ns;       /* the latest packet */
+	__u64 pending;       /* packets counted, not reported yet */
+	__u64 pending_bytes;
+	__u32 rule_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 dead;          /* mseg_flush marked it idle; deleted next time */
+	__u16 sport;         /* the latest packet's */
+	__u8 tcp_flags;      /* the latest packet's */
+	__u8 pad[5];
+};
+
+/* settings_map[0]: written by the daemon at start. */
+struct settings {
+	__u64 event_window_ns;   /* aggregation window; 0: aggregation off */
+	__u64 handover_jiffies;  /* a hook takes a direction over after its
+				  * owner saw none of it for this long */
 };
 
 /* ---- the ring-buffer record: one fixed size for every type ------------ */
@@ -320,8 +400,11 @@ struct event {
 	__u8 tcp_flags;
 	__u8 state;           /* session events: enum mseg_state */
 	__u8 prev_state;
-	__u8 pad[11];         /* to 128 bytes */
+	__u8 flags;           /* enum mseg_event_flags */
+	__u8 pad[10];         /* to 128 bytes */
 };
+/* Verdict and drop events: packets[0] is the number of packets the event
+ * stands for (>= 1: aggregation), bytes[0] their bytes. */
 
 /* clock_map[0], written by the mseg_clock entry when userspace runs it:
  * one instant on both session clocks, to convert jiffies to time. */

@@ -37,7 +37,7 @@ int mseg_bench_newflow(struct __sk_buff *skb)
 {
 	if (bench_rewrite(skb))
 		return TC_ACT_SHOT;
-	return handle_packet(skb, DIR_INGRESS);
+	return handle_packet(skb, DIR_INGRESS, 0);
 }
 
 int mseg_bench_rewrite(struct __sk_buff *skb)

@@ -14,11 +14,19 @@
 #include "maps.h"
 #include "parse.h"
 
-static __always_inline struct event *reserve_event(__u32 type)
+/* ring: RING_EVENTS or RING_DENIALS (a constant at every call site). */
+static __always_inline struct event *reserve_event(__u32 type, __u32 ring)
 {
+	struct event *e;
+	__u32 slot = ring * EVENT_TYPE_MAX + type;
+
 	/* bpf_ringbuf_reserve: space in the ring, no copy; NULL when full. */
-	struct event *e = events.ringbuf_reserve(sizeof(struct event));
-	struct event_stats *st = event_stats_map.lookup(&type);
+	if (ring == RING_DENIALS)
+		e = denials.ringbuf_reserve(sizeof(struct event));
+	else
+		e = events.ringbuf_reserve(sizeof(struct event));
+	/* bpf_map_lookup_elem: this CPU's submitted/lost counters. */
+	struct event_stats *st = event_stats_map.lookup(&slot);
 
 	if (!e) {
 		if (st)
@@ -53,17 +61,22 @@ static __always_inline void fill_packet_fields(struct event *e,
 	e->ts_ns = now;
 	e->ifindex = skb->ifindex;
 	e->pkt_len = p->len;
+	e->packets[0] = p->segs; /* verdict and drop events: the count */
+	e->bytes[0] = p->len;
 	e->direction = dir;
 	e->family = p->family;
 	e->proto = p->proto;
 	e->tcp_flags = p->tcp_flags;
 }
 
-static __always_inline void submit_event(struct event *e)
+static __always_inline void submit_event(struct event *e, __u32 ring)
 {
 	/* bpf_ringbuf_submit: publish the record; 0 = wake the reader only
 	 * when it is waiting (adaptive notification). */
-	events.ringbuf_submit(e, 0);
+	if (ring == RING_DENIALS)
+		denials.ringbuf_submit(e, 0);
+	else
+		events.ringbuf_submit(e, 0);
 }
 
 #endif /* MSEG_EVENTS_H */

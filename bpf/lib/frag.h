@@ -1,9 +1,15 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * frag.h — fragments. Only a datagram's first fragment carries the L4
- * header the policy needs; its outcome is remembered under the datagram's
- * (addresses, id, protocol) and later fragments follow it. A later
- * fragment whose first was never seen drops with reason `fragment`.
+ * frag.h — fragments, IPv4 and IPv6 alike. Only a datagram's first
+ * fragment carries the L4 header the policy needs; its outcome is
+ * remembered under the datagram's (addresses, id, protocol) and later
+ * fragments follow it. A later fragment whose first was never seen drops
+ * with reason `fragment` (audit mode: passes, and says so).
+ *
+ * The entry counts the payload bytes that passed and learns the datagram's
+ * length from its last fragment (the one without "more fragments"): once
+ * every byte was seen, in whatever order the fragments came, it is freed.
+ * Entries of datagrams that never complete age out of the LRU map.
  */
 #ifndef MSEG_FRAG_H
 #define MSEG_FRAG_H
@@ -32,8 +38,12 @@ static __always_inline void remember_first_fragment(const struct packet *p,
 		.seen = session_clock(),
 		.rule_id = d->rule_id,
 		.generation = d->generation,
+		.src_identity = d->src_identity,
+		.dst_identity = d->dst_identity,
+		.received = p->frag_len,
 		.verdict = d->verdict,
 		.reason = d->reason,
+		.audit = d->audit,
 	};
 
 	make_frag_key(p, &k);
@@ -47,15 +57,29 @@ static __always_inline int follow_fragment(const struct packet *p, __u32 dir,
 	struct frag_key k = {};
 
 	make_frag_key(p, &k);
+	/* bpf_map_lookup_elem: the first fragment's outcome. */
 	struct frag_value *v = frag_map.lookup(&k);
-	if (!v)
-		return drop_packet(d, REASON_FRAGMENT);
-	if (v->verdict == VERDICT_ALLOWED || v->verdict == VERDICT_AUDIT)
-		return pass_packet(dir, v->verdict, REASON_FRAGMENT, p->len);
+	if (!v) {
+		drop_packet(d, REASON_FRAGMENT);
+		d->audit = AUDIT_BY_DST;
+		return NEED_VERDICT;
+	}
+	__sync_fetch_and_add(&v->received, p->frag_len);
+	__u32 got = v->received;
+	if (!p->frag_more)
+		v->total = p->frag_offset + p->frag_len;
+	v->seen = session_clock();
 	d->rule_id = v->rule_id;
 	d->generation = v->generation;
+	d->src_identity = v->src_identity;
+	d->dst_identity = v->dst_identity;
 	d->verdict = v->verdict;
 	d->reason = v->reason;
+	d->audit = v->audit;
+	if (v->total && got >= v->total)
+		frag_map.delete(&k); /* bpf_map_delete_elem: the datagram is whole */
+	if (d->verdict == VERDICT_ALLOWED || d->verdict == VERDICT_AUDIT)
+		return pass_packet(dir, d->verdict, REASON_FRAGMENT, p);
 	return NEED_VERDICT;
 }
 

@@ -12,6 +12,7 @@
 #define MSEG_MAPS_H
 
 #include "../microseg.h"
+#include "parse.h"
 
 #ifndef MSEG_SESSION_CAPACITY
 #define MSEG_SESSION_CAPACITY 1048576
@@ -28,23 +29,40 @@
 #define MSEG_POLICY_CAPACITY 1048576
 #endif
 #ifndef MSEG_FRAG_CAPACITY
-#define MSEG_FRAG_CAPACITY 16384
+#define MSEG_FRAG_CAPACITY 65536
+#endif
+#ifndef MSEG_PENDING_CAPACITY
+#define MSEG_PENDING_CAPACITY 262144
+#endif
+#ifndef MSEG_AGG_CAPACITY
+#define MSEG_AGG_CAPACITY 65536
+#endif
+#ifndef MSEG_DENIALS_PAGES
+#define MSEG_DENIALS_PAGES 1024 /* 4 MiB with 4 KiB pages */
 #endif
 
 #ifdef MSEG_PIN_DIR
 #define MSEG_MAP(type, key, leaf, name, max, flags) \
 	BPF_TABLE_PINNED(type, key, leaf, name, max, MSEG_PIN_DIR "/" #name, flags)
 #define MSEG_RINGBUF_SECTION "maps/ringbuf:" MSEG_PIN_DIR "/events"
+#define MSEG_DENIALS_SECTION "maps/ringbuf:" MSEG_PIN_DIR "/denials"
 #else
 #define MSEG_MAP(type, key, leaf, name, max, flags) \
 	BPF_F_TABLE(type, key, leaf, name, max, flags)
 #define MSEG_RINGBUF_SECTION "maps/ringbuf"
+#define MSEG_DENIALS_SECTION "maps/ringbuf"
 #endif
 
-/* Connections, both directions in one entry; LRU so a full table evicts
- * the least recently used session instead of refusing new flows. */
+/* Connections that have seen both directions, one entry for both; LRU so
+ * a full table evicts the least recently used session instead of refusing
+ * new flows. */
 MSEG_MAP("lru_hash", struct session_key, struct session_value, session_map,
 	 MSEG_SESSION_CAPACITY, 0);
+/* Connections that have seen one direction only (a SYN, a request, a
+ * reply whose session was lost): a flood of them evicts only its own kind,
+ * never a session in session_map. */
+MSEG_MAP("lru_hash", struct session_key, struct session_value, pending_map,
+	 MSEG_PENDING_CAPACITY, 0);
 
 /* Address -> identity, per generation slot: host addresses by exact
  * hash, other prefixes by longest prefix match. */
@@ -72,9 +90,9 @@ MSEG_MAP("array", u32, u32, active_map, 1, 0);
 MSEG_MAP("percpu_array", u32, struct stats_value, stats_map, STATS_SLOTS, 0);
 /* Verdicts decided per rule id. */
 MSEG_MAP("percpu_array", u32, struct rule_stats, rule_stats_map, MAX_RULES, 0);
-/* Ring-buffer records submitted and lost, per event type. */
+/* Ring-buffer records submitted and lost, per ring and event type. */
 MSEG_MAP("percpu_array", u32, struct event_stats, event_stats_map,
-	 EVENT_TYPE_MAX, 0);
+	 EVENT_STATS_SLOTS, 0);
 
 /* session_stats_map[0]: see struct session_stats. */
 MSEG_MAP("percpu_array", u32, struct session_stats, session_stats_map, 1, 0);
@@ -92,6 +110,36 @@ MSEG_MAP("array", u32, struct daemon_state, daemon_map, 1, 0);
 MSEG_MAP("lru_hash", struct frag_key, struct frag_value, frag_map,
 	 MSEG_FRAG_CAPACITY, 0);
 
+/* Denied and dropped flows being aggregated (bpf/lib/aggregate.h). Not an
+ * LRU: an entry holding uncounted packets must never vanish silently. */
+MSEG_MAP("hash", struct agg_key, struct agg_value, agg_map,
+	 MSEG_AGG_CAPACITY, BPF_F_NO_PREALLOC);
+
+/* settings_map[0]: see struct settings. */
+MSEG_MAP("array", u32, struct settings, settings_map, 1, 0);
+
+/* Room for records too big to build on the 512-byte stack next to the
+ * rest, per CPU; private to one load (not pinned). A program run is never
+ * interrupted by another one using it on the same CPU: TC programs run
+ * with bottom halves off, and the programs userspace runs with
+ * BPF_PROG_TEST_RUN (mseg_clock, mseg_flush) never touch it. */
+struct scratch {
+	struct packet packet;          /* the packet being handled */
+	struct session_value session;  /* a new session (open_session) */
+	struct agg_key agg_key;        /* a denied flow (report_denial) */
+	struct agg_value agg;
+	__u32 opened;                  /* session above just opened: side + 1 */
+	__u32 pad;
+};
+BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
+
+static __always_inline struct scratch *scratch(void)
+{
+	__u32 zero = 0;
+
+	return scratch_map.lookup(&zero);
+}
+
 /* Events to the daemon: BCC's BPF_RINGBUF_OUTPUT with a section name that
  * can carry a pin path (BCC has no pinned ring-buffer macro). */
 struct events_table_t {
@@ -105,5 +153,8 @@ struct events_table_t {
 };
 __attribute__((section(MSEG_RINGBUF_SECTION)))
 struct events_table_t events = { .max_entries = MSEG_RINGBUF_PAGES * PAGE_SIZE };
+/* Denied verdicts and drops: a ring of their own (enum mseg_ring). */
+__attribute__((section(MSEG_DENIALS_SECTION)))
+struct events_table_t denials = { .max_entries = MSEG_DENIALS_PAGES * PAGE_SIZE };
 
 #endif /* MSEG_MAPS_H */

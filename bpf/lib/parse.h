@@ -1,12 +1,19 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * parse.h — Ethernet / 802.1Q / IPv4 / IPv6 (+ extension headers) / TCP /
- * UDP / ICMP / ICMPv6 into a struct packet.
+ * parse.h — Ethernet / 802.1Q / PPPoE / MPLS / IPv4 / IPv6 (+ extension
+ * headers) / TCP / UDP / ICMP / ICMPv6 into a struct packet. On links with
+ * no link-layer header (tun, WireGuard, ipip/gre: the loader attaches the
+ * _l3 entry points there) the packet starts with its IP header and
+ * skb->protocol names the family.
  *
  * Every header access is preceded by its boundary check against data_end
  * (the verifier insists, and it is what keeps malformed packets harmless).
  * Lengths the headers claim are checked against what the packet carries:
- * a header that lies is "invalid", never trusted.
+ * a header that lies is "invalid", never trusted — the kernel would drop it
+ * too (PARSE_INVALID). A packet that is well formed but one a firewall must
+ * not let pass unjudged (a forbidden TCP flag combination, an overlapping
+ * fragment, ...) is PARSE_SUSPECT: dropped as "invalid", except that audit
+ * mode lets it pass (docs/policy.md).
  */
 #ifndef MSEG_PARSE_H
 #define MSEG_PARSE_H
@@ -16,6 +23,7 @@
 
 
 #define MAX_VLAN_TAGS 2
+#define MAX_MPLS_LABELS 4
 #define MAX_IPV6_EXT 8
 /* Bounds the network+extension header length the parser accepts, so that
  * offsets stay small for the verifier and hostile chains cost little. */
@@ -30,8 +38,10 @@ enum parse_result {
 	PARSE_OK = 0,
 	PARSE_NON_IP,     /* pass and count */
 	PARSE_NEIGHBOR,   /* IPv6 ND / MLD: pass and count */
-	PARSE_INVALID,    /* drop, reason invalid */
+	PARSE_INVALID,    /* malformed: drop, reason invalid, also in audit mode */
 	PARSE_TRUNCATED,  /* header beyond data_end: pull, or invalid */
+	PARSE_SUSPECT,    /* well formed but not to be passed unjudged: drop,
+			   * reason invalid; audit mode lets it pass */
 };
 
 enum frag_kind {
@@ -64,13 +74,16 @@ struct packet {
 	__u16 sport;         /* host order; ICMP echo: the identifier */
 	__u16 dport;
 	__u32 len;           /* skb->len: what counters and events report */
+	__u32 segs;          /* packets this skb stands for (GSO), >= 1 */
 	__u32 frag_id;
+	__u32 frag_offset;   /* fragments: payload offset in bytes */
+	__u32 frag_len;      /* fragments: payload bytes in this fragment */
+	__u8 frag_more;      /* fragments: more follow (MF / M flag) */
 	__u8 family;         /* 4 or 6 */
 	__u8 proto;
 	__u8 tcp_flags;
 	__u8 frag;           /* enum frag_kind */
 	__u8 icmp;           /* enum icmp_kind */
-	__u8 pad;
 	__u16 quote_off;     /* ICMP_KIND_ERROR: offset of the quoted packet */
 } __attribute__((aligned(8))); /* addresses are compared as u64 words */
 
@@ -171,7 +184,7 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off,
 		if (doff < sizeof(*th) || doff > l4_len)
 			return PARSE_INVALID;
 		if (!tcp_flags_valid(th->flags))
-			return PARSE_INVALID;
+			return PARSE_SUSPECT;
 		return PARSE_OK;
 	}
 	if (p->proto == IPPROTO_UDP) {
@@ -262,12 +275,15 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, void *data,
 	__u16 frag_off = bswap16(ip->frag_off);
 	if (frag_off & (IP_MF | IP_OFFSET)) {
 		p->frag_id = bswap16(ip->id);
+		p->frag_offset = (frag_off & IP_OFFSET) * 8;
+		p->frag_len = tot - hlen;
+		p->frag_more = !!(frag_off & IP_MF);
 		if (frag_off & IP_OFFSET) {
 			p->frag = FRAG_LATER;
 			/* RFC 1858: a later fragment that overlaps the TCP header
 			 * could rewrite ports or flags the first one was judged by. */
 			if (p->proto == IPPROTO_TCP && (frag_off & IP_OFFSET) < 3)
-				return PARSE_INVALID;
+				return PARSE_SUSPECT;
 			return PARSE_OK;
 		}
 		p->frag = FRAG_FIRST;
@@ -315,7 +331,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, void *data,
 		if (p->frag == FRAG_FIRST &&
 		    (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
 		     nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH))
-			return PARSE_INVALID;
+			return PARSE_SUSPECT;
 		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
 		    nexthdr == IPPROTO_DSTOPTS) {
 			struct ipv6_opt_hdr *oh = data + off;
@@ -341,10 +357,13 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, void *data,
 			if (fo & 0xFFF9) { /* offset or M flag: a real fragment */
 				p->frag_id = bswap32(fh->identification);
 				p->proto = nexthdr;
+				p->frag_offset = fo & 0xFFF8;
+				p->frag_more = fo & 1;
+				p->frag_len = off <= l3_end ? l3_end - off : 0;
 				if (fo & 0xFFF8) {
 					p->frag = FRAG_LATER;
 					if (nexthdr == IPPROTO_TCP && (fo & 0xFFF8) < 24)
-						return PARSE_INVALID;
+						return PARSE_SUSPECT;
 					return PARSE_OK;
 				}
 				p->frag = FRAG_FIRST;
@@ -358,17 +377,62 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, void *data,
 	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
 	    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH ||
 	    nexthdr == IPPROTO_FRAGMENT)
-		return PARSE_INVALID; /* chain longer than MAX_IPV6_EXT */
+		return PARSE_SUSPECT; /* chain longer than MAX_IPV6_EXT */
 	p->proto = nexthdr;
 	if (nexthdr == IPPROTO_NONE)
 		return PARSE_OK;
 	return parse_l4(data, data_end, off, l3_end - off, p);
 }
 
-static __always_inline int parse_once(struct __sk_buff *skb, struct packet *p)
+/* The network header at off, whose kind the link layer named (an
+ * EtherType, host order); PARSE_NON_IP for anything but IPv4 and IPv6. */
+static __always_inline int parse_network(struct __sk_buff *skb, void *data,
+					 void *data_end, __u32 off, __u16 proto,
+					 struct packet *p)
+{
+	if (proto == ETH_P_IP)
+		return parse_ipv4(skb, data, data_end, off, p);
+	if (proto == ETH_P_IPV6)
+		return parse_ipv6(skb, data, data_end, off, p);
+	return PARSE_NON_IP;
+}
+
+/* The EtherType of what an MPLS label stack carries (from the version
+ * nibble after its bottom label), and the stack's end in *off. Routers
+ * pop labels and deliver the IP packet inside: it must not pass as non-IP. */
+static __always_inline int parse_mpls(void *data, void *data_end, __u32 *off,
+				      __u16 *proto)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_MPLS_LABELS; i++) {
+		__u8 *lse = data + *off;
+		if ((void *)(lse + 5) > data_end) /* the label, and what follows */
+			return PARSE_TRUNCATED;
+		*off += 4;
+		if (!(lse[2] & 1)) /* bottom of stack bit */
+			continue;
+		__u8 version = lse[4] >> 4;
+		if (version == 4)
+			*proto = ETH_P_IP;
+		else if (version == 6)
+			*proto = ETH_P_IPV6;
+		else
+			*proto = 0; /* a pseudowire or the like: not IP */
+		return PARSE_OK;
+	}
+	return PARSE_SUSPECT; /* deeper than MAX_MPLS_LABELS */
+}
+
+static __always_inline int parse_once(struct __sk_buff *skb, struct packet *p,
+				      int l3)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+
+	if (l3) /* no link-layer header: skb->protocol says the family */
+		return parse_network(skb, data, data_end, 0,
+				     bswap16((__u16)skb->protocol), p);
+
 	struct eth_hdr *eth = data;
 	__u32 off = sizeof(*eth);
 
@@ -393,11 +457,21 @@ static __always_inline int parse_once(struct __sk_buff *skb, struct packet *p)
 	if (proto == bswap16(ETH_P_8021Q) || proto == bswap16(ETH_P_8021AD))
 		return PARSE_INVALID;
 
-	if (proto == bswap16(ETH_P_IP))
-		return parse_ipv4(skb, data, data_end, off, p);
-	if (proto == bswap16(ETH_P_IPV6))
-		return parse_ipv6(skb, data, data_end, off, p);
-	return PARSE_NON_IP;
+	__u16 type = bswap16(proto);
+	if (type == ETH_P_PPP_SES) {
+		/* PPPoE session: 6 bytes of PPPoE, then the PPP protocol. */
+		__u8 *pp = data + off;
+		if ((void *)(pp + 8) > data_end)
+			return PARSE_TRUNCATED;
+		__u16 ppp = (pp[6] << 8) | pp[7];
+		off += 8;
+		type = ppp == PPP_IP ? ETH_P_IP : ppp == PPP_IPV6 ? ETH_P_IPV6 : 0;
+	} else if (type == ETH_P_MPLS_UC || type == ETH_P_MPLS_MC) {
+		int rc = parse_mpls(data, data_end, &off, &type);
+		if (rc != PARSE_OK)
+			return rc;
+	}
+	return parse_network(skb, data, data_end, off, type, p);
 }
 
 /* The quoted packet of an ICMP error (its first header is within the
@@ -421,21 +495,23 @@ static __always_inline int parse_quote(struct __sk_buff *skb,
 	 * "related" to a session it is no part of: invalid. */
 	if (*(const __u64 *)q->saddr != *(const __u64 *)p->daddr ||
 	    *(const __u64 *)(q->saddr + 8) != *(const __u64 *)(p->daddr + 8))
-		return PARSE_INVALID;
+		return PARSE_SUSPECT;
 	return PARSE_OK;
 }
 
 /* Parse the packet; when its headers are not all in the linear area,
  * bpf_skb_pull_data() makes them so (it may copy, hence only on demand)
  * and the parse is retried once. */
-static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
+static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p,
+					int l3)
 {
 	int rc = PARSE_INVALID;
 
 	/* At most two passes, as a loop so the parser is emitted once. */
 #pragma clang loop unroll(disable)
 	for (int pass = 0; pass < 2; pass++) {
-		rc = parse_once(skb, p);
+		__builtin_memset(p, 0, sizeof(*p));
+		rc = parse_once(skb, p, l3);
 		if (rc != PARSE_TRUNCATED || pass)
 			break;
 		__u32 linear = skb->data_end - skb->data;
@@ -445,11 +521,12 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
 		/* bpf_skb_pull_data: make `want` bytes directly readable. */
 		if (bpf_skb_pull_data(skb, want))
 			break;
-		__builtin_memset(p, 0, sizeof(*p));
 	}
 	if (rc == PARSE_TRUNCATED)
 		rc = PARSE_INVALID;
 	p->len = skb->len;
+	/* A GSO super-packet stands for gso_segs packets on the wire. */
+	p->segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
 	return rc;
 }
 

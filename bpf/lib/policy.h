@@ -25,7 +25,8 @@
 #include "../microseg.h"
 #include "maps.h"
 #include "proto.h"
-#include "verdict.h"
+#include "parse.h"
+#include "decision.h"
 
 /* Combo bits of the ANY row (src any) and ANY column (dst any). */
 #define COMBOS_SRC_ANY 0xF000
@@ -65,6 +66,24 @@ lookup_identity(__u8 family, const __u8 *addr, __u32 slot, __u8 cfg_flags)
 	struct ident6_key k = { .prefixlen = 160, .slot = slot };
 	__builtin_memcpy(k.addr, addr, 16);
 	return ident6_map.lookup(&k);
+}
+
+/* Whether audit mode covers traffic to addr under generation gen: the
+ * mode of the workload that owns it, else the policy's. */
+static __always_inline int audited(__u8 family, const __u8 *addr, __u32 gen)
+{
+	__u32 slot = gen & 1;
+	/* bpf_map_lookup_elem: the generation's config (its mode). */
+	struct policy_config *cfg = config_map.lookup(&slot);
+
+	if (!cfg || cfg->generation != gen || gen == 0)
+		return 0;
+	if (family == 4 || family == 6) {
+		struct ident_value *di = lookup_identity(family, addr, slot, cfg->flags);
+		if (di)
+			return di->flags & IDENT_AUDIT;
+	}
+	return cfg->flags & CFG_AUDIT;
 }
 
 /* cls[space] without a variable stack offset (which the verifier only
@@ -122,8 +141,18 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		return;
 	}
 	__u8 cflags = cfg->flags;
-	struct ident_value *si = lookup_identity(family, saddr, slot, cflags);
-	struct ident_value *di = lookup_identity(family, daddr, slot, cflags);
+	struct ident_value *si = NULL, *di = NULL;
+	/* Both endpoints through one copy of the lookup (stack and program
+	 * size: every inlined copy has its own keys). */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 2; i++) {
+		struct ident_value *v = lookup_identity(family, i ? daddr : saddr,
+							slot, cflags);
+		if (i)
+			di = v;
+		else
+			si = v;
+	}
 	__u32 scls[4] = {}, dcls[4] = {};
 	__u32 src_bits = COMBOS_SRC_ANY, dst_bits = COMBOS_DST_ANY;
 	int audit = cflags & CFG_AUDIT;
@@ -185,6 +214,17 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		d->verdict = VERDICT_ALLOWED;
 	else
 		d->verdict = audit ? VERDICT_AUDIT : VERDICT_DENIED;
+}
+
+/* The packet's flow judged under generation gen: in its own direction, or
+ * (reverse) as the flow it would be a reply to. */
+static __always_inline void judge_flow(const struct packet *p, int reverse,
+				       __u32 gen, struct decision *d)
+{
+	if (reverse)
+		match_policy(p->family, p->proto, p->daddr, p->saddr, p->sport, gen, d);
+	else
+		match_policy(p->family, p->proto, p->saddr, p->daddr, p->dport, gen, d);
 }
 
 #endif /* MSEG_POLICY_H */

@@ -14,6 +14,12 @@
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100
 #define ETH_P_8021AD 0x88A8
+#define ETH_P_PPP_SES 0x8864
+#define ETH_P_MPLS_UC 0x8847
+#define ETH_P_MPLS_MC 0x8848
+
+#define PPP_IP 0x0021
+#define PPP_IPV6 0x0057
 
 #define IPPROTO_HOPOPTS 0
 #define IPPROTO_ICMP 1

@@ -292,7 +292,7 @@ class Daemon:
             await self._metrics_runner.cleanup()
         if self.datapath.bpf is None:
             return  # never loaded: nothing to undo
-        await loop.run_in_executor(None, self.policy.converge_now)
+        await self.policy.converge_now()
         if not self.cfg.keep_on_exit:
             await loop.run_in_executor(None, self.interfaces.detach_all)
             self.datapath.close()

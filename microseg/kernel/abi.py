@@ -15,7 +15,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 MAX_RULES = 32768
 CLASS_ANY = 0
@@ -119,6 +119,27 @@ class SessionFlag(enum.IntFlag):
     FIN_REPLY = 4
     AUDIT = 8
     PICKUP = 16
+    REPLY_PICKUP = 32
+    SIMOPEN = 64
+
+
+class EventFlag(enum.IntFlag):
+    AUDIT = 1
+
+
+class Ring(enum.IntEnum):
+    """The ring buffers: denied verdicts and drops have their own."""
+
+    EVENTS = 0
+    DENIALS = 1
+
+
+EVENT_STATS_SLOTS = len(Ring) * EVENT_TYPE_SLOTS
+
+
+def event_stats_index(ring: int, event_type: int) -> int:
+    """Index into event_stats_map, as in bpf/lib/events.h."""
+    return ring * EVENT_TYPE_SLOTS + event_type
 
 
 class TcpFlag(enum.IntFlag):
@@ -180,10 +201,11 @@ SESSION_KEY = Layout("session_key", (
     ("proto", "B"), ("family", "B"), ("_pad", "2x"),
 ))
 SESSION_VALUE = Layout("session_value", (
-    ("created_ns", "Q"), ("last_seen", "Q"), ("packets", "2Q"), ("bytes", "2Q"),
+    ("created_ns", "Q"), ("last_seen", "Q"), ("seen", "2Q"), ("packets", "2Q"),
+    ("bytes", "2Q"), ("flags", "Q"),
     ("rule_id", "I"), ("generation", "I"), ("owner", "2I"),
     ("src_identity", "I"), ("dst_identity", "I"),
-    ("state", "B"), ("flags", "B"), ("verdict", "B"), ("reason", "B"), ("_pad", "4x"),
+    ("state", "B"), ("verdict", "B"), ("reason", "B"), ("_pad", "5x"),
 ))
 HOST4_KEY = Layout("host4_key", (("slot", "I"), ("addr", "4s")))
 HOST6_KEY = Layout("host6_key", (("slot", "I"), ("addr", "16s")))
@@ -211,9 +233,21 @@ FRAG_KEY = Layout("frag_key", (
     ("_pad", "2x"),
 ))
 FRAG_VALUE = Layout("frag_value", (
-    ("seen", "Q"), ("rule_id", "I"), ("generation", "I"), ("verdict", "B"),
-    ("reason", "B"), ("_pad", "6x"),
+    ("seen", "Q"), ("rule_id", "I"), ("generation", "I"), ("src_identity", "I"),
+    ("dst_identity", "I"), ("received", "I"), ("total", "I"), ("verdict", "B"),
+    ("reason", "B"), ("audit", "B"), ("_pad", "5x"),
 ))
+AGG_KEY = Layout("agg_key", (
+    ("saddr", "16s"), ("daddr", "16s"), ("hook", "I"), ("generation", "I"), ("dport", "H"),
+    ("proto", "B"), ("family", "B"), ("verdict", "B"), ("reason", "B"), ("audit", "B"),
+    ("type", "B"),
+))
+AGG_VALUE = Layout("agg_value", (
+    ("window_start", "Q"), ("last_ns", "Q"), ("pending", "Q"), ("pending_bytes", "Q"),
+    ("rule_id", "I"), ("src_identity", "I"), ("dst_identity", "I"), ("dead", "I"),
+    ("sport", "H"), ("tcp_flags", "B"), ("_pad", "5x"),
+))
+SETTINGS = Layout("settings", (("event_window_ns", "Q"), ("handover_jiffies", "Q")))
 EVENT = Layout("event", (
     ("ts_ns", "Q"), ("created_ns", "Q"), ("packets", "2Q"), ("bytes", "2Q"),
     ("saddr", "16s"), ("daddr", "16s"),
@@ -222,16 +256,18 @@ EVENT = Layout("event", (
     ("sport", "H"), ("dport", "H"),
     ("type", "B"), ("verdict", "B"), ("reason", "B"), ("direction", "B"),
     ("family", "B"), ("proto", "B"), ("tcp_flags", "B"), ("state", "B"),
-    ("prev_state", "B"), ("_pad", "11x"),
+    ("prev_state", "B"), ("flags", "B"), ("_pad", "10x"),
 ))
 
 CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
-SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q")))
+SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q"), ("reused", "Q"),
+                                         ("promoted", "Q"), ("agg_full", "Q")))
 DAEMON_STATE = Layout("daemon_state", (("last_seq", "Q"), ("ringbuf_lost_seen", "Q"),
                                        ("sessions_swept", "Q")))
 
 LAYOUTS = (
     SESSION_KEY, SESSION_VALUE, HOST4_KEY, HOST6_KEY, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE,
     POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
-    FRAG_VALUE, EVENT, CLOCK_SAMPLE, SESSION_STATS, DAEMON_STATE,
+    FRAG_VALUE, AGG_KEY, AGG_VALUE, SETTINGS, EVENT, CLOCK_SAMPLE, SESSION_STATS,
+    DAEMON_STATE,
 )

@@ -360,3 +360,29 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1,
         opts.ctx_size_in = len(ctx)
     _check(LIB.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run")
     return TestRunResult(opts.retval, opts.duration, out.raw[:opts.data_size_out])
+
+
+# membarrier(2): MEMBARRIER_CMD_GLOBAL returns after synchronize_rcu(), i.e.
+# once every RCU read-side section that was running has ended — and every
+# BPF program run is one. The syscall's number by machine.
+_MEMBARRIER_CMD_GLOBAL = 1
+_NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356,
+                  "riscv64": 283}
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def wait_for_running_programs() -> None:
+    """Return once every BPF program run in progress when called has ended
+    (an RCU grace period). Raises OSError where membarrier cannot give it
+    (a nohz_full kernel, an unknown machine)."""
+    nr = _NR_MEMBARRIER.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"membarrier: unknown syscall number on "
+                                    f"{os.uname().machine}")
+    if _libc().syscall(nr, _MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"membarrier(MEMBARRIER_CMD_GLOBAL): {os.strerror(e)}")

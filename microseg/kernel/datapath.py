@@ -22,11 +22,14 @@ from microseg.kernel.clock import ClockSample
 from microseg.kernel.loader import (
     PROG_CLOCK,
     PROG_EGRESS,
+    PROG_EGRESS_L3,
     PROG_INGRESS,
+    PROG_INGRESS_L3,
     DatapathConfig,
     LoadReport,
     load_program,
 )
+from microseg.kernel.loader import PROG_FLUSH as PROG_FLUSH
 from microseg.kernel.records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,20 @@ class CounterKey(NamedTuple):
     reason: abi.Reason
 
 
+class SessionCounts(NamedTuple):
+    """struct session_stats, summed over CPUs."""
+
+    created: int = 0
+    revoked: int = 0
+    reused: int = 0
+    promoted: int = 0
+    agg_full: int = 0
+
+
+SESSION_TABLES = ("session_map", "pending_map")
+"""Where sessions live: both directions seen, and not yet (bpf/lib/session.h)."""
+
+
 class Datapath:
     """One loaded instance of the TC program and its maps."""
 
@@ -50,6 +67,8 @@ class Datapath:
         self.ingress_fd = -1
         self.egress_fd = -1
         self.clock_fd = -1
+        self.flush_fd = -1
+        self._l3_fds: tuple[int, int] | None = None
         # What each generation slot holds (None until read or written).
         self._slots: dict[int, tuple[dict[str, dict[bytes, bytes]], bytes]] = {}
         self._converge: tuple[int, dict[str, dict[bytes, bytes]], bytes] | None = None
@@ -64,8 +83,32 @@ class Datapath:
         self.ingress_fd = prog.prog_fds[PROG_INGRESS]
         self.egress_fd = prog.prog_fds[PROG_EGRESS]
         self.clock_fd = prog.prog_fds[PROG_CLOCK]
+        self.flush_fd = prog.prog_fds[PROG_FLUSH]
         self._generation = self.active_generation()
         return prog.report
+
+    def l3_programs(self) -> tuple[int, int]:
+        """(ingress, egress) fds of the entry points for links without a
+        link-layer header, loaded the first time a link needs them."""
+        if self._l3_fds is None:
+            from bcc import BPF
+
+            assert self.bpf is not None
+            self._l3_fds = (self.bpf.load_func(PROG_INGRESS_L3.encode(), BPF.SCHED_CLS).fd,
+                            self.bpf.load_func(PROG_EGRESS_L3.encode(), BPF.SCHED_CLS).fd)
+        return self._l3_fds
+
+    def program_fds(self) -> dict[str, int]:
+        """Every program loaded so far, by name."""
+        out = {PROG_INGRESS: self.ingress_fd, PROG_EGRESS: self.egress_fd}
+        if self._l3_fds is not None:
+            out[PROG_INGRESS_L3], out[PROG_EGRESS_L3] = self._l3_fds
+        return out
+
+    def write_settings(self, event_window_ns: int, handover_jiffies: int) -> None:
+        """settings_map[0]: the aggregation window and the owner handover."""
+        self.maps["settings_map"].update(_U32.pack(0), abi.SETTINGS.struct.pack(
+            event_window_ns, handover_jiffies))
 
     def close(self) -> None:
         """Release our handles. Pins and attached filters stay (see unpin)."""
@@ -95,8 +138,10 @@ class Datapath:
             self._ipr = IPRoute()
         return self._ipr
 
-    def attach(self, ifindex: int) -> tc.Attachment:
-        return tc.attach(self._netlink(), ifindex, self.ingress_fd, self.egress_fd)
+    def attach(self, ifindex: int, *, l3: bool = False) -> tc.Attachment:
+        """Both hooks of a link; l3: a link without a link-layer header."""
+        ingress, egress = self.l3_programs() if l3 else (self.ingress_fd, self.egress_fd)
+        return tc.attach(self._netlink(), ifindex, ingress, egress)
 
     def detach(self, ifindex: int, *, remove_clsact: bool = True) -> None:
         tc.detach(self._netlink(), ifindex, remove_clsact=remove_clsact)
@@ -111,7 +156,7 @@ class Datapath:
     _POLICY_MAPS = ("host4_map", "host6_map", "ident4_map", "ident6_map", "policy_map")
     _LPM_MAPS = ("ident4_map", "ident6_map")  # key: prefixlen, slot, addr
 
-    def apply_policy(self, compiled, *, grace_s: float | None = 0.01) -> int:
+    def apply_policy(self, compiled, *, converge: bool = True) -> int:
         """Switch to compiled (a CompiledPolicy) as a new generation.
 
         The new generation is written fully into the idle slot — only the
@@ -122,8 +167,7 @@ class Datapath:
 
         Then the old slot is brought to the same content (converge()): the
         old generation is gone, and the next generation's diff is small.
-        With grace_s=None the caller calls converge() itself, after a grace
-        period that lets packets still in the old generation finish.
+        With converge=False the caller calls converge() itself, later.
         """
         if self._converge is not None:
             self.converge()
@@ -135,14 +179,23 @@ class Datapath:
         self.maps["active_map"].update(_U32.pack(0), _U32.pack(gen))  # the switch
         self._generation = gen
         self._converge = (slot ^ 1, contents, ports)
-        if grace_s is not None:
-            time.sleep(grace_s)
+        if converge:
             self.converge()
         return gen
 
     def converge(self) -> None:
-        """Rewrite the previous generation's slot with the active content."""
+        """Rewrite the previous generation's slot with the active content,
+        once no program run that read the old generation can still be
+        running: after an RCU grace period, not a guess of how long one
+        takes."""
         if self._converge is not None:
+            try:
+                bpfsys.wait_for_running_programs()
+            except OSError as e:
+                # A nohz_full kernel has no MEMBARRIER_CMD_GLOBAL; runs take
+                # microseconds, so a tenth of a second is far beyond any.
+                log.warning("%s: waiting 0.1 s before rewriting the old policy slot", e)
+                time.sleep(0.1)
             slot, contents, ports = self._converge
             self._write_slot(slot, contents, ports)
             self._converge = None
@@ -255,23 +308,41 @@ class Datapath:
                     out[_U32.unpack_from(keys, i * 4)[0]] = (hits, last)
         return out
 
-    def read_event_stats(self) -> dict[abi.EventType, tuple[int, int]]:
-        """event type -> (submitted, lost) records."""
-        return {abi.EventType(i): v  # type: ignore[misc]
-                for i, v in self._percpu_sums("event_stats_map", abi.EVENT_STATS).items()
-                if i in abi.EventType._value2member_map_}
+    def read_event_stats(self) -> dict[tuple[abi.Ring, abi.EventType], tuple[int, int]]:
+        """(ring, event type) -> (submitted, lost) records."""
+        out = {}
+        for i, v in self._percpu_sums("event_stats_map", abi.EVENT_STATS).items():
+            ring, etype = divmod(i, abi.EVENT_TYPE_SLOTS)
+            if etype in abi.EventType._value2member_map_ and ring < len(abi.Ring):
+                out[(abi.Ring(ring), abi.EventType(etype))] = v
+        return out  # type: ignore[return-value]
 
-    def read_session_stats(self) -> tuple[int, int]:
-        """(created, revoked): session_map entries the datapath added and
-        deleted since the pins were made."""
-        return self._percpu_sums("session_stats_map", abi.SESSION_STATS).get(0, (0, 0))
+    def read_session_stats(self) -> SessionCounts:
+        """Entries the datapath made, deleted and moved since the pins were
+        made (struct session_stats)."""
+        return SessionCounts(*self._percpu_sums("session_stats_map", abi.SESSION_STATS)
+                             .get(0, ()))
+
+    def session_batches(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
+        """Both session tables as (keys, values, count) batch buffers."""
+        for name in SESSION_TABLES:
+            yield from self.maps[name].lookup_batch_raw(chunk)
 
     def sessions(self, chunk: int = 8192) -> Iterator[SessionEntry]:
-        """Stream the session table (batch lookups, never all in memory)."""
-        return decode_sessions(self.maps["session_map"].lookup_batch_raw(chunk))
+        """Stream the session tables (batch lookups, never all in memory)."""
+        return decode_sessions(self.session_batches(chunk))
 
     def session_count(self) -> int:
-        return sum(c for _, _, c in self.maps["session_map"].lookup_batch_raw())
+        return sum(c for _, _, c in self.session_batches())
+
+    def aggregates(self) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every denied flow being aggregated (agg_map)."""
+        return self.maps["agg_map"].lookup_batch()
+
+    def flush_flow(self, key: bytes) -> int:
+        """Run mseg_flush for one agg_map key: report what the flow holds,
+        or retire it (bpf/lib/aggregate.h; returns its FLUSH_* code)."""
+        return bpfsys.prog_test_run(self.flush_fd, key).retval
 
     def clock_sample(self) -> ClockSample:
         """jiffies and CLOCK_MONOTONIC at one instant, read in the kernel."""
@@ -289,7 +360,7 @@ class Datapath:
 
     def reset_state(self) -> None:
         """Empty sessions, fragments and counters (tests and benchmarks)."""
-        for name in ("session_map", "frag_map"):
+        for name in (*SESSION_TABLES, "frag_map", "agg_map"):
             m = self.maps[name]
             for keys, _values, count in list(m.lookup_batch_raw()):
                 m.delete_batch(keys, count)

@@ -24,12 +24,18 @@ from microseg.kernel.maps import MapSpec, map_specs
 DEFAULT_PIN_DIR = "/sys/fs/bpf/microseg"
 IDENT_CAPACITY = 131072
 POLICY_CAPACITY = 1 << 20
-FRAG_CAPACITY = 16384
+FRAG_CAPACITY = 65536
+AGG_CAPACITY = 65536
 ENTRY = "microseg.bpf.c"
 PROG_INGRESS = "mseg_ingress"
 PROG_EGRESS = "mseg_egress"
+PROG_INGRESS_L3 = "mseg_ingress_l3"
+PROG_EGRESS_L3 = "mseg_egress_l3"
 PROG_CLOCK = "mseg_clock"
-PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK)
+PROG_FLUSH = "mseg_flush"
+# Loaded at start; the L3 entry points only when a link needs them (each
+# program costs its verifier run).
+PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH)
 
 _U32 = struct.Struct("<I")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
@@ -51,22 +57,40 @@ class DatapathConfig:
         if self.session_capacity < 1:
             raise ValueError("session capacity must be positive")
 
+    @property
+    def pending_capacity(self) -> int:
+        """Sessions that have seen one direction only: a quarter of the
+        table (they expire within a minute; bpf/lib/session.h)."""
+        return max(1024, self.session_capacity // 4)
+
+    @property
+    def denials_bytes(self) -> int:
+        """The ring of denied verdicts and drops: a quarter of the main one
+        (they are aggregated per flow; bpf/lib/aggregate.h)."""
+        return max(mmap.PAGESIZE, self.ringbuf_bytes // 4)
+
     def capacities(self) -> dict[str, int]:
         """The configurable capacities, by their C symbol (-D flags)."""
         return {
             "MSEG_SESSION_CAPACITY": self.session_capacity,
+            "MSEG_PENDING_CAPACITY": self.pending_capacity,
             "MSEG_IDENT_CAPACITY": IDENT_CAPACITY,
             "MSEG_POLICY_CAPACITY": POLICY_CAPACITY,
             "MSEG_FRAG_CAPACITY": FRAG_CAPACITY,
+            "MSEG_AGG_CAPACITY": AGG_CAPACITY,
         }
+
+    def ring_bytes(self) -> dict[abi.Ring, int]:
+        return {abi.Ring.EVENTS: self.ringbuf_bytes, abi.Ring.DENIALS: self.denials_bytes}
 
     def map_specs(self) -> dict[str, MapSpec]:
         """Every map the program defines, as the kernel should report it."""
-        return map_specs(self.capacities(), self.ringbuf_bytes)
+        return map_specs(self.capacities(), self.ring_bytes())
 
     def cflags(self) -> list[str]:
         flags = [f"-D{name}={value}" for name, value in self.capacities().items()]
         flags += [f"-DMSEG_RINGBUF_PAGES={self.ringbuf_bytes // mmap.PAGESIZE}",
+                  f"-DMSEG_DENIALS_PAGES={self.denials_bytes // mmap.PAGESIZE}",
                   "-Wno-unused-function"]
         if self.pin_dir:
             flags.append(f'-DMSEG_PIN_DIR="{self.pin_dir}"')

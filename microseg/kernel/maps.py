@@ -54,6 +54,8 @@ class MapDef(NamedTuple):
 MAPS: tuple[MapDef, ...] = (
     MapDef("session_map", "lru_hash", abi.SESSION_KEY, abi.SESSION_VALUE,
            "MSEG_SESSION_CAPACITY"),
+    MapDef("pending_map", "lru_hash", abi.SESSION_KEY, abi.SESSION_VALUE,
+           "MSEG_PENDING_CAPACITY"),
     MapDef("host4_map", "hash", abi.HOST4_KEY, abi.IDENT_VALUE, "MSEG_IDENT_CAPACITY",
            "BPF_F_NO_PREALLOC"),
     MapDef("host6_map", "hash", abi.HOST6_KEY, abi.IDENT_VALUE, "MSEG_IDENT_CAPACITY",
@@ -69,32 +71,38 @@ MAPS: tuple[MapDef, ...] = (
     MapDef("active_map", "array", U32, U32, "1"),
     MapDef("stats_map", "percpu_array", U32, abi.STATS_VALUE, "STATS_SLOTS"),
     MapDef("rule_stats_map", "percpu_array", U32, abi.RULE_STATS, "MAX_RULES"),
-    MapDef("event_stats_map", "percpu_array", U32, abi.EVENT_STATS, "EVENT_TYPE_MAX"),
+    MapDef("event_stats_map", "percpu_array", U32, abi.EVENT_STATS, "EVENT_STATS_SLOTS"),
     MapDef("session_stats_map", "percpu_array", U32, abi.SESSION_STATS, "1"),
     MapDef("clock_map", "array", U32, abi.CLOCK_SAMPLE, "1"),
     MapDef("meta_map", "array", U32, U32, "1"),
     MapDef("daemon_map", "array", U32, abi.DAEMON_STATE, "1"),
     MapDef("frag_map", "lru_hash", abi.FRAG_KEY, abi.FRAG_VALUE, "MSEG_FRAG_CAPACITY"),
+    MapDef("agg_map", "hash", abi.AGG_KEY, abi.AGG_VALUE, "MSEG_AGG_CAPACITY",
+           "BPF_F_NO_PREALLOC"),
+    MapDef("settings_map", "array", U32, abi.SETTINGS, "1"),
 )
 """Every hash/array map of the program, in maps.h's order."""
 
-RINGBUF = "events"
-"""The ring buffer (declared by hand in maps.h: BCC has no pinned ring macro)."""
+RINGS = {abi.Ring.EVENTS: "events", abi.Ring.DENIALS: "denials"}
+"""The ring buffers (declared by hand in maps.h: BCC has no pinned ring macro)."""
 
 CONSTANT_CAPACITIES: dict[str, int] = {
     "PORT_CLASS_SLOTS": abi.PORT_CLASS_SLOTS,
     "STATS_SLOTS": abi.STATS_SLOTS,
     "MAX_RULES": abi.MAX_RULES,
-    "EVENT_TYPE_MAX": abi.EVENT_TYPE_SLOTS,
+    "EVENT_STATS_SLOTS": abi.EVENT_STATS_SLOTS,
     "1": 1,
     "2": 2,
 }
 """Capacities fixed by the ABI; the loader adds the configurable ones."""
 
 
-def map_specs(capacities: Mapping[str, int], ringbuf_bytes: int) -> dict[str, MapSpec]:
-    """Every map as the kernel should report it, under these -D capacities."""
+def map_specs(capacities: Mapping[str, int],
+              ring_bytes: Mapping[abi.Ring, int]) -> dict[str, MapSpec]:
+    """Every map as the kernel should report it, under these -D capacities
+    and ring sizes."""
     caps = {**CONSTANT_CAPACITIES, **capacities}
     specs = {m.name: m.spec(caps) for m in MAPS}
-    specs[RINGBUF] = MapSpec(bpfsys.BPF_MAP_TYPE_RINGBUF, 0, 0, ringbuf_bytes, 0)
+    for ring, name in RINGS.items():
+        specs[name] = MapSpec(bpfsys.BPF_MAP_TYPE_RINGBUF, 0, 0, ring_bytes[ring], 0)
     return specs

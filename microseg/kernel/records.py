@@ -90,6 +90,12 @@ class RawEvent(NamedTuple):
     tcp_flags: int
     state: int
     prev_state: int
+    flags: int
+
+    @property
+    def count(self) -> int:
+        """Verdict and drop events: the packets the event stands for."""
+        return self.packets[0]
 
     @property
     def src_ip(self) -> str:
@@ -113,6 +119,7 @@ def _grouped(layout: abi.Layout, flat: Sequence) -> list:
 
 
 assert RawEvent._fields == EVENT_FIELDS, "RawEvent must follow struct event"
+
 
 
 def decode_events(runs: Iterable[bytes]) -> Iterator[RawEvent]:
@@ -140,15 +147,16 @@ class SessionEntry(NamedTuple):
     dport: int
     created_ns: int           # CLOCK_MONOTONIC
     last_seen: int            # jiffies (see microseg.kernel.clock.SessionClock)
+    seen: tuple[int, int]     # jiffies, per direction, at its owner hook
     packets: tuple[int, int]  # original, reply
     bytes: tuple[int, int]
+    flags: int
     rule_id: int
     generation: int
     owner: tuple[int, int]
     src_identity: int
     dst_identity: int
     state: int
-    flags: int
     verdict: int
     reason: int
 
@@ -161,6 +169,9 @@ class SessionEntry(NamedTuple):
         return ip_text(self.family, self.dst)
 
 
+assert SessionEntry._fields[6:] == abi.SESSION_VALUE.names(), \
+    "SessionEntry must follow struct session_value"
+
 ORIG_LO = int(abi.SessionFlag.ORIG_LO)  # a plain int: enum & costs a microsecond
 
 
@@ -169,14 +180,12 @@ def decode_session(key: bytes, value: bytes) -> SessionEntry:
     k = _grouped(abi.SESSION_KEY, abi.SESSION_KEY.struct.unpack(key))
     v = _grouped(abi.SESSION_VALUE, abi.SESSION_VALUE.struct.unpack(value))
     addr_lo, addr_hi, port_lo, port_hi, proto, family = k
-    (created, last, packets, byts, rule_id, gen, owner, sid, did, state, flags, verdict,
-     reason) = v
-    if flags & ORIG_LO:
+    fields = dict(zip(abi.SESSION_VALUE.names(), v, strict=True))
+    if fields["flags"] & ORIG_LO:
         src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
     else:
         src, sport, dst, dport = addr_hi, port_hi, addr_lo, port_lo
-    return SessionEntry(family, proto, src, sport, dst, dport, created, last, packets, byts,
-                        rule_id, gen, owner, sid, did, state, flags, verdict, reason)
+    return SessionEntry(family, proto, src, sport, dst, dport, **fields)
 
 
 def decode_sessions(batches: Iterable[tuple[bytes, bytes, int]]) -> Iterator[SessionEntry]:

@@ -32,9 +32,6 @@ from microseg.policy.parse import (
 log = logging.getLogger("microseg.policy")
 
 BUILTIN_AUDIT = "built-in: default allow, audit"
-# Packets that read the old generation finish within microseconds; the old
-# slot is rewritten after this long.
-CONVERGE_AFTER_S = 0.05
 
 
 def _compile_quietly(policy: Policy, previous: CompiledPolicy | None) -> CompiledPolicy:
@@ -89,7 +86,9 @@ class PolicyManager:
         self.reload_failures_total = 0
         self._lock = asyncio.Lock()
         self._rejected_digest: str | None = None  # of the file last rejected (see _digest)
-        self._converge: asyncio.TimerHandle | None = None
+        # Rewriting the retired slot (Datapath.converge: after an RCU grace
+        # period), running in a worker thread.
+        self._converging: asyncio.Future | None = None
         # Generations whose rule/identity names events may still mention.
         self.history: dict[int, CompiledPolicy] = {}
         self.first_generation = 0  # the first this daemon applied
@@ -167,14 +166,12 @@ class PolicyManager:
 
     async def _apply(self, loaded: LoadedPolicy, reason: str, started: float) -> ReloadResult:
         loop = asyncio.get_running_loop()
-        if self._converge is not None:  # the previous switch's clean-up is due first
-            self._converge.cancel()
-            self._converge = None
+        await self.converge_now()  # the previous switch's clean-up comes first
         previous = self.active.compiled if self.active else None
         try:
             compiled = await loop.run_in_executor(None, _compile_quietly, loaded.policy, previous)
             gen = await loop.run_in_executor(
-                None, lambda: self.datapath.apply_policy(compiled, grace_s=None))
+                None, lambda: self.datapath.apply_policy(compiled, converge=False))
         except (OSError, ValueError) as e:
             err = PolicyError(loaded.source, [Issue(1, 1, f"cannot apply: {e}")])
             return self._rejected(err, reason)
@@ -187,8 +184,7 @@ class PolicyManager:
         # The compiled policy is large and long-lived and has no cycles:
         # keep the cyclic collector from rescanning it under the event load.
         gc.freeze()
-        self._converge = loop.call_later(
-            CONVERGE_AFTER_S, lambda: loop.run_in_executor(None, self.datapath.converge))
+        self._converging = loop.run_in_executor(None, self.datapath.converge)
         self.reloads_total += 1
         res = ReloadResult("applied", gen, loaded.source, loaded.sha256,
                            warnings=[w.format(loaded.source) for w in loaded.warnings],
@@ -221,9 +217,9 @@ class PolicyManager:
             del d["warnings"]
             self._publish({"type": "policy", **d})
 
-    def converge_now(self) -> None:
-        """Finish the last switch's clean-up (at shutdown)."""
-        if self._converge is not None:
-            self._converge.cancel()
-            self._converge = None
-            self.datapath.converge()
+    async def converge_now(self) -> None:
+        """Wait for the last switch's clean-up (before the next, and at
+        shutdown)."""
+        if self._converging is not None:
+            fut, self._converging = self._converging, None
+            await fut

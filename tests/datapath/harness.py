@@ -88,7 +88,7 @@ class Harness:
 
     def install(self, policy: Policy) -> CompiledPolicy:
         self.compiled = compile_policy(policy, self.compiled)
-        self.generation = self.dp.apply_policy(self.compiled, grace_s=0)
+        self.generation = self.dp.apply_policy(self.compiled)
         return self.compiled
 
     def rule_id(self, name: str) -> int:

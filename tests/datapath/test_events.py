@@ -116,7 +116,7 @@ def test_ring_overflow_is_counted_exactly() -> None:
     dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1024, ringbuf_bytes=4096))
     dp.load()
     try:
-        dp.apply_policy(compile_policy(shop()), grace_s=0)
+        dp.apply_policy(compile_policy(shop()))
         ring = RingBuffer(dp.maps["events"].fd, 128)
         sent = 500
         for i in range(sent):

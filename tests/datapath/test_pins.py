@@ -44,7 +44,7 @@ def _loaded(cfg: DatapathConfig) -> tuple[Datapath, object]:
 
 def _open_session(dp: Datapath) -> None:
     if dp.active_generation() == 0:
-        dp.apply_policy(compile_policy(shop()), grace_s=0)
+        dp.apply_policy(compile_policy(shop()))
     assert dp.test_run(bytes(tcp(WEB4, DB4, 1234, 5432))).retval == 0
 
 
@@ -157,7 +157,7 @@ def test_kernel_run_time_stats() -> None:
     dp.load()
     stats_fd = bpfsys.enable_run_time_stats()
     try:
-        dp.apply_policy(compile_policy(shop()), grace_s=0)
+        dp.apply_policy(compile_policy(shop()))
         before_ns, before_cnt = dp.run_stats()
         dp.test_run(bytes(tcp(WEB4, DB4, 1, 5432)), repeat=1000)
         after_ns, after_cnt = dp.run_stats()

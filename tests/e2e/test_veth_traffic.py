@@ -51,7 +51,7 @@ def test_policy_enforced_on_real_traffic_then_detached(lab: Lab) -> None:
     dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=4096, ringbuf_bytes=1 << 20))
     dp.load()
     compiled = compile_policy(_policy(lab))
-    dp.apply_policy(compiled, grace_s=0)
+    dp.apply_policy(compiled)
     ring = RingBuffer(dp.maps["events"].fd, 128)
     ifaces = [lab.ifindex(n) for n in ("client", "server")]
     try:
@@ -114,7 +114,7 @@ def test_reattach_swaps_programs_without_losing_packets(lab: Lab) -> None:
     try:
         for d in dps:
             d.load()
-            d.apply_policy(compile_policy(_policy(lab)), grace_s=0)
+            d.apply_policy(compile_policy(_policy(lab)))
         for i in ifaces:
             dps[0].attach(i)
         flood = lab.spawn("client", ["ping", "-q", "-c", "400", "-i", "0.005",

@@ -30,6 +30,8 @@ ENUMS = {
     "mseg_space": (abi.Space, "SPACE_"),
     "mseg_policy_flags": (abi.PolicyFlag, "POLICY_"),
     "mseg_session_flags": (abi.SessionFlag, "SESSION_"),
+    "mseg_event_flags": (abi.EventFlag, "EVENT_F_"),
+    "mseg_ring": (abi.Ring, "RING_"),
 }
 
 
@@ -75,6 +77,7 @@ def test_bounds_and_constants() -> None:
     assert {k.removeprefix("TCP_FLAG_"): v for k, v in defines.items()
             if k.startswith("TCP_FLAG_")} == {f.name: f.value for f in abi.TcpFlag}
     assert enums["mseg_event_type"]["EVENT_TYPE_MAX"] == abi.EVENT_TYPE_SLOTS
+    assert enums["mseg_ring"]["RING_MAX"] * abi.EVENT_TYPE_SLOTS == abi.EVENT_STATS_SLOTS
     dirs, verdicts, reasons = (enums[n][m] for n, m in (
         ("mseg_direction", "DIR_MAX"), ("mseg_verdict", "VERDICT_MAX"),
         ("mseg_reason", "REASON_MAX")))

@@ -32,16 +32,18 @@ def test_the_table_is_maps_h() -> None:
     assert got == want
 
 
-def test_the_ring_buffer_is_declared_and_listed() -> None:
+def test_the_ring_buffers_are_declared_and_listed() -> None:
     text = MAPS_H.read_text()
-    assert f"struct events_table_t {maps.RINGBUF} = " in text
-    assert maps.RINGBUF in DatapathConfig(pin_dir=None).map_specs()
+    specs = DatapathConfig(pin_dir=None).map_specs()
+    for name in maps.RINGS.values():
+        assert f"struct events_table_t {name} = " in text
+        assert name in specs
 
 
 def test_every_capacity_symbol_resolves() -> None:
     specs = DatapathConfig(pin_dir=None, session_capacity=4096).map_specs()
     assert specs["session_map"].max_entries == 4096
-    assert {m.name for m in maps.MAPS} | {maps.RINGBUF} == set(specs)
+    assert {m.name for m in maps.MAPS} | set(maps.RINGS.values()) == set(specs)
     cflags = " ".join(DatapathConfig().cflags())
     for m in maps.MAPS:
         if m.capacity.startswith("MSEG_"):
