@@ -181,7 +181,9 @@ static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir, int l
 			d.audit = audited(p->family, d.audit == AUDIT_BY_SRC ? p->saddr
 									     : p->daddr,
 					  active_generation()) ? AUDIT_YES : AUDIT_NO;
-		act = apply_verdict(skb, p, dir, &d, precise_now());
+		/* A new session's verdict and "new" event share its clock read. */
+		__u64 now = sc->opened ? sc->session.created_ns : precise_now();
+		act = apply_verdict(skb, p, dir, &d, now);
 		report_new_session(skb, p, dir); /* after its verdict, if any */
 	}
 	if (p->frag == FRAG_FIRST)

@@ -35,6 +35,16 @@ def use_colour(stream=sys.stdout) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ
 
 
+def _window(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"'{text}': between 0 and 3600 seconds")
+    return value
+
+
 def _size(text: str) -> int:
     """'16MiB', '1048576', '64k' -> bytes."""
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -70,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes,
         flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
         flow_log_keep=args.flow_log_keep, timeouts=timeouts,
-        sweep_interval=args.sweep_interval, metrics=metrics))
+        sweep_interval=args.sweep_interval, metrics=metrics, event_window=args.event_window))
 
 
 # -- microseg watch / sessions / stats ---------------------------------------
@@ -377,6 +387,8 @@ def _socket_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from microseg.flow.sweeper import DEFAULT_TIMEOUTS
+
     ap = argparse.ArgumentParser(
         prog="microseg",
         description="Event-driven, observability-first microsegmentation firewall "
@@ -414,11 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotated flow logs to keep (default: %(default)s)")
     p.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
                    help="idle timeout of a kind of session; repeatable. Names and defaults: "
-                        "tcp_new=120 tcp_established=432000 tcp_closing=120 tcp_closed=10 "
-                        "udp_new=30 udp_established=120 icmp=30 other_new=30 "
-                        "other_established=600")
+                   + " ".join(f"{k}={v:g}" for k, v in DEFAULT_TIMEOUTS.items())
+                   + " (*_unreplied: sessions that have seen one direction only)")
     p.add_argument("--sweep-interval", type=float, default=5.0, metavar="SECONDS",
                    help="how often idle sessions are expired (default: %(default)s)")
+    p.add_argument("--event-window", type=_window, default=1.0, metavar="SECONDS",
+                   help="repeated denials and drops of one flow within this window are "
+                   "reported as one event with a count; 0: every packet its own event "
+                   "(default: %(default)s)")
     p.add_argument("--metrics", default="127.0.0.1:9750", metavar="ADDR",
                    help="Prometheus listener, HOST:PORT or [IPV6]:PORT (port 0: any free "
                    "port, shown by /v1/status), or 'off' (default: %(default)s)")

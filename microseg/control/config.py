@@ -27,4 +27,7 @@ class RunConfig:
     flow_log_keep: int = 5
     timeouts: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     sweep_interval: float = 5.0
+    # Repeated denials/drops of one flow within this window are one event
+    # (bpf/lib/aggregate.h); 0 turns aggregation off.
+    event_window: float = 1.0
     metrics: tuple[str, int] | None = ("127.0.0.1", 9750)  # None: no metrics listener

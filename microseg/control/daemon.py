@@ -23,6 +23,7 @@ from microseg.control import api
 from microseg.control.config import RunConfig
 from microseg.control.report import Report
 from microseg.control.views import Parts, Views
+from microseg.flow.aggregates import Flusher
 from microseg.flow.enrich import Names
 from microseg.flow.hub import EventHub, rfc3339
 from microseg.flow.pipeline import Pipeline
@@ -95,6 +96,7 @@ class Daemon:
                            interfaces=self.interfaces, names=self.names, pipeline=self.pipeline,
                            started_ns=time.time_ns())
         self.views = Views(self.parts)
+        self.flusher = Flusher(self.datapath, cfg.event_window)
         self.links = LinkWatcher(self._on_links_changed)
         self._metrics_runner: web.AppRunner | None = None
         self._stats_fd = -1
@@ -150,6 +152,9 @@ class Daemon:
             log.warning("kernel BPF run-time stats unavailable: %s", e)
         parts = self.parts
         parts.clock = await loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
+        # The aggregation window, and how long a hook waits before taking a
+        # session's direction over from one that stopped seeing it (1 s).
+        self.datapath.write_settings(int(self.cfg.event_window * 1e9), int(parts.clock.hz))
         parts.sweeper = Sweeper(self.datapath, parts.clock, self.cfg.timeouts)
         parts.journal = journal = Journal(self.datapath.maps["daemon_map"])
         if journal.inherited:
@@ -182,6 +187,7 @@ class Daemon:
             watch_policy(self.cfg.policy_path, self._on_file_change, self._stop),
             name="policy-watch"))
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
+        self._tasks.append(asyncio.create_task(self._flush_forever(), name="aggregates"))
         parts.ready = True
         log.info("ready in %.2fs socket=%s interfaces=%s generation=%d", time.perf_counter() - t0,
                  self.cfg.socket_path, ",".join(a.name for a in self.interfaces.attached.values())
@@ -195,6 +201,19 @@ class Daemon:
                 self.names.forget_interfaces()
 
         self._tasks.append(asyncio.create_task(resync()))
+
+    async def _flush_forever(self) -> None:
+        """Report the held counts of denied flows that went quiet."""
+        loop = asyncio.get_running_loop()
+        flusher = self.flusher
+        if not flusher.window_ns:
+            return
+        while True:
+            await asyncio.sleep(flusher.interval_s)
+            try:
+                await loop.run_in_executor(None, flusher.run)
+            except OSError as e:
+                log.error("flushing aggregated denials failed: %s", e)
 
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()

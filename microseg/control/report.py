@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from microseg.kernel import abi
+from microseg.kernel.datapath import SessionCounts
 
 CounterKey = tuple[abi.Direction, abi.Verdict, abi.Reason]
 
@@ -40,10 +41,14 @@ class Report:
     sessions_evicted: int = 0              # by the full table's LRU (see evictions())
     sessions_created: int = 0              # entries the datapath made
     sessions_revoked: int = 0              # entries the datapath deleted (revocation)
+    sessions_reused: int = 0               # closed entries deleted for a new connection
+    sessions_promoted: int = 0             # sessions that saw their first reply
+    denials_unaggregated: int = 0          # reported one by one: agg_map was full
     sweeps: int = 0
     last_sweep: dict | None = None
-    # event type -> (records submitted, reservations that failed), the kernel's
-    events_kernel: dict[abi.EventType, tuple[int, int]] = field(default_factory=dict)
+    # (ring, event type) -> (records submitted, reservations that failed)
+    events_kernel: dict[tuple[abi.Ring, abi.EventType], tuple[int, int]] = \
+        field(default_factory=dict)
     # Σ count of the ringbuf `lost` events this daemon published (the kernel's
     # losses it has reported so far)
     events_lost_reported: int = 0
@@ -56,9 +61,10 @@ class Report:
         return sum(self.sessions.values())
 
 
-def evictions(created: int, revoked: int, swept: int, entries: int) -> int:
-    """Sessions the full table's LRU evicted to make room: it says nothing
+def evictions(made: SessionCounts, swept: int, entries: int) -> int:
+    """Sessions the full tables' LRU evicted to make room: it says nothing
     itself, so they are what is missing from the books — made by the
-    datapath, minus revoked by it, swept by the daemons, and in the table now.
-    (Read a few microseconds apart: ±a few in flight.)"""
-    return max(0, created - revoked - swept - entries)
+    datapath, minus deleted by it (revoked, or a closed one reused), swept
+    by the daemons, and in the tables now. (Read a few microseconds apart:
+    ±a few in flight.)"""
+    return max(0, made.created - made.revoked - made.reused - swept - entries)

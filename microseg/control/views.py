@@ -24,6 +24,7 @@ from microseg.flow.hub import EventHub, rfc3339
 from microseg.flow.sweeper import timeout_name
 from microseg.kernel import abi
 from microseg.kernel.clock import monotonic_ns, wall_offset_ns
+from microseg.kernel.datapath import SESSION_TABLES
 from microseg.kernel.records import session_census
 from microseg.policy.model import PROTOCOL_NAMES
 
@@ -59,6 +60,18 @@ class Parts:
     ready: bool = False
 
 
+def _by_type(kernel: dict, ring: abi.Ring | None = None) -> dict[str, dict[str, int]]:
+    """{type: {submitted, lost}} of one ring, or summed over both."""
+    out: dict[str, dict[str, int]] = {}
+    for (rg, t), (sub, lost) in kernel.items():
+        if ring is not None and rg != ring:
+            continue
+        cell = out.setdefault(t.name.lower(), {"submitted": 0, "lost": 0})
+        cell["submitted"] += sub
+        cell["lost"] += lost
+    return out
+
+
 def _ports_text(ports: tuple[tuple[int, int], ...]) -> list[str]:
     return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports]
 
@@ -74,12 +87,12 @@ class Views:
         """Every figure, read now (blocking: run it in a worker thread)."""
         p = self.parts
         dp = p.datapath
-        census = session_census(dp.maps["session_map"].lookup_batch_raw(8192))
+        census = session_census(dp.session_batches(8192))
         counters = dp.read_stats()
         rule_stats = dp.read_rule_stats()
         run_ns, runs = dp.run_stats()
         kernel = dp.read_event_stats()
-        created, revoked = dp.read_session_stats()
+        made = dp.read_session_stats()
         a = p.policy.active
         rule_hits = []
         if a is not None:
@@ -93,8 +106,10 @@ class Views:
             version=__version__, counters=dict(counters), rule_hits=rule_hits,
             sessions=census, session_capacity=p.cfg.session_capacity,
             sessions_expired=p.sweeper.expired_total if p.sweeper else 0,
-            sessions_evicted=evictions(created, revoked, swept, entries),
-            sessions_created=created, sessions_revoked=revoked,
+            sessions_evicted=evictions(made, swept, entries),
+            sessions_created=made.created, sessions_revoked=made.revoked,
+            sessions_reused=made.reused, sessions_promoted=made.promoted,
+            denials_unaggregated=made.agg_full,
             sweeps=p.sweeper.sweeps if p.sweeper else 0, last_sweep=p.last_sweep,
             events_published=dict(p.hub.published),
             events_lost={"ringbuf": sum(lost for _, lost in kernel.values()),
@@ -154,14 +169,18 @@ class Views:
                          "expired_total": r.sessions_expired,
                          "created_total": r.sessions_created,
                          "revoked_total": r.sessions_revoked,
+                         "reused_total": r.sessions_reused,
+                         "replied_total": r.sessions_promoted,
                          "evicted_total": r.sessions_evicted,
                          "sweeps": r.sweeps,
                          "last_sweep": r.last_sweep},
             "events": {"published": r.events_published, "last_seq": r.events_last_seq,
                        "lost": r.events_lost,
                        "lost_reported": {"ringbuf": r.events_lost_reported},
-                       "kernel": {t.name.lower(): {"submitted": sub, "lost": lost}
-                                  for t, (sub, lost) in r.events_kernel.items()},
+                       "kernel": _by_type(r.events_kernel),
+                       "rings": {ring.name.lower(): _by_type(r.events_kernel, ring)
+                                 for ring in abi.Ring},
+                       "denials_unaggregated": r.denials_unaggregated,
                        "subscribers": r.subscribers},
             "policy": {"generation": r.policy_generation,
                        "reloads_total": r.policy_reloads,
@@ -256,27 +275,31 @@ class Views:
     # -- GET /v1/sessions -----------------------------------------------------
 
     async def session_rows(self, flt: Filter, chunk: int = 2048) -> AsyncIterator[list[dict]]:
-        """Session rows, a batch at a time (the table may hold millions)."""
+        """Session rows, a batch at a time (the tables may hold millions):
+        sessions that have seen both directions, then the others."""
         p = self.parts
         clock = p.clock
         assert clock is not None
         loop = asyncio.get_running_loop()
         ref = await loop.run_in_executor(None, clock.refresh)
-        batches = p.datapath.maps["session_map"].lookup_batch_raw(chunk)
         timeouts = p.cfg.timeouts
         match = flt.predicate()
+        for table in SESSION_TABLES:
+            pending = table == "pending_map"
+            batches = p.datapath.maps[table].lookup_batch_raw(chunk)
 
-        def timeout_of(proto: int, state: int) -> float:
-            return timeouts[timeout_name(proto, state)]
+            def timeout_of(proto: int, state: int, pending: bool = pending) -> float:
+                return timeouts[timeout_name(proto, state, pending)]
 
-        def next_rows() -> list[dict] | None:
-            try:
-                keys, values, _ = next(batches)
-            except StopIteration:
-                return None
-            rows = session_rows(keys, values, p.names, ref, clock.hz, timeout_of,
-                                p.interfaces.name_of)
-            return rows if match is None else [r for r in rows if match(r)]
+            def next_rows(batches=batches, timeout_of=timeout_of,
+                          pending=pending) -> list[dict] | None:
+                try:
+                    keys, values, _ = next(batches)
+                except StopIteration:
+                    return None
+                rows = session_rows(keys, values, p.names, ref, clock.hz, timeout_of,
+                                    p.interfaces.name_of, replied=not pending)
+                return rows if match is None else [r for r in rows if match(r)]
 
-        while (rows := await loop.run_in_executor(None, next_rows)) is not None:
-            yield rows
+            while (rows := await loop.run_in_executor(None, next_rows)) is not None:
+                yield rows

@@ -35,6 +35,7 @@ _TYPE_VERDICT, _TYPE_DROP, _TYPE_SESSION = (int(abi.EventType.VERDICT),
                                              int(abi.EventType.DROP),
                                              int(abi.EventType.SESSION))
 _CLOSED = int(abi.State.CLOSED)
+_AUDIT = int(abi.EventFlag.AUDIT)
 # Byte-indexed tables for the hot loop (a u8 field indexes them directly).
 _STATES = tuple(STATE_NAMES.get(i) for i in range(256))
 _VERDICTS = tuple(VERDICT_NAMES.get(i) for i in range(256))
@@ -45,14 +46,15 @@ _PROTOS = tuple(PROTOCOL_NAMES.get(i, i) for i in range(256))
 
 # What Enricher.events() unpacks from each ring-buffer record, in this order.
 EVENT_FIELDS = ("ts_ns", "created_ns", "packets", "bytes", "saddr", "daddr", "ifindex",
-                "rule_id", "generation", "pkt_len", "src_identity", "dst_identity", "sport",
+                "rule_id", "generation", "src_identity", "dst_identity", "sport",
                 "dport", "type", "verdict", "reason", "direction", "family", "proto",
-                "tcp_flags", "state", "prev_state")
+                "tcp_flags", "state", "prev_state", "flags")
 _EVENT = fields_struct(abi.EVENT, EVENT_FIELDS, skip=RING_HEADER)
 # What expired() and session_rows() unpack from session_map entries.
 SESSION_KEY_FIELDS = ("addr_lo", "addr_hi", "port_lo", "port_hi", "proto", "family")
-SESSION_VALUE_FIELDS = ("created_ns", "last_seen", "packets", "bytes", "rule_id", "generation",
-                        "owner", "src_identity", "dst_identity", "state", "flags", "verdict")
+SESSION_VALUE_FIELDS = ("created_ns", "last_seen", "packets", "bytes", "flags", "rule_id",
+                        "generation", "owner", "src_identity", "dst_identity", "state",
+                        "verdict")
 _SESSION_KEY = fields_struct(abi.SESSION_KEY, SESSION_KEY_FIELDS)
 _SESSION_VALUE = fields_struct(abi.SESSION_VALUE, SESSION_VALUE_FIELDS)
 
@@ -198,9 +200,9 @@ class Enricher:
         out = []
         append = out.append
         for run in runs:
-            for (ts, created, p0, p1, b0, b1, saddr, daddr, ifindex, rule_id, gen, pkt_len,
+            for (ts, created, p0, p1, b0, b1, saddr, daddr, ifindex, rule_id, gen,
                  sid, did, sport, dport, etype, verdict, reason, direction, family, proto,
-                 tcp_flags, state, prev_state) in unpack(run):
+                 tcp_flags, state, prev_state, eflags) in unpack(run):
                 if not gen:
                     if active is None:
                         active = self.active_generation()
@@ -235,16 +237,24 @@ class Enricher:
                             "packets": {"orig": p0, "reply": p1} if final else None,
                             "bytes": {"orig": b0, "reply": b1} if final else None,
                             "duration_s": round((ts - created) / 1e9, 6) if final else None})
-                else:
-                    append({"time": when, "seq": 0,
-                            "type": "drop" if etype == _TYPE_DROP else "verdict",
+                elif etype == _TYPE_DROP:
+                    append({"time": when, "seq": 0, "type": "drop",
                             "verdict": _VERDICTS[verdict], "reason": _REASONS[reason],
                             "rule": rule, "policy_generation": gen,
                             "direction": _DIRS[direction], "interface": iface,
                             "family": _FAMS[family], "protocol": _PROTOS[proto],
                             "src": src, "dst": dst,
                             "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
-                            "bytes": pkt_len})
+                            "bytes": b0, "count": p0, "audit": eflags & _AUDIT == _AUDIT})
+                else:
+                    append({"time": when, "seq": 0, "type": "verdict",
+                            "verdict": _VERDICTS[verdict], "reason": _REASONS[reason],
+                            "rule": rule, "policy_generation": gen,
+                            "direction": _DIRS[direction], "interface": iface,
+                            "family": _FAMS[family], "protocol": _PROTOS[proto],
+                            "src": src, "dst": dst,
+                            "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
+                            "bytes": b0, "count": p0})
         return out
 
     def expired(self, records: Iterable[tuple[bytes, bytes]], now_mono_ns: int,
@@ -262,7 +272,7 @@ class Enricher:
         append = out.append
         for key, value in records:
             addr_lo, addr_hi, port_lo, port_hi, proto, family = key_of(key)
-            (created, _, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did, state, flags,
+            (created, _, p0, p1, b0, b1, flags, rule_id, gen, owner, _, sid, did, state,
              _) = value_of(value)
             if flags & ORIG_LO:
                 src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
@@ -297,9 +307,11 @@ class Enricher:
 
 def session_rows(keys: bytes, values: bytes, names: Names, ref: ClockSample,
                  hz: float, timeout_of: Callable[[int, int], float],
-                 interface_of: Callable[[int], str | None]) -> list[dict]:
-    """session_map entries — the flat key and value buffers of a batch
-    lookup — as `sessions` rows (conntrack -L, as JSON).
+                 interface_of: Callable[[int], str | None], *,
+                 replied: bool = True) -> list[dict]:
+    """Session table entries — the flat key and value buffers of a batch
+    lookup — as `sessions` rows (conntrack -L, as JSON). replied: the
+    entries have seen both directions (session_map, not pending_map).
     timeout_of(proto, state) in seconds."""
     now_j, now_ns = ref.jiffies, ref.ktime_ns
     ip, workload, rule_of = names.ip, names.workload, names.rule
@@ -308,8 +320,8 @@ def session_rows(keys: bytes, values: bytes, names: Names, ref: ClockSample,
     out = []
     append = out.append
     for ((addr_lo, addr_hi, port_lo, port_hi, proto, family),
-         (created, last_seen, p0, p1, b0, b1, rule_id, gen, owner, _, sid, did,
-          state, flags, verdict)) in zip(_SESSION_KEY.iter_unpack(keys),
+         (created, last_seen, p0, p1, b0, b1, flags, rule_id, gen, owner, _, sid, did,
+          state, verdict)) in zip(_SESSION_KEY.iter_unpack(keys),
                                          _SESSION_VALUE.iter_unpack(values), strict=True):
         if flags & ORIG_LO:
             src, sport, dst, dport = addr_lo, port_lo, addr_hi, port_hi
@@ -341,5 +353,6 @@ def session_rows(keys: bytes, values: bytes, names: Names, ref: ClockSample,
             "verdict": _VERDICTS[verdict],
             "policy_generation": gen,
             "interface": iface,
+            "replied": replied,
         })
     return out

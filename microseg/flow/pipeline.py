@@ -20,6 +20,7 @@ from microseg.flow.enrich import Enricher, Names, TimeFormatter
 from microseg.flow.hub import EventHub
 from microseg.kernel import abi
 from microseg.kernel.clock import wall_offset_ns
+from microseg.kernel.maps import RINGS
 from microseg.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger("microseg.pipeline")
@@ -36,7 +37,9 @@ class Pipeline:
         self.hub = hub
         self.time = TimeFormatter(wall_offset_ns())
         self.enricher = Enricher(names, self.time, active_generation)
-        self.ring: RingBuffer | None = None
+        # The ring buffers (microseg.kernel.maps.RINGS): denied verdicts and
+        # drops have their own, so a flood of them never crowds out the rest.
+        self.rings: list[RingBuffer] = []
         self.decoded = 0            # records taken from the ring
         self.lost_ringbuf = 0       # reported to subscribers so far
         self._lost_seen: int | None = None
@@ -47,23 +50,27 @@ class Pipeline:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.ring = RingBuffer(self.datapath.maps["events"].fd, abi.EVENT.size)
+        self.rings = [RingBuffer(self.datapath.maps[name].fd, abi.EVENT.size)
+                      for name in RINGS.values()]
         if self.journal is not None and self.journal.inherited:
             # An earlier daemon reported losses up to here: what the kernel
             # counted since (while no daemon ran) is reported now.
             self._lost_seen = self.journal.ringbuf_lost_seen
         self._check_loss()  # else the baseline: losses before any daemon are not ours
-        loop.add_reader(self.ring.fd, self.drain)
+        for ring in self.rings:
+            loop.add_reader(ring.fd, self.drain_ring, ring)
         self._schedule()
 
     def stop(self) -> None:
-        if self._loop is not None and self.ring is not None:
-            self._loop.remove_reader(self.ring.fd)
+        if self._loop is not None and self.rings:
+            for ring in self.rings:
+                self._loop.remove_reader(ring.fd)
             if self._timer is not None:
                 self._timer.cancel()
             self.drain_all()
-            self.ring.close()
-            self.ring = None
+            for ring in self.rings:
+                ring.close()
+            self.rings = []
 
     def _schedule(self) -> None:
         assert self._loop is not None
@@ -78,9 +85,12 @@ class Pipeline:
         self._schedule()
 
     def drain(self, limit: int = BATCH) -> int:
-        """One bounded slice: up to `limit` records into events."""
-        assert self.ring is not None
-        batch = self.ring.drain(limit)
+        """One bounded slice of every ring: records into events."""
+        return sum(self.drain_ring(ring, limit) for ring in self.rings)
+
+    def drain_ring(self, ring: RingBuffer, limit: int = BATCH) -> int:
+        """One bounded slice of one ring: up to `limit` records into events."""
+        batch = ring.drain(limit)
         if batch.count:
             events = self.enricher.events(batch.runs)
             self.decoded += len(events)
@@ -91,7 +101,7 @@ class Pipeline:
         return batch.count
 
     def drain_all(self) -> None:
-        while self.ring is not None and self.drain():
+        while self.rings and self.drain():
             pass
 
     def _check_loss(self) -> None:

@@ -24,17 +24,29 @@ from microseg.kernel import abi
 from microseg.kernel.clock import ClockSample, SessionClock
 from microseg.kernel.records import SESSION_KEY_PROTO, SESSION_VALUE_IDLE
 
-# Conntrack-like defaults, in seconds.
+# Conntrack-like defaults, in seconds. *_unreplied: a session that has seen
+# one direction only (pending_map: a SYN, a request, a picked-up packet) —
+# short, so an unanswered flood cannot hold the table (docs/how-it-works.md).
 DEFAULT_TIMEOUTS: dict[str, float] = {
     "tcp_new": 120, "tcp_established": 432_000, "tcp_closing": 120, "tcp_closed": 10,
     "udp_new": 30, "udp_established": 120, "icmp": 30, "other_new": 30,
     "other_established": 600,
+    "tcp_unreplied": 60, "udp_unreplied": 30, "other_unreplied": 30,
 }
+TABLES = ("session_map", "pending_map")
 
 
 
-def timeout_name(proto: int, state: int) -> str:
+def timeout_name(proto: int, state: int, pending: bool = False) -> str:
+    """The --timeout name that applies to a session (pending: it is in
+    pending_map, one direction seen)."""
     public = abi.State(state).public if state in abi.State._value2member_map_ else None
+    if pending and public != abi.State.CLOSED:
+        if proto == 6:
+            return "tcp_unreplied"
+        if proto == 17:
+            return "udp_unreplied"
+        return "icmp" if proto in (1, 58) else "other_unreplied"
     if proto == 6:
         return {abi.State.NEW: "tcp_new", abi.State.ESTABLISHED: "tcp_established",
                 abi.State.CLOSING: "tcp_closing"}.get(public, "tcp_closed")
@@ -106,14 +118,14 @@ class Sweeper:
         self.expired_total = 0
         self.last: SweepResult | None = None
 
-    def _limits(self) -> dict[tuple[int, int], int]:
-        """(proto class, state) -> idle limit in jiffies."""
+    def _limits(self, pending: bool) -> dict[tuple[int, int], int]:
+        """(proto class, state) -> idle limit in jiffies, for one table."""
         hz = self.clock.hz
         out = {}
         for proto in (6, 17, 1, 58, 0):
             for state in abi.State:
-                out[(proto, state.value)] = int(self.timeouts[timeout_name(proto, state.value)]
-                                                * hz)
+                name = timeout_name(proto, state.value, pending)
+                out[(proto, state.value)] = int(self.timeouts[name] * hz)
         return out
 
     def sweep(self) -> SweepResult:
@@ -125,39 +137,39 @@ class Sweeper:
         t0 = time.perf_counter()
         ref = self.clock.refresh()
         now_j = ref.jiffies
-        limits = self._limits()
-        m = self.datapath.maps["session_map"]
-        ks = m.key_size
-        doomed: list[bytes] = []
         expired: list[tuple[bytes, bytes, list[int]]] = []
-        n_expired = closed = scanned = 0
+        n_expired = closed = scanned = deleted = 0
         closed_state = int(abi.State.CLOSED)
-        for keys, values, count in m.lookup_batch_raw(8192):
-            gone: list[int] = []
-            events: list[int] = []
-            for i, ((proto,), (last_seen, state)) in enumerate(zip(
-                    SESSION_KEY_PROTO.iter_unpack(keys), SESSION_VALUE_IDLE.iter_unpack(values),
-                    strict=True)):
-                limit = limits.get((proto if proto in (6, 17, 1, 58) else 0, state))
-                if limit is None or now_j - last_seen <= limit:
-                    continue
-                gone.append(i)
-                if proto == 6 and state == closed_state:
-                    closed += 1
+        for table in TABLES:
+            limits = self._limits(pending=table == "pending_map")
+            m = self.datapath.maps[table]
+            ks = m.key_size
+            doomed: list[bytes] = []
+            for keys, values, count in m.lookup_batch_raw(8192):
+                gone: list[int] = []
+                events: list[int] = []
+                for i, ((proto,), (last_seen, state)) in enumerate(zip(
+                        SESSION_KEY_PROTO.iter_unpack(keys),
+                        SESSION_VALUE_IDLE.iter_unpack(values), strict=True)):
+                    limit = limits.get((proto if proto in (6, 17, 1, 58) else 0, state))
+                    if limit is None or now_j - last_seen <= limit:
+                        continue
+                    gone.append(i)
+                    if proto == 6 and state == closed_state:
+                        closed += 1
+                    else:
+                        events.append(i)
+                scanned += count
+                if len(gone) == count:
+                    doomed.append(keys)
                 else:
-                    events.append(i)
-            scanned += count
-            if len(gone) == count:
-                doomed.append(keys)
-            else:
-                doomed.extend(keys[i * ks:(i + 1) * ks] for i in gone)
-            if events:
-                expired.append((keys, values, events))
-                n_expired += len(events)
-        deleted = 0
-        if doomed:
-            keys = b"".join(doomed)
-            deleted = m.delete_batch(keys, len(keys) // ks)
+                    doomed.extend(keys[i * ks:(i + 1) * ks] for i in gone)
+                if events:
+                    expired.append((keys, values, events))
+                    n_expired += len(events)
+            if doomed:
+                keys = b"".join(doomed)
+                deleted += m.delete_batch(keys, len(keys) // ks)
         self.sweeps += 1
         self.expired_total += n_expired
         res = SweepResult(scanned, expired, n_expired, closed, ref, self.clock,

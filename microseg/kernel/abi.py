@@ -182,6 +182,25 @@ class Layout:
     def size(self) -> int:
         return self.struct.size
 
+    def pack(self, **values: object) -> bytes:
+        """A record from its fields by name: arrays as tuples, any field
+        not given zero (for tests, tools and the daemon's own writes)."""
+        unknown = set(values) - set(self.names())
+        if unknown:
+            raise ValueError(f"struct {self.c_name} has no field {', '.join(sorted(unknown))}")
+        args: list = []
+        for name, fmt in self.fields:
+            if name.startswith("_"):
+                continue
+            count = struct.calcsize("<" + fmt) // struct.calcsize("<" + fmt.lstrip("0123456789"))
+            if fmt.endswith("s"):
+                args.append(values.get(name, b""))
+            elif count > 1:
+                args.extend(values.get(name, (0,) * count))  # type: ignore[arg-type]
+            else:
+                args.append(values.get(name, 0))
+        return self.struct.pack(*args)
+
     def names(self) -> tuple[str, ...]:
         """The fields' names, padding left out."""
         return tuple(name for name, _ in self.fields if not name.startswith("_"))

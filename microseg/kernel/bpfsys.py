@@ -338,6 +338,22 @@ class TestRunResult:
     data_out: bytes
 
 
+# struct __sk_buff: the fields BPF_PROG_TEST_RUN lets a caller set for a
+# sched_cls program, at their offsets (uapi/linux/bpf.h).
+_SKB_CTX_SIZE = 192
+_SKB_IFINDEX = 40
+_SKB_GSO_SEGS = 164
+
+
+def skb_context(*, ifindex: int = 0, gso_segs: int = 0) -> bytes:
+    """A struct __sk_buff for prog_test_run's ctx: the packet arrives at
+    link ifindex (its hooks' identity), as gso_segs segments."""
+    ctx = bytearray(_SKB_CTX_SIZE)
+    ctx[_SKB_IFINDEX:_SKB_IFINDEX + 4] = ifindex.to_bytes(4, "little")
+    ctx[_SKB_GSO_SEGS:_SKB_GSO_SEGS + 4] = gso_segs.to_bytes(4, "little")
+    return bytes(ctx)
+
+
 def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1,
                   ctx: bytes | None = None) -> TestRunResult:
     """Run the program on one packet in the kernel (BPF_PROG_TEST_RUN).

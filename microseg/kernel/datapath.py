@@ -373,6 +373,12 @@ class Datapath:
     # -- testing -----------------------------------------------------------
 
     def test_run(self, packet: bytes, direction: abi.Direction = abi.Direction.INGRESS,
-                 *, repeat: int = 1) -> bpfsys.TestRunResult:
+                 *, repeat: int = 1, ifindex: int = 0, gso_segs: int = 0
+                 ) -> bpfsys.TestRunResult:
+        """Run an entry point on a crafted frame (BPF_PROG_TEST_RUN), as if
+        at the hook of link ifindex (0: loopback), as a GSO super-packet of
+        gso_segs segments when given."""
         fd = self.ingress_fd if direction == abi.Direction.INGRESS else self.egress_fd
-        return bpfsys.prog_test_run(fd, packet, repeat=repeat)
+        ctx = bpfsys.skb_context(ifindex=ifindex, gso_segs=gso_segs) \
+            if ifindex or gso_segs else None
+        return bpfsys.prog_test_run(fd, packet, repeat=repeat, ctx=ctx)

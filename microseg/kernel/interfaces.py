@@ -18,6 +18,22 @@ log = logging.getLogger("microseg.interfaces")
 
 SYS_NET = "/sys/class/net"
 
+# Link types (ARPHRD_*, /sys/class/net/NAME/type) by the header a packet
+# starts with at the TC hooks. Any other type is refused at attach time:
+# a program that cannot parse a link's packets must never pass them
+# unjudged (docs/how-it-works.md).
+ETHERNET_LINKS = {1: "ether", 772: "loopback"}
+L3_LINKS = {65534: "none", 519: "rawip", 768: "ipip", 769: "ip6tnl", 776: "sit",
+            778: "gre", 823: "ip6gre"}
+
+
+def link_type(name: str) -> int | None:
+    try:
+        with open(os.path.join(SYS_NET, name, "type")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
 
 def current_links() -> dict[int, str]:
     """ifindex -> name of the links in this network namespace."""
@@ -39,6 +55,7 @@ def current_links() -> dict[int, str]:
 class Attached:
     name: str
     created_clsact: bool
+    l3: bool = False  # no link-layer header: the _l3 entry points
 
 
 class InterfaceManager:
@@ -58,6 +75,9 @@ class InterfaceManager:
         with self._lock:
             links = current_links()
             self._names = links
+            present = set(links.values())
+            for name in [n for n in self.failed if n not in present]:
+                del self.failed[name]  # gone: nothing to report any more
             added, removed = [], []
             for idx in list(self.attached):
                 if idx not in links or links[idx] != self.attached[idx].name:
@@ -65,17 +85,29 @@ class InterfaceManager:
             for idx, name in sorted(links.items()):
                 if idx in self.attached or not self.matches(name):
                     continue
+                kind = link_type(name)
+                if kind not in ETHERNET_LINKS and kind not in L3_LINKS:
+                    why = (f"link type {kind} (ARPHRD): its packets' header cannot be "
+                           "parsed; not attached" if kind is not None
+                           else "link type unknown; not attached")
+                    if self.failed.get(name) != why:
+                        log.error("interface %s refused: %s", name, why)
+                    self.failed[name] = why
+                    continue
+                l3 = kind in L3_LINKS
                 try:
-                    a = self.datapath.attach(idx)
+                    a = self.datapath.attach(idx, l3=l3)
                 except Exception as e:  # netlink errors come in many kinds
                     self.failed[name] = str(e)
                     log.error("attach %s failed: %s", name, e)
                     continue
                 self.failed.pop(name, None)
-                self.attached[idx] = Attached(name, a.created_clsact)
+                self.attached[idx] = Attached(name, a.created_clsact, l3)
                 added.append(name)
             for name in added:
-                log.info("attached interface=%s", name)
+                a = next(x for x in self.attached.values() if x.name == name)
+                log.info("attached interface=%s%s", name,
+                         " (no link-layer header: parsed from the IP header)" if a.l3 else "")
             for name in removed:
                 log.info("interface gone interface=%s", name)
             return added, removed

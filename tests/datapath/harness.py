@@ -12,6 +12,7 @@ from scapy.packet import Packet, Raw
 
 from microseg.kernel import abi
 from microseg.kernel.datapath import Datapath
+from microseg.kernel.maps import RINGS
 from microseg.kernel.records import RawEvent, SessionEntry, decode_events
 from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import CompiledPolicy, compile_policy
@@ -79,12 +80,21 @@ class Outcome(NamedTuple):
 class Harness:
     def __init__(self, datapath: Datapath) -> None:
         self.dp = datapath
-        self.ring = RingBuffer(datapath.maps["events"].fd, abi.EVENT.size)
+        # Both rings: denied verdicts and drops have their own.
+        self.rings = [RingBuffer(datapath.maps[name].fd, abi.EVENT.size)
+                      for name in RINGS.values()]
         self.compiled: CompiledPolicy | None = None
+
+    def drain(self, limit: int = 1 << 20) -> list[RawEvent]:
+        """What the rings hold, in time order (each ring is in order; the
+        sort is stable)."""
+        events = [e for ring in self.rings for e in decode_events(ring.drain(limit).runs)]
+        return sorted(events, key=lambda e: e.ts_ns)
 
     def reset(self) -> None:
         self.dp.reset_state()
-        self.ring.drain(1 << 30)
+        self.dp.write_settings(0, 0)  # no aggregation; the default handover
+        self.drain(1 << 30)
 
     def install(self, policy: Policy) -> CompiledPolicy:
         self.compiled = compile_policy(policy, self.compiled)
@@ -100,14 +110,15 @@ class Harness:
         return self.compiled.rule_names.get(rule_id)
 
     def send(self, pkt: Packet | bytes,
-             direction: abi.Direction = abi.Direction.INGRESS) -> Outcome:
+             direction: abi.Direction = abi.Direction.INGRESS, *, ifindex: int = 0,
+             gso_segs: int = 0, repeat: int = 1) -> Outcome:
         data = bytes(pkt)
-        res = self.dp.test_run(data, direction)
-        batch = self.ring.drain(1 << 20)
-        return Outcome(res.retval, list(decode_events(batch.runs)))
+        res = self.dp.test_run(data, direction, ifindex=ifindex, gso_segs=gso_segs,
+                               repeat=repeat)
+        return Outcome(res.retval, self.drain())
 
     def events_pending(self) -> list[RawEvent]:
-        return list(decode_events(self.ring.drain(1 << 20).runs))
+        return self.drain()
 
     def stats(self) -> dict[tuple[abi.Direction, abi.Verdict, abi.Reason], tuple[int, int]]:
         return {tuple(k): v for k, v in self.dp.read_stats().items()}

@@ -38,7 +38,6 @@ import pytest
 
 from microseg.kernel.abi import Direction, EventType, Reason, Verdict
 from microseg.kernel.bpfsys import BpfError
-from microseg.kernel.records import decode_events
 from microseg.policy.model import Rule
 from microseg.policy.model import Selector as S
 
@@ -197,7 +196,7 @@ class Judge:
             res = self.h.dp.test_run(frm, direction)
         self.runs[kind] += 1
         self._n += 1
-        events = list(decode_events(self.h.ring.drain(1 << 16).runs))
+        events = self.h.drain(1 << 16)
         decided = [e for e in events if e.type in DECISIONS]
         where = f"{kind} frame {frm.hex()}"
         assert res.retval in (TC_ACT_OK, TC_ACT_SHOT), f"A1: retval {res.retval}: {where}"
@@ -391,6 +390,18 @@ STATES = {
 }
 
 
+# nf_conntrack's valid TCP flag combinations (FIN SYN RST PSH ACK URG; ECE and
+# CWR ignored), as bpf/lib/parse.h's TCP_VALID_COMBOS.
+_VALID_TCP = {0x02, 0x22, 0x12, 0x04, 0x14, 0x1C, 0x11, 0x31, 0x10, 0x18, 0x30, 0x38, 0x19,
+              0x39}
+
+
+def may_be_reply(flags: int) -> bool:
+    """A TCP packet that may be a reply whose session was lost."""
+    syn, ack = flags & 0x02, flags & 0x10
+    return (flags & 0x3F) in _VALID_TCP and (not syn or bool(ack))
+
+
 def test_every_tcp_flag_byte_against_every_session_state(judge: Judge) -> None:
     """All 256 TCP flag bytes, from either side, against a session of the
     allowed flow web -> db:5432 in each state (none, new, syn_recv,
@@ -398,8 +409,10 @@ def test_every_tcp_flag_byte_against_every_session_state(judge: Judge) -> None:
     set-up attempted on the denied flow rogue -> db:5432; IPv4 and IPv6.
 
     Policy rules checked (Intent): a packet of the denied flow passes never,
-    from either side; a responder's packet (db:5432 -> web) passes only when
-    the set-up opened a session, i.e. never in state "none"."""
+    from either side; a responder's packet (db:5432 -> web) with no session
+    (state "none") passes only as a reply whose session was lost — a valid
+    flag combination that does not start a connection (no SYN, or a SYN-ACK),
+    since the policy allows web -> db:5432."""
     for fam, (web, db, rogue) in FAMILIES.items():
         sport = 1024
         for client, allowed in ((web, True), (rogue, False)):
@@ -415,7 +428,8 @@ def test_every_tcp_flag_byte_against_every_session_state(judge: Judge) -> None:
                                                "tcp_flags/setup", must_drop=not allowed)
                             assert passed or not allowed, (fam, state, who, f)
                         src, dst, sp, dp = c2s if side == "c" else s2c
-                        must_drop = not allowed or (side == "s" and not setup)
+                        must_drop = not allowed or (side == "s" and not setup
+                                                    and not may_be_reply(flags))
                         judge.run(H.frame(src, dst, H.TCP, H.tcp(sp, dp, flags, payload=b"p")),
                                   "tcp_flags/probe", must_drop=must_drop)
     judge.done("tcp_flags", MINIMUM["tcp_flags"])
@@ -626,7 +640,9 @@ def _disguises(src: str, dst: str, proto: int, sport: int, dport: int,
 
 
 DENIED_FLOWS = [
-    # (src role, dst role, proto, sport, dport): Intent.may_open is False for each
+    # (src role, dst role, proto, sport, dport): Intent.may_open is False for
+    # each, and for its reverse (a reply to an allowed flow whose session was
+    # lost passes: docs/policy.md)
     ("rogue", "db", H.TCP, 40000, 5432),
     ("rogue", "db", H.TCP, 40000, 22),
     ("web", "db", H.TCP, 40002, 22),       # allowed source, deny rule wins
@@ -634,10 +650,10 @@ DENIED_FLOWS = [
     ("rogue", "db", H.UDP, 3333, 53),
     ("web", "db", H.UDP, 3334, 54),
     ("rogue", "db", "icmp", 9, 9),
-    ("db", "web", H.TCP, 5432, 40001),     # a "reply" one port off a session's...
+    ("db", "web", H.TCP, 5433, 40001),     # a "reply" from a port no rule names...
     ("db", "rogue", H.TCP, 5432, 40000),   # ...or of a session that never was
-    ("db", "web", H.UDP, 53, 4444),
-    ("db", "web", "icmp", 10, 10),
+    ("db", "web", H.UDP, 54, 4444),
+    ("db", "rogue", "icmp", 10, 10),
 ]
 
 
@@ -663,8 +679,10 @@ def test_denied_flows_never_pass_whatever_the_disguise(judge: Judge, fam: int) -
         src, dst = roles[s], roles[d]
         if p in (H.TCP, H.UDP):
             assert not Intent.may_open(src, dst, p, dport), (s, d, p, dport)
+            assert not Intent.may_open(dst, src, p, sport), (d, s, p, sport)
         else:
             assert not Intent.may_open(src, dst, p, 0)
+            assert not Intent.may_open(dst, src, p, 0)
         for label, frm in _disguises(src, dst, p, sport, dport, rng):
             judge.run(frm, f"disguise/{s}>{d}/{label}", must_drop=True)
     # The control: the sessions' own packets still pass.
@@ -679,10 +697,12 @@ def test_spoofed_replies_do_not_ride_on_a_session(judge: Judge, fam: int) -> Non
     established, UDP web:3333 -> db:53, ping id 9) in place, a packet in
     A's reply direction that differs from A in its source address (rogue,
     an outsider) or in a port or echo id is not A's: it is judged as its
-    own flow, which Intent denies, so it drops — all 256 TCP flags, UDP,
-    echo replies. An ICMP error rides on A only when it is addressed to the
-    endpoint that sent the packet it quotes (as nf_conntrack requires); from
-    rogue to db quoting web's packet, or to web quoting db's, it drops.
+    own flow — all 256 TCP flags, UDP, echo replies. It drops unless it is
+    a reply (no SYN, or a SYN-ACK; UDP; an echo reply) to a flow Intent
+    allows, whose session may have been lost: then it passes as that flow's
+    own new session. An ICMP error rides on A only when it is addressed to
+    the endpoint that sent the packet it quotes (as nf_conntrack requires);
+    from rogue to db quoting web's packet, or to web quoting db's, it drops.
     None of these changes A: its counters and state are as before and its
     own packets still pass."""
     web, db, rogue = FAMILIES[fam]
@@ -694,15 +714,19 @@ def test_spoofed_replies_do_not_ride_on_a_session(judge: Judge, fam: int) -> Non
     spoofs = []
     for src, sport, dport in ((rogue, 5432, 40000), (outsider, 5432, 40000),
                               (db, 5433, 40000), (db, 5432, 40001), (db, 22, 40000)):
+        reply_to_allowed = Intent.may_open(web, src, H.TCP, sport)
         spoofs += [(f"tcp {src}:{sport}>{dport} flags={f:#04x}",
-                    H.frame(src, web, H.TCP, H.tcp(sport, dport, f))) for f in range(256)]
+                    H.frame(src, web, H.TCP, H.tcp(sport, dport, f)),
+                    reply_to_allowed and may_be_reply(f)) for f in range(256)]
     for src, sport, dport in ((rogue, 53, 3333), (outsider, 53, 3333), (db, 54, 3333),
                               (db, 53, 3334)):
         spoofs.append((f"udp {src}:{sport}>{dport}", H.frame(src, web, H.UDP,
-                                                             H.udp(sport, dport))))
+                                                             H.udp(sport, dport)),
+                       Intent.may_open(web, src, H.UDP, sport)))
     for src, ident in ((rogue, 9), (outsider, 9), (db, 10), (db, 8)):
         spoofs.append((f"echo-reply {src} id {ident}",
-                       H.frame(src, web, icmp_p, H.echo(ident, v6=v6, reply=True))))
+                       H.frame(src, web, icmp_p, H.echo(ident, v6=v6, reply=True)),
+                       Intent.may_open(web, src, icmp_p, 0)))
     err = (1, 4) if v6 else (3, 3)
     a_out = H.datagram(web, db, H.TCP, H.tcp(40000, 5432, H.ACK))
     a_back = H.datagram(db, web, H.TCP, H.tcp(5432, 40000, H.ACK))
@@ -710,10 +734,12 @@ def test_spoofed_replies_do_not_ride_on_a_session(judge: Judge, fam: int) -> Non
                             (db, web, a_back)):
         for t in sorted(ICMP6_ERRORS if v6 else ICMP4_ERRORS):
             spoofs.append((f"icmp-error {t} {src}>{dst}",
-                           H.frame(src, dst, icmp_p, H.icmp(t, err[1], b"\0" * 4, quote))))
-    for label, frm in spoofs:
-        judge.run(frm, f"spoof/{label}", must_drop=True)
-    assert _session_packets(judge.h) == before, "a spoof changed a session"
+                           H.frame(src, dst, icmp_p, H.icmp(t, err[1], b"\0" * 4, quote)),
+                           False))
+    for label, frm, may_pass in spoofs:
+        judge.run(frm, f"spoof/{label}", must_drop=not may_pass)
+    after = _session_packets(judge.h)
+    assert {k: after.get(k) for k in before} == before, "a spoof changed a session"
     # Consistently addressed errors about A are related and pass; A goes on.
     assert judge.run(H.frame(rogue, web, icmp_p, H.icmp(err[0], err[1], b"\0" * 4, a_out)),
                      "spoof/control")

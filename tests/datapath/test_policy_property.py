@@ -11,20 +11,21 @@ from hypothesis import strategies as st
 from microseg.kernel.abi import Verdict
 from microseg.policy.model import Policy
 
-from ..unit.reference import reference_verdict
+from ..unit.reference import reference_first_packet
 from ..unit.test_compile import PORTS, V4, V6, policies
 from .harness import Harness, ping, tcp, udp
 
 _sports = itertools.count(10000)
 
 
-def _packet(src: str, dst: str, proto: int, dport: int):
-    sport = 10000 + next(_sports) % 50000  # a fresh tuple: never an existing session
+def _packet(src: str, dst: str, proto: int, sport: int, dport: int, start: bool):
+    """start: a SYN / an echo request; else an ACK / an echo reply (what a
+    connection whose session was lost sends). UDP is either."""
     if proto == 6:
-        return tcp(src, dst, sport, dport, "S")
+        return tcp(src, dst, sport, dport, "S" if start else "A")
     if proto == 17:
         return udp(src, dst, sport, dport)
-    return ping(src, dst, ident=sport)
+    return ping(src, dst, ident=sport, reply=not start)
 
 
 @settings(max_examples=80, deadline=None,
@@ -39,8 +40,15 @@ def test_kernel_verdicts_agree_with_reference(dp: Harness, policy: Policy,
         src, dst = data.draw(st.sampled_from(pool)), data.draw(st.sampled_from(pool))
         proto = data.draw(st.sampled_from([6, 17, 58 if v6 else 1]))
         dport = data.draw(st.sampled_from(PORTS)) if proto in (6, 17) else 0
-        want_verdict, want_rule = reference_verdict(policy, src, dst, proto, dport)
-        out = dp.send(_packet(src, dst, proto, dport))
+        start = data.draw(st.booleans())
+        sport = 10000 + next(_sports) % 50000  # a fresh tuple: never an existing session
+        if proto not in (6, 17):
+            dport = sport  # an echo's identifier plays both ports
+        # Anything but a SYN or an echo request may be a reply whose
+        # session was lost.
+        want_verdict, want_rule, _reply = reference_first_packet(
+            policy, src, dst, proto, sport, dport, may_be_reply=proto == 17 or not start)
+        out = dp.send(_packet(src, dst, proto, sport, dport, start))
         v = out.verdict
         assert (Verdict(v.verdict), dp.rule_name(v.rule_id)) == (want_verdict, want_rule)
         assert out.passed is (want_verdict != Verdict.DENIED)

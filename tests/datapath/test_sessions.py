@@ -14,7 +14,7 @@ from microseg.policy.model import Rule
 from microseg.policy.model import Selector as S
 
 from .harness import Harness, eth, ping, tcp, udp
-from .policies import API4, DB4, DB6, OUTSIDE4, WEB4, WEB6, shop
+from .policies import API4, DB4, DB6, OUTSIDE4, ROGUE4, WEB4, WEB6, shop
 
 N, E, C, X = State.NEW, State.ESTABLISHED, State.CLOSING, State.CLOSED
 NONE = State.NONE
@@ -96,9 +96,22 @@ class TestTcp:
         out = dp.send(s2c("S"))
         assert out.dropped and out.verdict.reason == Reason.STATE
 
-    def test_syn_ack_without_a_syn_is_dropped(self, dp: Harness) -> None:
+    def test_syn_ack_whose_syn_was_allowed_is_picked_up_as_a_reply(self, dp: Harness) -> None:
+        """The session of an allowed handshake was lost (evicted, swept, a
+        start without pins) after the SYN: the server's SYN-ACK carries on."""
         dp.install(shop())
         out = dp.send(s2c("SA"))
+        assert out.passed and dp.rule_name(out.verdict.rule_id) == "web-to-db"
+        s = dp.session(WEB4, DB4)
+        assert (s.src_ip, s.dst_ip) == (WEB4, DB4), "the client is the originator"
+        assert s.state == State.SYN_RECV and s.packets == (0, 1)
+        assert s.flags & SessionFlag.REPLY_PICKUP
+        assert dp.send(c2s("A")).states == [(E, N)]
+        assert dp.session(WEB4, DB4).packets == (1, 1)
+
+    def test_syn_ack_nobody_allowed_the_syn_of_is_dropped(self, dp: Harness) -> None:
+        dp.install(shop())
+        out = dp.send(tcp(DB4, ROGUE4, 5432, 40000, "SA"))
         assert out.dropped and out.verdict.reason == Reason.STATE
         assert dp.sessions() == []
 
@@ -189,9 +202,21 @@ class TestUdpAndIcmp:
 
     def test_udp_reply_direction_needs_no_rule(self, dp: Harness) -> None:
         dp.install(shop(self._dns()))
-        assert dp.send(udp(API4, WEB4, 53, 3333)).dropped  # not a reply: judged
         dp.send(udp(WEB4, API4, 3333, 53))
         assert dp.send(udp(API4, WEB4, 53, 3333)).passed
+        # No rule allows api -> web, nor web -> api:54: dropped.
+        assert dp.send(udp(API4, WEB4, 54, 3333)).dropped
+
+    def test_udp_reply_whose_session_was_lost_is_picked_up(self, dp: Harness) -> None:
+        """A server's answer with no session (evicted, swept, a daemon
+        started without pins) passes when the request direction is allowed,
+        as a session the client originated."""
+        dp.install(shop(self._dns()))
+        out = dp.send(udp(API4, WEB4, 53, 3333))
+        assert out.passed and dp.rule_name(out.verdict.rule_id) == "dns"
+        s = dp.session(WEB4, API4)
+        assert (s.src_ip, s.sport, s.dst_ip, s.dport) == (WEB4, 3333, API4, 53)
+        assert s.packets == (0, 1) and s.flags & SessionFlag.REPLY_PICKUP
 
     def test_ping_session_v4_and_v6(self, dp: Harness) -> None:
         icmp = Rule.make("ping-db", S.of_workload("web"), S.of_workload("db"), "allow", "icmp")

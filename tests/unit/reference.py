@@ -77,6 +77,21 @@ def reference_verdict(policy: Policy, src: str, dst: str, proto: int,
     return (abi.Verdict.AUDIT if mode == "audit" else abi.Verdict.DENIED), name
 
 
+def reference_first_packet(policy: Policy, src: str, dst: str, proto: int, sport: int,
+                           dport: int, *, may_be_reply: bool
+                           ) -> tuple[abi.Verdict, str | None, bool]:
+    """A packet with no session, read as docs/policy.md says: judged in its
+    own direction; when denied and it may be a reply (not a connection
+    start), judged as the flow it would answer — allowed there, it passes
+    as that flow's reply. (verdict, rule, picked up as a reply)."""
+    verdict, rule = reference_verdict(policy, src, dst, proto, dport)
+    if verdict == abi.Verdict.DENIED and may_be_reply:
+        back, back_rule = reference_verdict(policy, dst, src, proto, sport)
+        if back != abi.Verdict.DENIED:
+            return back, back_rule, True
+    return verdict, rule, False
+
+
 def simulate_datapath(compiled: CompiledPolicy, src: str, dst: str, proto: int,
                       dport: int) -> tuple[abi.Verdict, str | None]:
     """match_policy() of bpf/lib/policy.h, in Python, on the compiled maps."""

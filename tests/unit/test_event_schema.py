@@ -147,11 +147,16 @@ class Kernel:
                gen: int = GEN, direction: int = ING, ifindex: int = 7, flags: int = 0,
                length: int = 74, state: int = 0, prev: int = 0, family: int | None = None,
                judged: bool = True, created_ago_ns: int = 0,
-               packets: tuple[int, int] = (0, 0), byts: tuple[int, int] = (0, 0)) -> bytes:
+               packets: tuple[int, int] | None = None, byts: tuple[int, int] | None = None,
+               count: int = 1, audit: bool = False) -> bytes:
         """One ring-buffer record: its 8-byte header, then struct event.
         judged: the policy looked the endpoints up (a drop before the lookup
-        carries no identities and generation 0)."""
+        carries no identities and generation 0). Verdicts and drops carry
+        their count (and its bytes) in packets[0] and bytes[0]."""
         self.now += 1_000
+        if etype != E.SESSION:
+            packets, byts = packets or (count, 0), byts or (count * length, 0)
+        packets, byts = packets or (0, 0), byts or (0, 0)
         return bytes(RING_HEADER) + pack(
             abi.EVENT, ts_ns=self.now, created_ns=self.now - created_ago_ns, packets=packets,
             bytes=byts, saddr=addr(src), daddr=addr(dst), ifindex=ifindex,
@@ -160,7 +165,8 @@ class Kernel:
             dst_identity=self.identity(dst) if judged else 0, sport=sport, dport=dport,
             type=etype, verdict=verdict, reason=reason, direction=direction,
             family=family_of(src) if family is None else family, proto=proto,
-            tcp_flags=flags, state=state, prev_state=prev)
+            tcp_flags=flags, state=state, prev_state=prev,
+            flags=abi.EventFlag.AUDIT if audit else 0)
 
     def session_entry(self, src: str, dst: str, proto: int, sport: int, dport: int, *,
                       state: int, rule: str | None, gen: int = GEN, ifindex: int = 7,
@@ -240,6 +246,12 @@ def kernel_records(k: Kernel) -> list[bytes]:
                  flags=F.SYN | F.FIN, judged=False),
         k.record(dr, "::", "::", 0, verdict=V.DROPPED, reason=R.INVALID, family=0,
                  judged=False, length=20),
+        # Aggregated: one event for 250 denied packets of one flow; an
+        # audited would-be drop (audit mode let it pass).
+        k.record(vt, c4, w4, tcp, 40022, 81, verdict=V.DENIED, reason=R.DEFAULT, flags=syn,
+                 count=250),
+        k.record(dr, w4, d4, tcp, 80, 40023, verdict=V.AUDIT, reason=R.STATE, flags=synack,
+                 judged=False, audit=True, count=3),
         # An interface gone before the record was read; a RST.
         k.record(vt, c4, w4, tcp, 40030, 80, verdict=V.ALLOWED, reason=R.RULE,
                  rule="client-to-web", flags=rst, ifindex=GONE_IF),
@@ -268,7 +280,7 @@ class FakeDatapath:
         self.gen = 0
         self.lost = 0
 
-    def apply_policy(self, compiled: CompiledPolicy, grace_s: float | None = None) -> int:
+    def apply_policy(self, compiled: CompiledPolicy, converge: bool = True) -> int:
         self.gen += 1
         return self.gen
 
@@ -276,7 +288,8 @@ class FakeDatapath:
         pass
 
     def read_event_stats(self) -> dict:
-        return {abi.EventType.VERDICT: (1000, self.lost), abi.EventType.SESSION: (10, 0)}
+        return {(abi.Ring.DENIALS, abi.EventType.VERDICT): (1000, self.lost),
+                (abi.Ring.EVENTS, abi.EventType.SESSION): (10, 0)}
 
 
 def policy_events(tmp: Path) -> list[dict]:
@@ -382,9 +395,15 @@ def test_what_the_events_say(events: list[dict]) -> None:
     assert gone["interface"] is None and gone["tcp_flags"] == ["RST"]
     (old,) = [e for e in by_type(events, "verdict") if e["src"]["port"] == 40040]
     assert old["rule"] is None and old["src"]["workload"] == "client"  # named by address
-    (synack,) = [e for e in by_type(events, "drop") if e["reason"] == "state"]
+    (synack,) = [e for e in by_type(events, "drop") if e["reason"] == "state"
+                 and not e["audit"]]
     assert synack["tcp_flags"] == ["SYN", "ACK"] and synack["policy_generation"] == GEN
     assert synack["src"]["workload"] == "web" and synack["rule"] is None
+    assert synack["verdict"] == "dropped" and synack["count"] == 1
+    (audited,) = [e for e in by_type(events, "drop") if e["audit"]]
+    assert (audited["verdict"], audited["reason"], audited["count"]) == ("audit", "state", 3)
+    (flood,) = [e for e in by_type(events, "verdict") if e["count"] > 1]
+    assert (flood["verdict"], flood["count"], flood["bytes"]) == ("denied", 250, 250 * 74)
     (closed,) = [e for e in by_type(events, "session") if e["state"] == "closed"
                  and e["family"] == "ipv6"]
     assert closed["packets"] == {"orig": 6, "reply": 5}
@@ -441,7 +460,7 @@ def mutations() -> Iterator[tuple[str, str, object]]:
             del e[last]
         return change
 
-    yield "extra key", "verdict", setter("count", 1)
+    yield "extra key", "verdict", setter("staged", None)
     yield "extra key in an endpoint", "verdict", setter("src.node", "n1")
     yield "renamed key", "verdict", lambda e: e.__setitem__("generation",
                                                             e.pop("policy_generation"))
