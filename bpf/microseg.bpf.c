@@ -36,11 +36,31 @@ static __always_inline int maybe_reply(const struct packet *p)
 	return p->icmp == ICMP_KIND_ECHO_REPLY;
 }
 
+/* The packet may be a reply whose session was lost: the reply stage
+ * judges it the other way round (a tail call: its own program, so the
+ * verifier checks the second policy lookup apart from the first). *d is
+ * the packet's own outcome, which stands if the stage is not installed. */
+static __always_inline int judge_as_reply(struct __sk_buff *skb,
+					  const struct packet *p, __u32 dir,
+					  __u32 gen, struct decision *d)
+{
+	struct scratch *sc = scratch();
+
+	if (!sc)
+		return NEED_VERDICT;
+	sc->own = *d;
+	sc->direction = dir;
+	sc->generation = gen;
+	/* bpf_tail_call: continue in mseg_reply; returns only if not installed. */
+	stage_map.call(skb, STAGE_REPLY);
+	return NEED_VERDICT;
+}
+
 /* Everything after parsing, for a packet that has its L4 header. The
- * policy is consulted at one place (match_policy, in the loop below): for
- * a new flow in its own direction and, for a packet that may be a reply
- * whose session was lost, in the other; for a session whose generation is
- * stale, in the session's original direction. */
+ * policy is consulted once (judge_flow): for a new flow in its own
+ * direction, for a session whose generation is stale in the session's
+ * original one; a packet that may be a reply whose session was lost is
+ * judged the other way in the reply stage. */
 static __always_inline int process(struct __sk_buff *skb, const struct packet *p,
 				   __u32 dir, struct decision *d)
 {
@@ -96,27 +116,18 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 	if (s && !alone && s->generation == gen)
 		return account_session(skb, p, dir, &key, s, side, pending, 0, d);
 
-	/* Judge. A stale session: in its original direction. A new flow: in
-	 * its own direction, then — a packet that may be a reply whose session
-	 * was lost — in the other; a SYN-ACK only in the other. */
+	/* Judge: a stale session in its original direction; a new flow (or a
+	 * packet judged alone) in its own. A SYN-ACK is only ever a reply. */
 	int reval = s && !alone;
 	int synack = tcp && (tf & (TCP_FLAG_SYN | TCP_FLAG_ACK)) ==
 				    (TCP_FLAG_SYN | TCP_FLAG_ACK);
-	int last = reval || alone || stateless || !maybe_reply(p) ? 0 : 1;
-	int first = !reval && !alone && synack;
-	struct decision own = {};
-	int rev = 0;
-#pragma clang loop unroll(disable)
-	for (int pass = 0; pass < 2; pass++) {
-		if (pass < first || pass > last)
-			continue;
-		rev = reval ? side : pass;
-		judge_flow(p, rev, gen, d);
-		if (reval || d->verdict != VERDICT_DENIED)
-			break;
-		if (pass == 0)
-			own = *d;
+	if (!reval && !alone && synack) {
+		drop_packet(d, REASON_STATE); /* if nobody allowed its SYN */
+		d->generation = gen;
+		d->audit = AUDIT_BY_SRC;
+		return judge_as_reply(skb, p, dir, gen, d);
 	}
+	judge_flow(p, reval ? side : 0, gen, d);
 
 	if (reval) {
 		int r = revalidate_session(skb, p, dir, &key, s, side, pending, d);
@@ -128,24 +139,38 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 	if (alone)
 		return NEED_VERDICT;
 	if (d->verdict == VERDICT_DENIED) {
-		if (synack) {
-			/* A SYN-ACK nobody allowed the SYN of: the state machine
-			 * drops it (audit mode: passes). */
-			__u32 g = d->generation;
-			drop_packet(d, REASON_STATE);
-			d->generation = g;
-			d->audit = AUDIT_BY_SRC;
-			return NEED_VERDICT;
-		}
-		if (first == 0 && last == 1)
-			*d = own; /* both ways denied: judged in its own direction */
+		/* Maybe a reply whose session was lost: judged the other way. */
+		if (!stateless && maybe_reply(p))
+			return judge_as_reply(skb, p, dir, gen, d);
 		return NEED_VERDICT;
 	}
 	/* Stateless ICMP, or an allowed RST (nothing to track): the verdict
 	 * is all. */
 	if (stateless || (tcp && (tf & TCP_FLAG_RST)))
 		return NEED_VERDICT;
-	return open_session(skb, p, dir, &key, is_lo, rev, reuse, d);
+	return open_session(skb, p, dir, &key, is_lo, 0, reuse, d);
+}
+
+/* After the verdict: counters and events, the new session's "new" event,
+ * a first fragment remembered for the rest. */
+static __always_inline int finish_packet(struct __sk_buff *skb, struct scratch *sc,
+					 __u32 dir, struct decision *d, int act)
+{
+	struct packet *p = &sc->packet;
+
+	if (act == NEED_VERDICT) {
+		if (d->audit >= AUDIT_BY_DST) /* one lookup, whichever stage asked */
+			d->audit = audited(p->family, d->audit == AUDIT_BY_SRC ? p->saddr
+									      : p->daddr,
+					   active_generation()) ? AUDIT_YES : AUDIT_NO;
+		/* A new session's verdict and "new" event share its clock read. */
+		__u64 now = sc->opened ? sc->session.created_ns : precise_now();
+		act = apply_verdict(skb, p, dir, d, now);
+		report_new_session(skb, p, dir); /* after its verdict, if any */
+	}
+	if (p->frag == FRAG_FIRST)
+		remember_first_fragment(p, d);
+	return act;
 }
 
 static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir, int l3)
@@ -176,19 +201,7 @@ static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir, int l
 	} else {
 		act = process(skb, p, dir, &d);
 	}
-	if (act == NEED_VERDICT) {
-		if (d.audit >= AUDIT_BY_DST) /* one lookup, whichever stage asked */
-			d.audit = audited(p->family, d.audit == AUDIT_BY_SRC ? p->saddr
-									     : p->daddr,
-					  active_generation()) ? AUDIT_YES : AUDIT_NO;
-		/* A new session's verdict and "new" event share its clock read. */
-		__u64 now = sc->opened ? sc->session.created_ns : precise_now();
-		act = apply_verdict(skb, p, dir, &d, now);
-		report_new_session(skb, p, dir); /* after its verdict, if any */
-	}
-	if (p->frag == FRAG_FIRST)
-		remember_first_fragment(p, &d);
-	return act;
+	return finish_packet(skb, sc, dir, &d, act);
 }
 
 /* Links with an Ethernet header (veth, bridges, tap, physical NICs). */
@@ -239,4 +252,32 @@ int mseg_flush(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, 0, &k, sizeof(k)))
 		return FLUSH_NONE;
 	return flush_flow(&k, precise_now());
+}
+
+/* The reply stage (stage_map[STAGE_REPLY]), tail-called by every entry
+ * point for a packet that has no session, is not a connection start and
+ * is denied in its own direction: allowed the other way round, it is a
+ * reply whose session was lost (evicted, swept, a daemon started without
+ * pins) and opens the session with its destination as originator;
+ * otherwise its own outcome stands. */
+int mseg_reply(struct __sk_buff *skb)
+{
+	struct scratch *sc = scratch();
+	struct decision d = {};
+
+	if (!sc)
+		return TC_ACT_SHOT;
+	struct packet *p = &sc->packet;
+	__u32 dir = sc->direction & 1;
+	struct session_key key = {};
+	int is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
+				     p->sport, p->dport, &key);
+	int act = NEED_VERDICT;
+
+	judge_flow(p, 1, sc->generation, &d);
+	if (d.verdict == VERDICT_DENIED)
+		d = sc->own; /* neither way: the packet's own outcome */
+	else if (!(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
+		act = open_session(skb, p, dir, &key, is_lo, 1, 0, &d);
+	return finish_packet(skb, sc, dir, &d, act);
 }

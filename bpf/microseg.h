@@ -406,6 +406,68 @@ struct event {
 /* Verdict and drop events: packets[0] is the number of packets the event
  * stands for (>= 1: aggregation), bytes[0] their bytes. */
 
+/* ---- scratch_map[0]: what one packet's handling keeps beside the stack --
+
+ * Per CPU. The packet, and records too big to build on the 512-byte stack
+ * next to the rest. Pinned, like every map: the reply stage (mseg_reply, a
+ * tail call) reads what the entry program wrote, and an entry program left
+ * attached by an earlier daemon calls the stage the current one installed;
+ * within an ABI version the layout is the same. A program run is never
+ * interrupted by another one using it on the same CPU: TC programs run
+ * with bottom halves off, and the programs userspace runs with
+ * BPF_PROG_TEST_RUN (mseg_clock, mseg_flush) never touch it. */
+
+/* A parsed packet (bpf/lib/parse.h). */
+struct packet {
+	__u8 saddr[16];      /* IPv4 in the first 4 bytes, rest zero */
+	__u8 daddr[16];
+	__u16 sport;         /* host order; ICMP echo: the identifier */
+	__u16 dport;
+	__u32 len;           /* skb->len: what counters and events report */
+	__u32 segs;          /* packets this skb stands for (GSO), >= 1 */
+	__u32 frag_id;
+	__u32 frag_offset;   /* fragments: payload offset in bytes */
+	__u32 frag_len;      /* fragments: payload bytes in this fragment */
+	__u8 frag_more;      /* fragments: more follow (MF / M flag) */
+	__u8 family;         /* 4 or 6 */
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 frag;           /* enum frag_kind */
+	__u8 icmp;           /* enum icmp_kind */
+	__u16 quote_off;     /* ICMP_KIND_ERROR: offset of the quoted packet */
+} __attribute__((aligned(8))); /* addresses are compared as u64 words */
+
+/* The outcome of a policy lookup or of a drop, as the stages pass it on
+ * (bpf/lib/decision.h). */
+struct decision {
+	__u32 rule_id;
+	__u32 generation;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8 verdict;  /* enum mseg_verdict */
+	__u8 reason;   /* enum mseg_reason */
+	__u8 audit;    /* enum audit_check: does audit mode let a drop pass? */
+	__u8 pad;
+};
+
+struct scratch {
+	struct packet packet;          /* the packet being handled */
+	struct session_value session;  /* a new session (open_session) */
+	struct agg_key agg_key;        /* a denied flow (report_denial) */
+	struct agg_value agg;
+	struct decision own;           /* the reply stage: the packet's own verdict */
+	__u32 opened;                  /* session above just opened: side + 1 */
+	__u32 direction;               /* the reply stage: the hook's direction */
+	__u32 generation;              /* the reply stage: the generation judged */
+	__u32 pad[2];                  /* to a multiple of 8 (struct packet's alignment) */
+};
+
+/* stage_map: the programs entry points tail-call. */
+enum mseg_stage {
+	STAGE_REPLY = 0,        /* mseg_reply: judge a packet as a reply */
+	STAGE_MAX = 1,
+};
+
 /* clock_map[0], written by the mseg_clock entry when userspace runs it:
  * one instant on both session clocks, to convert jiffies to time. */
 struct clock_sample {

@@ -75,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(RunConfig(
         interfaces=args.interface, policy_path=args.policy,
         policy_default_audit=args.policy_default == "audit",
+        insecure_policy_permissions=args.insecure_policy_permissions,
         socket_path=args.socket or default_socket(), socket_group=args.socket_group,
         pin_dir=args.pin_dir, keep_on_exit=args.keep_on_exit,
         session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes,
@@ -408,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-default", choices=["audit"], default=None,
                    help="with no policy file yet, run the built-in policy: default allow "
                         "in audit mode (observe everything, enforce nothing)")
+    p.add_argument("--insecure-policy-permissions", action="store_true",
+                   help="use a policy file that users other than root could change "
+                   "(refused otherwise, like sshd's StrictModes); warned at every reload")
     _socket_option(p)
     p.add_argument("--socket-group", metavar="GROUP",
                    help="let this group use the control socket (mode 0660)")

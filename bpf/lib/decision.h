@@ -8,16 +8,6 @@
 
 #include "../microseg.h"
 
-struct decision {
-	__u32 rule_id;
-	__u32 generation;
-	__u32 src_identity;
-	__u32 dst_identity;
-	__u8 verdict;  /* enum mseg_verdict */
-	__u8 reason;   /* enum mseg_reason */
-	__u8 audit;    /* enum audit_check: does audit mode let a drop pass? */
-	__u8 pad;
-};
 
 /* decision.audit. A stage that drops a packet audit mode may let pass says
  * whose mode decides; handle_packet() looks it up once (resolve_audit). */

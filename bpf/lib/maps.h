@@ -12,7 +12,6 @@
 #define MSEG_MAPS_H
 
 #include "../microseg.h"
-#include "parse.h"
 
 #ifndef MSEG_SESSION_CAPACITY
 #define MSEG_SESSION_CAPACITY 1048576
@@ -118,20 +117,11 @@ MSEG_MAP("hash", struct agg_key, struct agg_value, agg_map,
 /* settings_map[0]: see struct settings. */
 MSEG_MAP("array", u32, struct settings, settings_map, 1, 0);
 
-/* Room for records too big to build on the 512-byte stack next to the
- * rest, per CPU; private to one load (not pinned). A program run is never
- * interrupted by another one using it on the same CPU: TC programs run
- * with bottom halves off, and the programs userspace runs with
- * BPF_PROG_TEST_RUN (mseg_clock, mseg_flush) never touch it. */
-struct scratch {
-	struct packet packet;          /* the packet being handled */
-	struct session_value session;  /* a new session (open_session) */
-	struct agg_key agg_key;        /* a denied flow (report_denial) */
-	struct agg_value agg;
-	__u32 opened;                  /* session above just opened: side + 1 */
-	__u32 pad;
-};
-BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
+/* scratch_map[0], per CPU: see struct scratch. */
+MSEG_MAP("percpu_array", u32, struct scratch, scratch_map, 1, 0);
+
+/* The stages entry points tail-call (enum mseg_stage), set by the loader. */
+MSEG_MAP("prog", u32, u32, stage_map, STAGE_MAX, 0);
 
 static __always_inline struct scratch *scratch(void)
 {

@@ -19,6 +19,7 @@
 #define MSEG_PARSE_H
 
 #include <uapi/linux/bpf.h>
+#include "../microseg.h"
 #include "proto.h"
 
 
@@ -68,24 +69,6 @@ struct quoted {
 	__u8 pad[3];
 } __attribute__((aligned(8)));
 
-struct packet {
-	__u8 saddr[16];      /* IPv4 in the first 4 bytes, rest zero */
-	__u8 daddr[16];
-	__u16 sport;         /* host order; ICMP echo: the identifier */
-	__u16 dport;
-	__u32 len;           /* skb->len: what counters and events report */
-	__u32 segs;          /* packets this skb stands for (GSO), >= 1 */
-	__u32 frag_id;
-	__u32 frag_offset;   /* fragments: payload offset in bytes */
-	__u32 frag_len;      /* fragments: payload bytes in this fragment */
-	__u8 frag_more;      /* fragments: more follow (MF / M flag) */
-	__u8 family;         /* 4 or 6 */
-	__u8 proto;
-	__u8 tcp_flags;
-	__u8 frag;           /* enum frag_kind */
-	__u8 icmp;           /* enum icmp_kind */
-	__u16 quote_off;     /* ICMP_KIND_ERROR: offset of the quoted packet */
-} __attribute__((aligned(8))); /* addresses are compared as u64 words */
 
 /* Valid TCP flag combinations (FIN SYN RST PSH ACK URG bits; ECE/CWR are
  * ignored), as nf_conntrack's tcp_valid_flags: bit n set <=> n is valid.

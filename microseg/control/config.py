@@ -16,6 +16,7 @@ class RunConfig:
     interfaces: list[str] = field(default_factory=list)
     policy_path: str = DEFAULT_POLICY
     policy_default_audit: bool = False
+    insecure_policy_permissions: bool = False
     socket_path: str = DEFAULT_SOCKET
     socket_group: str | None = None
     pin_dir: str = DEFAULT_PIN_DIR

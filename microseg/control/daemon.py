@@ -86,7 +86,8 @@ class Daemon:
             pin_dir=cfg.pin_dir, session_capacity=cfg.session_capacity,
             ringbuf_bytes=cfg.ringbuf_bytes))
         self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
-                                    builtin_fallback=cfg.policy_default_audit)
+                                    builtin_fallback=cfg.policy_default_audit,
+                                    insecure_permissions=cfg.insecure_policy_permissions)
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
         self.names = Names(self.policy.compiled_for, self.interfaces.name_of,
                            lambda: self.policy.active.compiled if self.policy.active else None)
@@ -118,6 +119,10 @@ class Daemon:
                 return
             raise StartupError(f"policy file {path} not found (use --policy-default audit to "
                                "observe without one)")
+        try:
+            self.policy.check_permissions()
+        except PolicyError as e:
+            raise StartupError(f"policy file {path} {e.errors[0].message}") from None
         try:
             load_policy_file(path)
         except PolicyError as e:

@@ -137,6 +137,12 @@ class Ring(enum.IntEnum):
 EVENT_STATS_SLOTS = len(Ring) * EVENT_TYPE_SLOTS
 
 
+class Stage(enum.IntEnum):
+    """Slots of stage_map: the programs the entry points tail-call."""
+
+    REPLY = 0
+
+
 def event_stats_index(ring: int, event_type: int) -> int:
     """Index into event_stats_map, as in bpf/lib/events.h."""
     return ring * EVENT_TYPE_SLOTS + event_type
@@ -278,6 +284,22 @@ EVENT = Layout("event", (
     ("prev_state", "B"), ("flags", "B"), ("_pad", "10x"),
 ))
 
+PACKET = Layout("packet", (
+    ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"), ("dport", "H"), ("len", "I"),
+    ("segs", "I"), ("frag_id", "I"), ("frag_offset", "I"), ("frag_len", "I"),
+    ("frag_more", "B"), ("family", "B"), ("proto", "B"), ("tcp_flags", "B"), ("frag", "B"),
+    ("icmp", "B"), ("quote_off", "H"),
+))
+DECISION = Layout("decision", (
+    ("rule_id", "I"), ("generation", "I"), ("src_identity", "I"), ("dst_identity", "I"),
+    ("verdict", "B"), ("reason", "B"), ("audit", "B"), ("_pad", "x"),
+))
+SCRATCH = Layout("scratch", (
+    ("packet", f"{PACKET.size}s"), ("session", f"{SESSION_VALUE.size}s"),
+    ("agg_key", f"{AGG_KEY.size}s"), ("agg", f"{AGG_VALUE.size}s"),
+    ("own", f"{DECISION.size}s"), ("opened", "I"), ("direction", "I"), ("generation", "I"),
+    ("_pad", "8x"),
+))
 CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
 SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q"), ("reused", "Q"),
                                          ("promoted", "Q"), ("agg_full", "Q")))
@@ -288,5 +310,5 @@ LAYOUTS = (
     SESSION_KEY, SESSION_VALUE, HOST4_KEY, HOST6_KEY, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE,
     POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
     FRAG_VALUE, AGG_KEY, AGG_VALUE, SETTINGS, EVENT, CLOCK_SAMPLE, SESSION_STATS,
-    DAEMON_STATE,
+    DAEMON_STATE, PACKET, DECISION, SCRATCH,
 )

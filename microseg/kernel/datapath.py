@@ -120,14 +120,27 @@ class Datapath:
             self.bpf = None
         self.maps.clear()
 
-    def unpin(self) -> None:
+    def unpin(self) -> list[str]:
+        """Remove every pin this program owns, and the pin directory if it is
+        then empty; the pins that could not be removed (logged)."""
         if not self.config.pin_dir:
-            return
-        for name in self.config.map_specs():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.config.pin_dir, name))
+            return []
+        names = list(self.config.map_specs())
+        left: list[str] = []
+        for _attempt in range(2):
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.config.pin_dir, name))
+            # What is still (or again) there: say so, and try once more.
+            left = [n for n in names if os.path.exists(os.path.join(self.config.pin_dir, n))]
+            if not left:
+                break
+        if left:
+            log.error("pins left in %s after removing them: %s", self.config.pin_dir,
+                      ", ".join(left))
         with contextlib.suppress(OSError):
             os.rmdir(self.config.pin_dir)
+        return left
 
     # -- attaching ---------------------------------------------------------
 

@@ -66,6 +66,9 @@ class InterfaceManager:
         self.failed: dict[str, str] = {}  # name -> why, for status
         self._names: dict[int, str] = {}
         self._lock = threading.Lock()
+        # Set by detach_all (the daemon is stopping): a link resync still
+        # running in a worker thread must not attach anything after it.
+        self._closed = False
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -73,6 +76,8 @@ class InterfaceManager:
     def sync(self) -> tuple[list[str], list[str]]:
         """Attach new matching links, forget vanished ones: (added, removed)."""
         with self._lock:
+            if self._closed:
+                return [], []
             links = current_links()
             self._names = links
             present = set(links.values())
@@ -100,6 +105,11 @@ class InterfaceManager:
                 except Exception as e:  # netlink errors come in many kinds
                     self.failed[name] = str(e)
                     log.error("attach %s failed: %s", name, e)
+                    # One hook may be attached: never leave half of it behind.
+                    try:
+                        self.datapath.detach(idx, remove_clsact=False)
+                    except Exception as e2:
+                        log.error("removing what was attached to %s failed: %s", name, e2)
                     continue
                 self.failed.pop(name, None)
                 self.attached[idx] = Attached(name, a.created_clsact, l3)
@@ -120,6 +130,7 @@ class InterfaceManager:
 
     def detach_all(self) -> None:
         with self._lock:
+            self._closed = True
             for idx, a in list(self.attached.items()):
                 try:
                     self.datapath.detach(idx, remove_clsact=a.created_clsact)

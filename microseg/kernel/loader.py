@@ -33,9 +33,12 @@ PROG_INGRESS_L3 = "mseg_ingress_l3"
 PROG_EGRESS_L3 = "mseg_egress_l3"
 PROG_CLOCK = "mseg_clock"
 PROG_FLUSH = "mseg_flush"
+PROG_REPLY = "mseg_reply"
 # Loaded at start; the L3 entry points only when a link needs them (each
 # program costs its verifier run).
-PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH)
+PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH, PROG_REPLY)
+# stage_map's slots and the programs that fill them (enum mseg_stage).
+STAGES = {abi.Stage.REPLY: PROG_REPLY}
 
 _U32 = struct.Struct("<I")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
@@ -228,5 +231,10 @@ def load_program(config: DatapathConfig, programs: tuple[str, ...] = PROGRAMS) -
     maps = {name: bpfsys.BpfMap(bpf.get_table(name.encode()).map_fd, name)
             for name in config.map_specs()}
     maps["meta_map"].update(_U32.pack(0), _U32.pack(abi.ABI_VERSION))
+    # The stages the entry points tail-call: this load's programs (also for
+    # entry points an earlier daemon left attached: same ABI, same maps).
+    for stage, name in STAGES.items():
+        if name in fds:
+            maps["stage_map"].update(_U32.pack(stage), _U32.pack(fds[name]))
     return LoadedProgram(bpf, fds, maps, LoadReport(t1 - t0, t2 - t1, warnings, reused))
 

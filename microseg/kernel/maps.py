@@ -20,6 +20,7 @@ KINDS = {
     "lru_hash": bpfsys.BPF_MAP_TYPE_LRU_HASH,
     "lpm_trie": bpfsys.BPF_MAP_TYPE_LPM_TRIE,
     "ringbuf": bpfsys.BPF_MAP_TYPE_RINGBUF,
+    "prog": bpfsys.BPF_MAP_TYPE_PROG_ARRAY,
 }
 FLAGS = {"0": 0, "BPF_F_NO_PREALLOC": bpfsys.BPF_F_NO_PREALLOC}
 
@@ -80,6 +81,8 @@ MAPS: tuple[MapDef, ...] = (
     MapDef("agg_map", "hash", abi.AGG_KEY, abi.AGG_VALUE, "MSEG_AGG_CAPACITY",
            "BPF_F_NO_PREALLOC"),
     MapDef("settings_map", "array", U32, abi.SETTINGS, "1"),
+    MapDef("scratch_map", "percpu_array", U32, abi.SCRATCH, "1"),
+    MapDef("stage_map", "prog", U32, U32, "STAGE_MAX"),
 )
 """Every hash/array map of the program, in maps.h's order."""
 
@@ -91,6 +94,7 @@ CONSTANT_CAPACITIES: dict[str, int] = {
     "STATS_SLOTS": abi.STATS_SLOTS,
     "MAX_RULES": abi.MAX_RULES,
     "EVENT_STATS_SLOTS": abi.EVENT_STATS_SLOTS,
+    "STAGE_MAX": len(abi.Stage),
     "1": 1,
     "2": 2,
 }

@@ -28,6 +28,7 @@ from microseg.policy.parse import (
     load_policy_file,
     open_policy_file,
 )
+from microseg.policy.permissions import UntrustedPath, check_trusted
 
 log = logging.getLogger("microseg.policy")
 
@@ -75,10 +76,12 @@ class ActivePolicy:
 
 class PolicyManager:
     def __init__(self, datapath, path: str, *, publish: Callable[[dict], object] | None = None,
-                 builtin_fallback: bool = False) -> None:
+                 builtin_fallback: bool = False, insecure_permissions: bool = False) -> None:
         self.datapath = datapath
         self.path = path
         self.builtin_fallback = builtin_fallback
+        # --insecure-policy-permissions: use a file others could change (warned).
+        self.insecure_permissions = insecure_permissions
         self._publish = publish
         self.active: ActivePolicy | None = None
         self.last: ReloadResult | None = None
@@ -146,17 +149,39 @@ class PolicyManager:
                             at_ns=time.time_ns())
 
     def _digest(self) -> str:
-        """The content's sha256 or, for a file that cannot be read, why: a
-        state already rejected is not judged again either."""
+        """The content's sha256 and who may change it or, for a file that
+        cannot be read, why: a state already rejected is not judged again
+        either (and one whose permissions were mended is)."""
+        try:
+            check_trusted(self.path)
+            trust = "trusted"
+        except (UntrustedPath, OSError) as e:
+            trust = str(e)
         try:
             with open_policy_file(self.path) as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
+                return hashlib.file_digest(f, "sha256").hexdigest() + " " + trust
         except OSError as e:
             return f"unreadable: {e}"
+
+    def check_permissions(self) -> None:
+        """Refuse a policy file anyone but root could change (PolicyError),
+        unless --insecure-policy-permissions: then say so, every time."""
+        try:
+            check_trusted(self.path)
+        except UntrustedPath as e:
+            if not self.insecure_permissions:
+                raise PolicyError(self.path, [Issue(1, 1, (
+                    f"refused: {e}: only root may be able to change the policy "
+                    "(--insecure-policy-permissions to use it anyway)"))]) from None
+            log.warning("policy file %s: %s; used anyway (--insecure-policy-permissions)",
+                        self.path, e)
+        except OSError:
+            pass  # unreadable: the read says so
 
     def _read(self) -> LoadedPolicy:
         try:
             with gc_paused():
+                self.check_permissions()
                 return load_policy_file(self.path)
         except PolicyError as e:
             missing = not Path(self.path).exists()

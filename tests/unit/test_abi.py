@@ -32,6 +32,7 @@ ENUMS = {
     "mseg_session_flags": (abi.SessionFlag, "SESSION_"),
     "mseg_event_flags": (abi.EventFlag, "EVENT_F_"),
     "mseg_ring": (abi.Ring, "RING_"),
+    "mseg_stage": (abi.Stage, "STAGE_"),
 }
 
 

@@ -308,7 +308,7 @@ def policy_events(tmp: Path) -> list[dict]:
             path.unlink()
             assert (await pm.reload("SIGHUP", force=True)).result == "rejected"
         finally:
-            pm.converge_now()
+            await pm.converge_now()
 
     try:
         asyncio.run(go())
