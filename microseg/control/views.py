@@ -80,6 +80,10 @@ class Views:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
         self._baseline: Report | None = None
+        # The programs' stack depths need a verification of their own (a
+        # second or so each): measured once, in the background, when first
+        # asked for.
+        self._measuring: asyncio.Future | None = None
 
     # -- the report -----------------------------------------------------------
 
@@ -104,7 +108,10 @@ class Views:
         entries = sum(census.values())
         return Report(
             version=__version__, counters=dict(counters), rule_hits=rule_hits,
-            sessions=census, session_capacity=p.cfg.session_capacity,
+            # Both tables: answered sessions, and the quarter as many more
+            # that have seen one direction only (docs/how-it-works.md).
+            sessions=census,
+            session_capacity=p.cfg.session_capacity + dp.config.pending_capacity,
             sessions_expired=p.sweeper.expired_total if p.sweeper else 0,
             sessions_evicted=evictions(made, swept, entries),
             sessions_created=made.created, sessions_revoked=made.revoked,
@@ -136,6 +143,15 @@ class Views:
 
     # -- GET /v1/stats --------------------------------------------------------
 
+    def _programs(self) -> dict:
+        """The verifier's figures per program; stack depths null until
+        measured (started here, the first time)."""
+        dp = self.parts.datapath
+        if self._measuring is None:
+            self._measuring = asyncio.get_running_loop().run_in_executor(
+                None, lambda: dp.verifier_figures(measure=True))
+        return dp.verifier_figures()
+
     async def stats(self) -> dict:
         r = await self.report()
         base = self._baseline
@@ -165,6 +181,7 @@ class Views:
             "counters": counters,
             "sessions": {"entries": entries, "capacity": r.session_capacity,
                          "fill": round(entries / r.session_capacity, 6),
+                         "pending_capacity": self.parts.datapath.config.pending_capacity,
                          "by_state": by_state,
                          "expired_total": r.sessions_expired,
                          "created_total": r.sessions_created,
@@ -186,7 +203,8 @@ class Views:
                        "reloads_total": r.policy_reloads,
                        "reload_failures_total": r.policy_reload_failures},
             "datapath": {"runs": runs, "run_time_ns": run_ns,
-                         "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None},
+                         "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None,
+                         "programs": self._programs()},
             "flow_log": r.flow_log,
         }
 

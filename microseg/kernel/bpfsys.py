@@ -108,6 +108,7 @@ _PROG_INFO_ID = 4
 _PROG_INFO_NAME = 64
 _PROG_INFO_RUN_TIME_NS = 192
 _PROG_INFO_RUN_CNT = 200
+_PROG_INFO_VERIFIED_INSNS = 216
 
 LIB.bpf_obj_get.argtypes = [ctypes.c_char_p]
 LIB.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
@@ -165,6 +166,7 @@ class ProgInfo:
     name: str
     run_time_ns: int
     run_cnt: int
+    verified_insns: int  # instructions the verifier processed (kernel >= 5.16; else 0)
 
 
 def prog_info(fd: int) -> ProgInfo:
@@ -179,6 +181,9 @@ def prog_info(fd: int) -> ProgInfo:
         run_time_ns=int.from_bytes(raw[_PROG_INFO_RUN_TIME_NS:_PROG_INFO_RUN_TIME_NS + 8],
                                    "little"),
         run_cnt=int.from_bytes(raw[_PROG_INFO_RUN_CNT:_PROG_INFO_RUN_CNT + 8], "little"),
+        verified_insns=int.from_bytes(
+            raw[_PROG_INFO_VERIFIED_INSNS:_PROG_INFO_VERIFIED_INSNS + 4], "little")
+        if size.value >= _PROG_INFO_VERIFIED_INSNS + 4 else 0,
     )
 
 

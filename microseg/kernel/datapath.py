@@ -30,6 +30,7 @@ from microseg.kernel.loader import (
     load_program,
 )
 from microseg.kernel.loader import PROG_FLUSH as PROG_FLUSH
+from microseg.kernel.loader import PROG_REPLY as PROG_REPLY
 from microseg.kernel.records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class Datapath:
         self.clock_fd = -1
         self.flush_fd = -1
         self._l3_fds: tuple[int, int] | None = None
+        self._reply_fd = -1
+        # Stack depth per program, from a verification with statistics
+        # (verifier_figures(measure=True)): bytes per subprogram.
+        self._stack_depths: dict[str, tuple[int, ...]] = {}
         # What each generation slot holds (None until read or written).
         self._slots: dict[int, tuple[dict[str, dict[bytes, bytes]], bytes]] = {}
         self._converge: tuple[int, dict[str, dict[bytes, bytes]], bytes] | None = None
@@ -84,6 +89,7 @@ class Datapath:
         self.egress_fd = prog.prog_fds[PROG_EGRESS]
         self.clock_fd = prog.prog_fds[PROG_CLOCK]
         self.flush_fd = prog.prog_fds[PROG_FLUSH]
+        self._reply_fd = prog.prog_fds[PROG_REPLY]
         self._generation = self.active_generation()
         return prog.report
 
@@ -99,10 +105,27 @@ class Datapath:
         return self._l3_fds
 
     def program_fds(self) -> dict[str, int]:
-        """Every program loaded so far, by name."""
-        out = {PROG_INGRESS: self.ingress_fd, PROG_EGRESS: self.egress_fd}
+        """The packet programs loaded so far, by name."""
+        out = {PROG_INGRESS: self.ingress_fd, PROG_EGRESS: self.egress_fd,
+               PROG_REPLY: self._reply_fd}
         if self._l3_fds is not None:
             out[PROG_INGRESS_L3], out[PROG_EGRESS_L3] = self._l3_fds
+        return out
+
+    def verifier_figures(self, *, measure: bool = False) -> dict[str, dict]:
+        """Per packet program: instructions the verifier processed (the
+        kernel's count) and its stack depth in bytes. The stack depth needs
+        the program verified once more with statistics (a second or so per
+        program): measure=True does it for those not measured yet; until
+        then it is null."""
+        out = {}
+        for name, fd in self.program_fds().items():
+            if measure and name not in self._stack_depths and self.bpf is not None:
+                st = bpfsys.verifier_stats(self.bpf.dump_func(name.encode()), name)
+                self._stack_depths[name] = st.stack_depth
+            depth = self._stack_depths.get(name)
+            out[name] = {"instructions": bpfsys.prog_info(fd).verified_insns,
+                         "stack_depth": list(depth) if depth is not None else None}
         return out
 
     def write_settings(self, event_window_ns: int, handover_jiffies: int) -> None:
