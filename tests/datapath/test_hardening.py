@@ -332,3 +332,41 @@ def test_an_rcu_grace_period_is_available() -> None:
     t0 = time.monotonic()
     bpfsys.wait_for_running_programs()
     assert time.monotonic() - t0 < 5
+
+
+# -- IP inside PPPoE and MPLS is judged, not passed as non-IP --------------------
+
+def _pppoe(inner: bytes, ppp_proto: int) -> bytes:
+    from scapy.layers.l2 import Ether
+
+    pppoe = bytes([0x11, 0x00, 0x00, 0x01]) + (len(inner) + 2).to_bytes(2, "big")
+    return bytes(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b", type=0x8864)) \
+        + pppoe + ppp_proto.to_bytes(2, "big") + inner
+
+
+def _mpls(inner: bytes, labels: int = 2) -> bytes:
+    from scapy.layers.l2 import Ether
+
+    stack = b"".join(((100 + i) << 12 | (1 << 8 if i == labels - 1 else 0) | 64)
+                     .to_bytes(4, "big") for i in range(labels))
+    return bytes(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b", type=0x8847)) \
+        + stack + inner
+
+
+@pytest.mark.parametrize("wrap", ["pppoe", "mpls"])
+def test_ip_inside_pppoe_and_mpls_is_judged(dp: Harness, wrap: str) -> None:
+    dp.install(shop())
+
+    def framed(pkt) -> bytes:
+        inner = bytes(pkt)[14:]  # the IP packet, without its Ethernet header
+        v6 = inner[0] >> 4 == 6
+        return _pppoe(inner, 0x0057 if v6 else 0x0021) if wrap == "pppoe" else _mpls(inner)
+
+    for allowed, denied in ((tcp(WEB4, DB4, 40050, 5432), tcp(ROGUE4, DB4, 40051, 5432)),
+                            (tcp(WEB6, DB6, 40052, 5432), tcp("fd00:203::66", DB6, 40053,
+                                                              5432))):
+        assert dp.send(framed(allowed)).passed
+        out = dp.send(framed(denied))
+        assert out.dropped and out.verdict.verdict == Verdict.DENIED
+    # Not IP inside (an MPLS pseudowire's Ethernet, a PPP control protocol): passes.
+    assert dp.send(_pppoe(b"\xc0\x21" + bytes(20), 0xC021)).passed
