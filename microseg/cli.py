@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-capacity", type=int, default=1 << 20, metavar="N",
                    help="session table size (default: %(default)s)")
     p.add_argument("--ringbuf-bytes", type=_size, default=16 << 20, metavar="N",
-                   help="event ring buffer size, a power of two (default: 16MiB)")
+                   help="size of each of the two event ring buffers (events; denials and "
+                   "drops), a power of two (default: 16MiB)")
     p.add_argument("--flow-log", metavar="FILE", help="append every event to FILE as NDJSON")
     p.add_argument("--flow-log-max-bytes", type=_size, default=100 << 20, metavar="N",
                    help="rotate the flow log at this size (default: 100MiB)")

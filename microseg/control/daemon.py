@@ -167,6 +167,14 @@ class Daemon:
             self.hub.continue_after(journal.last_seq)
         self.hub.on_seq = journal.record_seq
         self.pipeline.journal = journal
+        if self.cfg.flow_log:
+            # Subscribed before the first event: the start's policy event,
+            # and what an earlier daemon left in the ring, are logged too.
+            from microseg.exporters.flowlog import FlowLog
+
+            parts.flowlog = FlowLog(self.cfg.flow_log, self.cfg.flow_log_max_bytes,
+                                    self.cfg.flow_log_keep)
+            parts.flowlog.start(self.hub)
         res = await self.policy.reload("start", force=True)
         if res.result != "applied":
             raise StartupError("invalid policy:\n" + "\n".join(res.errors))
@@ -177,12 +185,6 @@ class Daemon:
         for name in self.interfaces.missing():
             log.warning("interface %s not found (yet)", name)
         self.links.start(loop)
-        if self.cfg.flow_log:
-            from microseg.exporters.flowlog import FlowLog
-
-            parts.flowlog = FlowLog(self.cfg.flow_log, self.cfg.flow_log_max_bytes,
-                                    self.cfg.flow_log_keep)
-            parts.flowlog.start(self.hub)
         await loop.run_in_executor(None, self.views.mark_baseline)
         await self._serve()
         for sig in (signal.SIGINT, signal.SIGTERM):

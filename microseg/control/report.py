@@ -43,6 +43,7 @@ class Report:
     sessions_revoked: int = 0              # entries the datapath deleted (revocation)
     sessions_reused: int = 0               # closed entries deleted for a new connection
     sessions_promoted: int = 0             # sessions that saw their first reply
+    sessions_pending: int = 0              # entries that have seen one direction only
     denials_unaggregated: int = 0          # reported one by one: agg_map was full
     sweeps: int = 0
     last_sweep: dict | None = None

@@ -91,7 +91,10 @@ class Views:
         """Every figure, read now (blocking: run it in a worker thread)."""
         p = self.parts
         dp = p.datapath
-        census = session_census(dp.session_batches(8192))
+        census = session_census(dp.maps["session_map"].lookup_batch_raw(8192))
+        one_way = session_census(dp.maps["pending_map"].lookup_batch_raw(8192))
+        for key, n in one_way.items():
+            census[key] = census.get(key, 0) + n
         counters = dp.read_stats()
         rule_stats = dp.read_rule_stats()
         run_ns, runs = dp.run_stats()
@@ -116,6 +119,7 @@ class Views:
             sessions_evicted=evictions(made, swept, entries),
             sessions_created=made.created, sessions_revoked=made.revoked,
             sessions_reused=made.reused, sessions_promoted=made.promoted,
+            sessions_pending=sum(one_way.values()),
             denials_unaggregated=made.agg_full,
             sweeps=p.sweeper.sweeps if p.sweeper else 0, last_sweep=p.last_sweep,
             events_published=dict(p.hub.published),
@@ -181,6 +185,7 @@ class Views:
             "counters": counters,
             "sessions": {"entries": entries, "capacity": r.session_capacity,
                          "fill": round(entries / r.session_capacity, 6),
+                         "pending": r.sessions_pending,
                          "pending_capacity": self.parts.datapath.config.pending_capacity,
                          "by_state": by_state,
                          "expired_total": r.sessions_expired,
@@ -246,6 +251,7 @@ class Views:
             "datapath": {
                 "pin_dir": cfg.pin_dir,
                 "session_capacity": cfg.session_capacity,
+                "pending_capacity": p.datapath.config.pending_capacity,
                 "ringbuf_bytes": cfg.ringbuf_bytes,
                 "keep_on_exit": cfg.keep_on_exit,
             },

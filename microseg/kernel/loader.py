@@ -68,9 +68,10 @@ class DatapathConfig:
 
     @property
     def denials_bytes(self) -> int:
-        """The ring of denied verdicts and drops: a quarter of the main one
-        (they are aggregated per flow; bpf/lib/aggregate.h)."""
-        return max(mmap.PAGESIZE, self.ringbuf_bytes // 4)
+        """The ring of denied verdicts and drops: as large as the main one
+        (--ringbuf-bytes is each ring's size), for --event-window 0, where
+        every denied packet is an event."""
+        return self.ringbuf_bytes
 
     def capacities(self) -> dict[str, int]:
         """The configurable capacities, by their C symbol (-D flags)."""

@@ -182,7 +182,10 @@ def test_an_unanswered_flood_cannot_evict_a_working_connection(
     source port, at a port nobody answers on; session capacity 16,384.
     The established connection made before keeps its session and works."""
     lab = new_lab(LAB)
-    d = daemons.start(lab, FLOOD_POLICY, "--session-capacity", str(CAPACITY))
+    # A million events (a verdict and a session for every packet): the flow
+    # log keeps the last 20 MiB of them, all checked against the schema.
+    d = daemons.start(lab, FLOOD_POLICY, "--session-capacity", str(CAPACITY),
+                      "--flow-log-max-bytes", "10MiB", "--flow-log-keep", "1")
     hold = lab.spawn("client", [sys.executable, "-m", "microseg.lab.traffic", "hold", "tcp",
                                 lab.ipv4("server"), "7000", "--interval", "0.05"],
                      stdout=subprocess.PIPE, text=True)
@@ -198,6 +201,8 @@ def test_an_unanswered_flood_cannot_evict_a_working_connection(
         held = [r for r in rows if r["dst"]["port"] == 7000 and r["protocol"] == "tcp"]
         assert len(held) == 1 and held[0]["replied"], held
         assert held[0]["state"] == "established"
+        # The same entry all along: never evicted and picked up again.
+        assert held[0]["age_s"] >= time.monotonic() - t0 - 1, held
         pending = [r for r in rows if not r["replied"]]
         assert len(pending) <= CAPACITY // 4
         time.sleep(0.5)  # a few more exchanges after the flood
@@ -258,6 +263,38 @@ def test_a_denied_flood_is_aggregated_exactly_and_costs_no_other_event(
     new = [e for e in events() if e["type"] == "session" and e["state"] == "new"
            and e["dst"]["port"] == 7000]
     assert len(new) == len(allowed)
+
+
+def test_denials_held_while_no_daemon_runs_are_reported_by_the_next(
+        new_lab, daemons: Daemons) -> None:
+    """The kernel aggregates with no daemon running; the next daemon reports
+    what it held: the counts of the events about the denials made meanwhile
+    sum to exactly what the counters gained."""
+    lab = new_lab(LAB)
+    d = daemons.start(lab, FLOOD_POLICY)
+
+    def denied() -> int:
+        st = json.loads(d.cli("stats", "--json").stdout)
+        return sum(c["packets"] for c in st["counters"] if c["verdict"] == "denied")
+
+    before = denied()
+    last_seq = json.loads(d.cli("stats", "--json").stdout)["events"]["last_seq"]
+    d.kill()
+    r = lab.run("rogue", [sys.executable, "-m", "microseg.lab.traffic", "flood", "udp",
+                          lab.ipv4("server"), "9", "--count", "500", "--sources", "50"])
+    assert r.returncode == 0
+    d.start()
+    gained = denied() - before
+    assert gained > 400
+
+    def reported() -> int:
+        if not d.flow_log.exists():  # opened at the first event written
+            return 0
+        events = [orjson.loads(x) for x in d.flow_log.read_bytes().splitlines()]
+        return sum(e["count"] for e in events if e["type"] == "verdict"
+                   and e["verdict"] == "denied" and e["seq"] > last_seq)
+
+    assert wait_for(lambda: reported() == gained, timeout=10), (reported(), gained)
 
 
 # -- a stop after a takeover ----------------------------------------------------------

@@ -28,9 +28,11 @@ from .harness import DaemonProcess, Daemons, LabSpec, wait_until
 LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec("db", 30)],
               prefix="mst4", subnet4="10.205.0.0/24", subnet6="fd00:205::/64",
               serve={"web": {"tcp": [80, 81]}, "db": {"udp": [53, 54]}})
+# --event-window 0: every denied packet its own event — this module drives
+# the pipeline with floods of them (aggregation: tests/e2e/test_hardening.py).
 DAEMON_ARGS = ("--flow-log-max-bytes", "64KiB", "--flow-log-keep", "2",
                "--timeout", "udp_new=2", "--timeout", "udp_established=2",
-               "--sweep-interval", "0.5")
+               "--sweep-interval", "0.5", "--event-window", "0")
 
 POLICY = """\
 version: 1
@@ -67,7 +69,7 @@ rules:
 
 VERDICT_KEYS = {"time", "seq", "type", "verdict", "reason", "rule", "policy_generation",
                 "direction", "interface", "family", "protocol", "src", "dst", "tcp_flags",
-                "bytes"}
+                "bytes", "count"}
 SESSION_KEYS = {"time", "seq", "type", "state", "prev_state", "rule", "policy_generation",
                 "direction", "interface", "family", "protocol", "src", "dst", "packets",
                 "bytes", "duration_s"}
@@ -410,7 +412,8 @@ def test_stats(daemon: DaemonProcess) -> None:
     assert r.returncode == 0
     st = json.loads(r.stdout)
     assert st["packets"]["allowed"] > 0 and st["packets"]["denied"] > 0
-    assert st["sessions"]["capacity"] == 1 << 20
+    # --session-capacity answered sessions, and a quarter as many one-way ones
+    assert st["sessions"]["capacity"] == (1 << 20) + (1 << 18)
     assert st["events"]["published"]["verdict"] > 0
     assert st["datapath"]["avg_ns_per_packet"] > 0
     assert st["policy"]["generation"] == daemon.generation()
@@ -452,7 +455,8 @@ def test_ring_buffer_overflow_is_reported_exactly(new_lab, daemons: Daemons, wat
     is reported in a `lost` event, and what arrived plus what was lost is
     exactly what the kernel produced."""
     lab = new_lab(SMALL_RING_LAB)
-    d = daemons.start(lab, "version: 1\ndefault: deny\n", "--ringbuf-bytes", "4096")
+    d = daemons.start(lab, "version: 1\ndefault: deny\n", "--ringbuf-bytes", "4096",
+                      "--event-window", "0")  # every denied packet an event
     w = watch(d)
     stats = lambda: json.loads(d.cli("stats", "--json").stdout)  # noqa: E731
     before = stats()["events"]["kernel"]

@@ -166,7 +166,8 @@ def test_values_agree_with_the_traffic(scraped) -> None:
     assert v("microseg_policy_reload_failures_total") == 1
     assert v("microseg_policy_rules") == 4 and v("microseg_policy_workloads") == 3
     assert v("microseg_interfaces_attached") == 3
-    assert v("microseg_session_table_capacity") == d.status()["datapath"]["session_capacity"]
+    dp = d.status()["datapath"]
+    assert v("microseg_session_table_capacity") == dp["session_capacity"] + dp["pending_capacity"]
     assert v("microseg_session_table_entries") == v("sum(microseg_sessions)") > 0
     st = d.api("GET", "/v1/stats")
     assert v('microseg_events_total{type="policy"}') == st["events"]["published"]["policy"]

@@ -53,7 +53,9 @@ def lab(new_lab) -> Lab:
 
 @pytest.fixture
 def daemon(lab: Lab, daemons: Daemons) -> DaemonProcess:
-    return daemons.start(lab, POLICY, "--ringbuf-bytes", "65536")
+    # --event-window 0: the rogue's denials, one event each, overflow the ring
+    # while no daemon runs (aggregation: tests/e2e/test_hardening.py).
+    return daemons.start(lab, POLICY, "--ringbuf-bytes", "65536", "--event-window", "0")
 
 
 def retransmits(lab: Lab) -> int:

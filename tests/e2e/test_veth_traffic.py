@@ -10,6 +10,7 @@ import pytest
 
 from microseg.kernel.abi import EventType, Verdict
 from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.maps import RINGS
 from microseg.kernel.records import decode_events
 from microseg.kernel.ringbuf import RingBuffer
 from microseg.lab.topology import Lab, WorkloadSpec
@@ -52,7 +53,7 @@ def test_policy_enforced_on_real_traffic_then_detached(lab: Lab) -> None:
     dp.load()
     compiled = compile_policy(_policy(lab))
     dp.apply_policy(compiled)
-    ring = RingBuffer(dp.maps["events"].fd, 128)
+    rings = [RingBuffer(dp.maps[name].fd, 128) for name in RINGS.values()]
     ifaces = [lab.ifindex(n) for n in ("client", "server")]
     try:
         # Open before attaching: nothing filters yet.
@@ -75,7 +76,7 @@ def test_policy_enforced_on_real_traffic_then_detached(lab: Lab) -> None:
         # Rules have a direction: the server may not open to the client.
         assert not lab.probe("server", "tcp", lab.ipv4("client"), 8080, timeout=0.5)
 
-        events = list(decode_events(ring.drain(1 << 20).runs))
+        events = [e for ring in rings for e in decode_events(ring.drain(1 << 20).runs)]
         verdicts = [e for e in events if e.type == EventType.VERDICT]
         allowed = {(compiled.rule_names.get(e.rule_id), e.family) for e in verdicts
                    if e.verdict == Verdict.ALLOWED}
@@ -94,7 +95,8 @@ def test_policy_enforced_on_real_traffic_then_detached(lab: Lab) -> None:
     finally:
         for i in ifaces:
             dp.detach(i)
-        ring.close()
+        for ring in rings:
+            ring.close()
         dp.close()
     for n in ("client", "server"):
         assert "microseg" not in _tc_filters(lab.host_if(n))
