@@ -32,6 +32,7 @@ from scapy.layers.l2 import Ether
 
 from microseg.kernel import abi, bpfsys
 from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.maps import RINGS
 from microseg.kernel.records import addr16, session_key
 from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import compile_policy
@@ -63,7 +64,7 @@ def session_batches(n: int, gen: int, *, created_ns: int, last_seen: int,
                     chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
     """n established TCP sessions between workload addresses, as the
     datapath would have left them: (keys, values, count) for update_batch."""
-    ks, vs = abi.SESSION_KEY.struct, abi.SESSION_VALUE.struct
+    ks = abi.SESSION_KEY.struct
     keys, values = bytearray(), bytearray()
     for i in range(n):
         a = bytes(map(int, workload_ip4(i % 1000).split("."))) + bytes(12)
@@ -72,9 +73,12 @@ def session_batches(n: int, gen: int, *, created_ns: int, last_seen: int,
         key = session_key(4, 6, a, b, sport, dport)  # the datapath's canonical order
         lo = key[:16] == a
         keys += key
-        values += vs.pack(created_ns, last_seen, 10, 10, 1000, 1000, 1, gen, 2, 4, 1, 2,
-                          abi.State.ESTABLISHED, abi.SessionFlag.ORIG_LO if lo else 0,
-                          abi.Verdict.ALLOWED, abi.Reason.RULE)
+        values += abi.SESSION_VALUE.pack(
+            created_ns=created_ns, last_seen=last_seen, seen=(last_seen, last_seen),
+            packets=(10, 10), bytes=(1000, 1000), rule_id=1, generation=gen, owner=(2, 4),
+            src_identity=1, dst_identity=2, state=abi.State.ESTABLISHED,
+            flags=abi.SessionFlag.ORIG_LO if lo else 0, verdict=abi.Verdict.ALLOWED,
+            reason=abi.Reason.RULE)
         if len(keys) >= chunk * ks.size or i == n - 1:
             yield bytes(keys), bytes(values), len(keys) // ks.size
             keys.clear()
@@ -97,9 +101,11 @@ def measure(runs: int = 5, repeat: int = 1_000_000, new_flows: int = 60_000,
     dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1 << 20,
                                  ringbuf_bytes=1 << 28, source=HARNESS))
     load = dp.load()
-    ring = RingBuffer(dp.maps["events"].fd, abi.EVENT.size)
+    ring = Rings(dp)
+    dp.l3_programs()
+    # The verifier's own figures on this kernel, per program.
     results: dict = {"compile_s": round(load.compile_s, 3), "load_s": round(load.load_s, 3),
-                     "scenarios": {}}
+                     "verifier": dp.verifier_figures(measure=True), "scenarios": {}}
     try:
         for label, n_rules in (("rules_10000", big_rules), ("rules_10", 10)):
             pol = synthetic_policy(workloads, n_rules)
@@ -132,7 +138,7 @@ def _allowed_pair(pol: Policy) -> tuple[int, int, int]:
     raise ValueError("no workload-to-workload tcp allow rule")
 
 
-def _scenario(dp: Datapath, ring: RingBuffer, floor_fd: int, pol: Policy, runs: int,
+def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
               repeat: int, new_flows: int, workloads: int) -> dict:
     src, dst, port = _allowed_pair(pol)
     s4, d4 = workload_ip4(src), workload_ip4(dst)
@@ -203,9 +209,24 @@ def _arm(ctl: bpfsys.BpfMap, sport_off: int) -> None:
     ctl.update(b"\0\0\0\0", one * bpfsys.possible_cpus())
 
 
+class Rings:
+    """Both ring buffers, drained together (denials have their own)."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.rings = [RingBuffer(dp.maps[name].fd, abi.EVENT.size) for name in RINGS.values()]
+
+    def drain(self, limit: int) -> None:
+        for r in self.rings:
+            r.drain(limit)
+
+    def close(self) -> None:
+        for r in self.rings:
+            r.close()
+
+
 def _delete_flows(dp: Datapath, src: str, dst: str, dport: int, n: int) -> None:
     """Remove the sessions a harness run created (the base load stays)."""
     fam = 6 if ":" in src else 4
     a, b = addr16(src), addr16(dst)
     keys = b"".join(session_key(fam, 6, a, b, _BASE_PORT + i, dport) for i in range(n))
-    dp.maps["session_map"].delete_batch(keys, n)
+    dp.maps["pending_map"].delete_batch(keys, n)  # a SYN's session waits for its reply

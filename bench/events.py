@@ -48,7 +48,9 @@ def decode_rate(records: int) -> dict:
         c = compile_policy(pol)
         gen = dp.apply_policy(c)
         denied = tcp_packet("10.9.0.1", "10.9.0.2", 40000, 80, "S")
-        ring = RingBuffer(dp.maps["events"].fd, abi.EVENT.size)
+        # Denied SYNs: their records land in the denials ring (one each: the
+        # datapath's aggregation window is 0 until a daemon sets it).
+        ring = RingBuffer(dp.maps["denials"].fd, abi.EVENT.size)
         en = Enricher(Names(lambda g: c, lambda i: "eth0"), TimeFormatter(wall_offset_ns()),
                       lambda: gen)
         out = {}
@@ -110,7 +112,9 @@ def end_to_end(events: int, burst: int, *, ringbuf_bytes: int, paced: bool,
                                  "--policy", policy, "--socket", sock, "--pin-dir",
                                  f"/sys/fs/bpf/microseg-bench-ev-{os.getpid()}",
                                  "--flow-log", flow, "--flow-log-max-bytes", "1GiB",
-                                 "--ringbuf-bytes", str(ringbuf_bytes)],
+                                 "--ringbuf-bytes", str(ringbuf_bytes),
+                                 # every denied packet its own event: a pipeline load
+                                 "--event-window", "0"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_for(lambda: os.path.exists(sock) and _get(sock, "/v1/status")["ready"],
                         timeout=60)

@@ -75,6 +75,13 @@ def _datapath(res: dict) -> list[str]:
             "lookups and two events (verdict and session `new`); profiled during development "
             "at roughly 160, 160 and 125 ns on this VM, which is why that target is not met "
             "here."]
+    if res.get("verifier"):
+        out += ["", "The verifier's figures for each program on this kernel (limits: 1,000,000 "
+                "instructions processed, 512 bytes of stack):", "",
+                "| program | instructions processed | stack depth |", "|---|---|---|"]
+        out += [f"| `{name}` | {v['instructions']:,} | "
+                f"{'+'.join(map(str, v['stack_depth'] or [])) or '—'} bytes |"
+                for name, v in res["verifier"].items()]
     return out
 
 

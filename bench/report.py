@@ -48,6 +48,11 @@ def datapath_table(res: dict) -> list[str]:
     row("new allowed flow v6", "new_flow_v6")
     est = big["established_v4"]["median_ns"]
     lines.append(f"  => {1e9 / est / 1e6:.1f} Mpps per core on the established path (1e9 / ns)")
+    lines += ["", f"  {'verifier, on this kernel':26s}{'insns processed':>18s}"
+                  f"{'stack depth':>18s}   limits: 1,000,000 / 512 bytes"]
+    for name, v in res.get("verifier", {}).items():
+        depth = "+".join(map(str, v["stack_depth"] or []))
+        lines.append(f"  {name:26s}{v['instructions']:>18,}{depth:>18s}")
     return lines
 
 

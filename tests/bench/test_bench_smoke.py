@@ -25,6 +25,12 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     assert "established TCP v4" in r.stdout
     res = json.loads(out.read_text())
     assert res["mode"] == "quick" and res["machine"]["kernel"]
+    verifier = res["datapath"]["verifier"]
+    assert {"mseg_ingress", "mseg_egress", "mseg_ingress_l3", "mseg_egress_l3",
+            "mseg_reply"} <= set(verifier)
+    for v in verifier.values():
+        assert 0 < v["instructions"] < 1_000_000 and 0 < max(v["stack_depth"]) <= 512
+    assert "insns processed" in r.stdout
     for scenario in res["datapath"]["scenarios"].values():
         for key in ("floor", "established_v4", "established_v6", "denied_v4", "denied_v6",
                     "new_flow_v4", "new_flow_v6", "rewrite_floor"):
