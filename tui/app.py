@@ -405,8 +405,10 @@ class TopApp(App[int]):
         for e in keep:
             v = e.get("verdict") or ""
             style = VERDICT_STYLE.get(v, "")
+            n = e.get("count") or 1  # an aggregated denial stands for n packets
             rows.append((f"{e['seq']}:{e['time']}", (
-                Cell(e["time"][11:26], e["time"]), Cell(v, style=style),
+                Cell(e["time"][11:26], e["time"]),
+                Cell(f"{v} x{n}" if n > 1 else v, v, style=style),
                 Cell(e.get("reason") or ""), Cell(str(e.get("protocol"))),
                 Cell(_ep(e.get("src")), style=style if v == "denied" else ""),
                 Cell(_ep(e.get("dst")), style=style if v == "denied" else ""),

@@ -122,7 +122,8 @@ class Model:
                 c = matrix.get(key)
                 if c is None:
                     c = matrix[key] = Counter()
-                c[e.get("verdict") or "dropped"] += 1
+                # packets, not events: a denial event stands for `count` of them
+                c[e.get("verdict") or "dropped"] += e.get("count") or 1
             elif t == "session":
                 recent.append(line)
             elif t == "lost":

@@ -188,6 +188,12 @@ def test_matrix_counts_accumulate_over_calls() -> None:
     assert m.events_seen == 4
 
 
+def test_matrix_counts_the_packets_an_aggregated_denial_stands_for() -> None:
+    m = Model()
+    feed(m, [event(1, verdict="allowed"), {**event(2, verdict="denied"), "count": 250}])
+    assert m.matrix[("web", "db")] == {"allowed": 1, "denied": 250}
+
+
 def test_matrix_uses_workload_never_address() -> None:
     m = Model()
     feed(m, [event(1, src=ep("10.0.0.7"), dst=ep("10.0.0.8", "db", 1))])
