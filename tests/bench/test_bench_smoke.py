@@ -4,6 +4,8 @@ cannot rot: every figure present, positive, and the JSON written."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,21 @@ pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(900)  # about 4 minutes on a quiet machine
 def test_quick_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    r = subprocess.run([sys.executable, "-m", "bench", "--mode", "quick", "--output", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Its own process group: if it must be stopped, the daemons and traffic
+    # it started go with it.
+    p = subprocess.Popen([sys.executable, "-m", "bench", "--mode", "quick", "--output",
+                          str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=600)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    r = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     assert r.returncode == 0, r.stderr
     assert "established TCP v4" in r.stdout
     res = json.loads(out.read_text())

@@ -213,6 +213,9 @@ def test_an_unanswered_flood_cannot_evict_a_working_connection(
     # Every exchange during and after the flood came back; none timed out.
     lines = out.split()
     results = [w for w in lines if not w.isdigit()]
+    print(f"{kind} flood: sessions made {_created(d) - made:,} over {elapsed:.1f} s, "
+          f"one-way entries held {len(pending):,}, the connection's session kept "
+          f"({held[0]['packets']}), {len(results)} exchanges all answered")
     assert results and set(results) == {"ok"}, out[-500:]
     assert len(results) >= elapsed * 20 * 0.5, (len(results), elapsed)
 
@@ -250,6 +253,8 @@ def test_a_denied_flood_is_aggregated_exactly_and_costs_no_other_event(
     # The held counts come within a window (1 s) of the flood's end.
     assert wait_for(lambda: summed() == total, timeout=10), (summed(), total)
     denied = [e for e in events() if e["type"] == "verdict" and e["verdict"] == "denied"]
+    print(f"denied flood: {total:,} packets counted, {len(denied)} events, "
+          f"sum of counts {summed():,}")
     per_second = Counter(e["time"][:19] for e in denied)
     # One flow (hping3 varies the source port only): at most a report and a
     # flush per second of flood.
