@@ -289,7 +289,9 @@ static __always_inline int account_session(struct __sk_buff *skb,
 			emit_session_event(skb, p, dir, side, s, next,
 					   public_state(state), precise_now());
 	}
-	if (pending && s->packets[side ^ 1])
+	/* Both directions seen: a session that works. (A RST is no answer: an
+	 * entry it closed stays with the one-way ones and expires there.) */
+	if (pending && s->packets[side ^ 1] && next != STATE_CLOSED)
 		promote_session(key, s);
 	if (reported)
 		return NEED_VERDICT;

@@ -82,6 +82,16 @@ def test_a_connection_whose_session_was_lost_goes_on_when_the_server_speaks_firs
     assert _table(dp, "session_map") == 1 and _table(dp, "pending_map") == 0
 
 
+def test_a_rst_is_no_answer(dp: Harness) -> None:
+    """An ACK nobody listens for gets a RST back: the entry closes and stays
+    with the one-way sessions (it must not take room among working ones)."""
+    dp.install(shop())
+    assert dp.send(tcp(WEB4, DB4, 40060, 5432, "A")).passed
+    assert dp.send(tcp(DB4, WEB4, 5432, 40060, "R")).passed
+    assert (_table(dp, "pending_map"), _table(dp, "session_map")) == (1, 0)
+    assert dp.session(WEB4, DB4).state == State.CLOSED
+
+
 def test_an_echo_reply_whose_session_was_lost_passes(dp: Harness) -> None:
     dp.install(shop(PING))
     out = dp.send(ping(DB4, WEB4, ident=77, reply=True))
