@@ -20,7 +20,7 @@ ARCH=$(dpkg --print-architecture)
 # for the README's `watch --json | jq` examples.
 PACKAGES="python3-bpfcc python3-venv python3-pip bpftool iproute2 iputils-ping
   libbpf1 linux-headers-$ARCH tmux iperf3 nftables hping3 sockperf prometheus
-  procps psmisc jq"
+  procps psmisc jq docker.io busybox-static"
 
 missing=""
 for p in $PACKAGES; do
