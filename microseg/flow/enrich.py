@@ -132,7 +132,7 @@ class Names:
             return compiled.workload_of_identity.get(identity)
         # No identity in the record (a drop before the policy lookup, or an
         # address no prefix covers): find it by address, cached per policy.
-        key = (id(compiled), family, raw)
+        key = (compiled.serial, family, raw)
         try:
             return self._ip_workload[key]
         except KeyError:

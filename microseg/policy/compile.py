@@ -33,6 +33,7 @@ entries and the datapath rewrites only those.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import struct
 from array import array
 from collections import Counter, defaultdict
@@ -101,6 +102,8 @@ class CompiledPolicy:
     ids: dict[str, dict]             # what identity and class ids name, for the next compile
     workload_of_identity: dict[int, str | None] = field(default_factory=dict)
     rule_names: dict[int, str] = field(default_factory=dict)
+    # Unique per compile, for caches keyed by compile (an id() is reused).
+    serial: int = field(default_factory=itertools.count(1).__next__)
 
     def __post_init__(self) -> None:
         self.workload_of_identity = {e.identity: e.workload for e in self.identities}

@@ -14,13 +14,15 @@ import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from microseg.gcpause import gc_paused
+from microseg.inventory.model import DiscoveredWorkload
 from microseg.policy.compile import CompiledPolicy, compile_policy
-from microseg.policy.model import Policy
+from microseg.policy.inventory import Known, Merged, changes, merge
+from microseg.policy.model import Discovery, Policy
 from microseg.policy.parse import (
     Issue,
     LoadedPolicy,
@@ -72,11 +74,18 @@ class ActivePolicy:
     compiled: CompiledPolicy
     generation: int
     loaded_at_ns: int
+    merged: Merged | None = None  # the policy file's and the discovered workloads
+
+
+# Generations whose compiled policy is kept to name what events judged
+# under them mention: with discovery, a container start is a generation.
+HISTORY = 8
 
 
 class PolicyManager:
     def __init__(self, datapath, path: str, *, publish: Callable[[dict], object] | None = None,
-                 builtin_fallback: bool = False, insecure_permissions: bool = False) -> None:
+                 builtin_fallback: bool = False, insecure_permissions: bool = False,
+                 on_discover: Callable[[Discovery], object] | None = None) -> None:
         self.datapath = datapath
         self.path = path
         self.builtin_fallback = builtin_fallback
@@ -95,6 +104,16 @@ class PolicyManager:
         # Generations whose rule/identity names events may still mention.
         self.history: dict[int, CompiledPolicy] = {}
         self.first_generation = 0  # the first this daemon applied
+        # Discovered workloads, by source then name, as sources last
+        # reported them; `inventory_version` counts the reports, so a report
+        # already compiled in by an apply queued before it is not applied again.
+        self.discovered: dict[str, Mapping[str, DiscoveredWorkload]] = {}
+        self.inventory_version = 0
+        self._applied_inventory = 0
+        self.inventory_applies = 0
+        self.known: dict[str, Known] = {}   # every workload by name, as last applied
+        self._on_discover = on_discover     # the policy's `discover` section changed
+        self._shadowed: tuple[str, ...] = ()
 
     # -- reading what runs -----------------------------------------------------
 
@@ -189,30 +208,71 @@ class PolicyManager:
                 return builtin_audit_policy()
             raise e from None
 
-    async def _apply(self, loaded: LoadedPolicy, reason: str, started: float) -> ReloadResult:
+    async def update_discovered(self, source: str,
+                                workloads: Mapping[str, DiscoveredWorkload]) -> int | None:
+        """A source's whole inventory, after it changed: compiled in with
+        the running policy file and applied as a generation, like a reload.
+        Reports that arrive while an apply runs are applied together by the
+        next one. Before the first policy is applied, only kept. Returns the
+        generation that enforces it (None: not applied yet)."""
+        self.discovered[source] = workloads
+        self.inventory_version += 1
+        want = self.inventory_version
+        async with self._lock:
+            if self.active is None:
+                return None
+            if self._applied_inventory >= want:
+                return self.generation  # a report after it was applied with it
+            res = await self._apply(self.active.loaded, "inventory", time.perf_counter(),
+                                    inventory=True)
+            return res.generation if res.result == "applied" else None
+
+    def forget_source(self, source: str) -> None:
+        """A source no longer followed (its `discover` entry went away)."""
+        self.discovered.pop(source, None)
+
+    async def _apply(self, loaded: LoadedPolicy, reason: str, started: float,
+                     inventory: bool = False) -> ReloadResult:
         loop = asyncio.get_running_loop()
         await self.converge_now()  # the previous switch's clean-up comes first
         previous = self.active.compiled if self.active else None
+        version = self.inventory_version
+        merged = merge(loaded.policy, self.discovered)
         try:
-            compiled = await loop.run_in_executor(None, _compile_quietly, loaded.policy, previous)
+            compiled = await loop.run_in_executor(None, _compile_quietly, merged.policy, previous)
             gen = await loop.run_in_executor(
                 None, lambda: self.datapath.apply_policy(compiled, converge=False))
         except (OSError, ValueError) as e:
             err = PolicyError(loaded.source, [Issue(1, 1, f"cannot apply: {e}")])
             return self._rejected(err, reason)
+        self._applied_inventory = version
         apply_ms = (time.perf_counter() - started) * 1000
-        self.active = ActivePolicy(loaded, compiled, gen, time.time_ns())
+        before = self.active
+        self.active = ActivePolicy(loaded, compiled, gen, time.time_ns(), merged)
         self.history[gen] = compiled
         self.first_generation = self.first_generation or gen
-        for old in sorted(self.history)[:-4]:
+        for old in sorted(self.history)[:-HISTORY]:
             del self.history[old]
         # The compiled policy is large and long-lived and has no cycles:
         # keep the cyclic collector from rescanning it under the event load.
         gc.freeze()
         self._converging = loop.run_in_executor(None, self.datapath.converge)
+        self._emit_workloads(merged)
+        if inventory:
+            self.inventory_applies += 1
+            log.debug("inventory applied generation=%d workloads=%d apply_ms=%.1f", gen,
+                      len(merged.known), apply_ms)
+            return ReloadResult("applied", gen, loaded.source, loaded.sha256,
+                                workloads=len(merged.known), apply_ms=apply_ms,
+                                at_ns=time.time_ns())
+        discover = loaded.policy.discover
+        if self._on_discover is not None and (
+                before is None or before.loaded.policy.discover != discover):
+            self._on_discover(discover)
         self.reloads_total += 1
         res = ReloadResult("applied", gen, loaded.source, loaded.sha256,
-                           warnings=[w.format(loaded.source) for w in loaded.warnings],
+                           warnings=[w.format(loaded.source) for w in loaded.warnings]
+                           + list(merged.warnings),
                            rules=len(loaded.policy.rules),
                            workloads=len(loaded.policy.workloads), apply_ms=apply_ms,
                            at_ns=time.time_ns())
@@ -235,6 +295,18 @@ class PolicyManager:
                   "(reason=%s)", self.generation, len(errors), errors[0], reason)
         self._emit(res)
         return res
+
+    def _emit_workloads(self, merged: Merged) -> None:
+        """A `workload` event for each workload added, removed or changed."""
+        old, self.known = self.known, merged.known
+        shadowed = set(merged.warnings) - set(self._shadowed)
+        self._shadowed = merged.warnings
+        for w in shadowed:  # said once, when it starts
+            log.warning("inventory: %s", w)
+        if self._publish is None:
+            return
+        for action, k in changes(old, merged.known):
+            self._publish({"type": "workload", "action": action, **k.as_dict()})
 
     def _emit(self, res: ReloadResult) -> None:
         if self._publish is not None:

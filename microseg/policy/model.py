@@ -89,6 +89,21 @@ class Rule:
         return cls(name, sels(src), sels(dst), action, proto, ranges)
 
 
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Where running workloads are discovered (`discover:`, docs/policy.md):
+    the container engine's socket, or None when not following one."""
+
+    docker_socket: str | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return ("docker",) if self.docker_socket else ()
+
+
 @dataclass(frozen=True)
 class Policy:
     default: ActionName = "deny"
@@ -97,3 +112,4 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     version: int = 1
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    discover: Discovery = Discovery()

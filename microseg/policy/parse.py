@@ -33,7 +33,16 @@ from ruamel.yaml.resolver import BaseResolver
 from ruamel.yaml.tag import Tag
 
 from microseg.kernel import abi
-from microseg.policy.model import PROTOCOLS, IPNetwork, Policy, Rule, Selector, Workload
+from microseg.policy.model import (
+    DEFAULT_DOCKER_SOCKET,
+    PROTOCOLS,
+    Discovery,
+    IPNetwork,
+    Policy,
+    Rule,
+    Selector,
+    Workload,
+)
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_NESTING = 500
@@ -46,7 +55,9 @@ MAX_NAME = 63
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PORT_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
-TOP_KEYS = ("version", "mode", "default", "workloads", "rules")
+TOP_KEYS = ("version", "mode", "default", "discover", "workloads", "rules")
+DISCOVER_KEYS = ("docker",)
+DOCKER_KEYS = ("socket",)
 WORKLOAD_KEYS = ("labels", "addresses", "mode")
 RULE_KEYS = ("name", "from", "to", "protocol", "ports", "action")
 SELECTOR_KEYS = ("workload", "labels", "cidr")
@@ -393,13 +404,39 @@ class _Validator:
             if "mode" in top else "enforce"
         default = self.choice(top["default"][1], "default", ("allow", "deny")) \
             if "default" in top else "deny"
+        discover = self._discover(top["discover"][1]) if "discover" in top else Discovery()
         workloads = self._workloads(top["workloads"][1]) if "workloads" in top else []
         rules = self._rules(top["rules"][1]) if "rules" in top else []
-        self._check_references()
+        self._check_references(discover)
         if version is None or mode is None or default is None or self.errors:
             return None
         return Policy(default=default, mode=mode, workloads=tuple(workloads),  # type: ignore[arg-type]
-                      rules=tuple(rules), version=version)
+                      rules=tuple(rules), version=version, discover=discover)
+
+    def _discover(self, node: Node) -> Discovery:
+        """`discover: {docker: {socket: PATH}}`; the socket is optional."""
+        fields = self.mapping(node, "discover", DISCOVER_KEYS)
+        if not fields:
+            if fields is not None:
+                self.error(node, "discover: empty; expected docker: {socket: PATH}")
+            return Discovery()
+        vnode = fields["docker"][1]
+        if isinstance(vnode, ScalarNode) and vnode.value in ("", None, "~", "null"):
+            return Discovery(DEFAULT_DOCKER_SOCKET)  # `docker:` alone: the default socket
+        docker = self.mapping(vnode, "discover.docker", DOCKER_KEYS)
+        if docker is None:
+            return Discovery()
+        if "socket" not in docker:
+            return Discovery(DEFAULT_DOCKER_SOCKET)
+        snode = docker["socket"][1]
+        path = self.scalar(snode, "discover.docker.socket", "the engine's socket path")
+        if path is None:
+            return Discovery()
+        if not path.startswith("/") or "\0" in path:
+            self.error(snode, f"discover.docker.socket: '{path}' is not an absolute path "
+                              "(e.g. /var/run/docker.sock)")
+            return Discovery()
+        return Discovery(os.path.normpath(path))
 
     def _version(self, top: dict[str, tuple[Node, Node]], root: Node) -> int | None:
         if "version" not in top:
@@ -643,14 +680,23 @@ class _Validator:
         net = self._network(vnode, where)
         return None if net is None else Selector("cidr", cidr=net)
 
-    def _check_references(self) -> None:
+    def _check_references(self, discover: Discovery) -> None:
         """Workload references and label matches, once every workload is
-        known (rules may come before workloads in a file)."""
+        known (rules may come before workloads in a file). With discovery, a
+        name or labels no static workload has may be a container's: said,
+        not refused."""
+        discovering = bool(discover.sources)
         for node, path, sel in self._references:
             if sel.kind == "workload" and sel.workload not in self._workload_names:
                 close = difflib.get_close_matches(sel.workload or "", self._workload_names, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                self.error(node, f"{path}: undefined workload '{sel.workload}'{hint}")
+                if discovering:
+                    self.warn(node, f"{path}: no static workload '{sel.workload}'{hint}; it "
+                                    "matches once a discovered container of that name runs")
+                else:
+                    self.error(node, f"{path}: undefined workload '{sel.workload}'{hint}")
+            elif discovering:
+                continue  # labels: containers carry their own
             elif sel.kind == "labels" and not any(set(sel.labels) <= ls
                                                  for ls in self._label_sets):
                 shown = ", ".join(f"{k}={v}" for k, v in sel.labels) or "{}"

@@ -291,7 +291,7 @@ class TestValues:
          "p.yaml:3:28: rules[0] (a).from.cidr: '111",
          "does not appear to be an IPv4 or IPv6 network)"),
         ("? " + "k" * 1_000_000 + "\n: v", "p.yaml:2:3: policy: unknown key 'kkk",
-         "(expected one of: version, mode, default, workloads, rules)"),
+         "(expected one of: version, mode, default, discover, workloads, rules)"),
     ], ids=["value", "workload-name", "cidr", "key"])
     def test_megabyte_strings_give_short_messages(self, text: str, head: str,
                                                   tail: str) -> None:

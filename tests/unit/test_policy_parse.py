@@ -285,3 +285,48 @@ def test_mutated_policies_never_crash(pos: int, junk: str) -> None:
         parse_policy(text.encode(), "p.yaml")
     except PolicyError as e:
         assert all(f.startswith("p.yaml:") for f in str(e).splitlines())
+
+
+# -- discover ------------------------------------------------------------------
+
+def test_discover_docker_socket_and_its_default() -> None:
+    p = parse_policy(b"version: 1\ndiscover:\n  docker: {socket: /run/podman/podman.sock}\n")
+    assert p.policy.discover.docker_socket == "/run/podman/podman.sock"
+    for text in ("docker: {}", "docker:", "docker: ~"):
+        p = parse_policy(f"version: 1\ndiscover:\n  {text}\n".encode())
+        assert p.policy.discover.docker_socket == "/var/run/docker.sock", text
+    assert parse_policy(b"version: 1\n").policy.discover.docker_socket is None
+
+
+def test_discover_errors_with_line_and_column() -> None:
+    errs = errors("""\
+        version: 1
+        discover:
+          docker: {socket: run/docker.sock, tls: true}
+          kubernetes: {}
+        """)
+    assert errs == [
+        "p.yaml:3:20: discover.docker.socket: 'run/docker.sock' is not an absolute path "
+        "(e.g. /var/run/docker.sock)",
+        "p.yaml:3:37: discover.docker: unknown key 'tls' (expected one of: socket)",
+        "p.yaml:4:3: discover: unknown key 'kubernetes' (expected one of: docker)",
+    ]
+    assert one("version: 1\ndiscover: {}\n") == \
+        "p.yaml:2:11: discover: empty; expected docker: {socket: PATH}"
+    assert one("version: 1\ndiscover: [docker]\n") == "p.yaml:2:11: discover: expected a mapping"
+
+
+def test_with_discovery_an_unknown_workload_name_is_a_warning() -> None:
+    text = textwrap.dedent("""\
+        version: 1
+        {discover}rules:
+          - {{name: to-db, from: {{labels: {{role: app}}}}, to: {{workload: shop-db}},
+             protocol: tcp, ports: [5432], action: allow}}
+        """)
+    # Without discovery: an error, as ever.
+    assert "undefined workload 'shop-db'" in one(text.format(discover=""))
+    # With it: a container of that name may run; said, not refused.
+    p = parse_policy(text.format(discover="discover: {docker: {}}\n").encode(), "p.yaml")
+    assert [w.format("p.yaml") for w in p.warnings] == [
+        "p.yaml:4:63: warning: rules[0] (to-db).to.workload: no static workload 'shop-db'; "
+        "it matches once a discovered container of that name runs"]

@@ -1,0 +1,93 @@
+"""The workloads a policy is compiled with: its own (source `static`) and the
+ones sources discover where they run (docs/policy.md "Discovery").
+
+A static workload wins over a discovered one of the same name; a discovered
+workload's addresses are host prefixes (/32, /128), so inside a static
+workload's CIDR the container is the more specific owner. Nothing here does
+I/O: the manager merges, compiles and applies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from microseg.inventory.model import DiscoveredWorkload
+from microseg.policy.model import IPNetwork, Policy, Workload
+
+STATIC = "static"
+
+# What a name must look like to be named in rules and events (the policy
+# file's rule, longer: engines allow longer names than policy files do).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
+
+Discovered = Mapping[str, Mapping[str, DiscoveredWorkload]]  # source -> name -> workload
+
+
+@dataclass(frozen=True)
+class Known:
+    """A workload as `microseg workloads` and `workload` events show it."""
+
+    name: str
+    source: str
+    labels: tuple[tuple[str, str], ...]
+    addresses: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"workload": self.name, "source": self.source, "labels": dict(self.labels),
+                "addresses": list(self.addresses)}
+
+
+@dataclass(frozen=True)
+class Merged:
+    policy: Policy                 # what is compiled
+    known: dict[str, Known]        # by name, the winner of each name
+    warnings: tuple[str, ...]      # shadowed names
+
+
+def address_text(net: IPNetwork) -> str:
+    """A host prefix as its address, a wider one as a CIDR."""
+    full = 32 if net.version == 4 else 128
+    return str(net.network_address) if net.prefixlen == full else str(net)
+
+
+def merge(policy: Policy, discovered: Discovered) -> Merged:
+    """The policy with every discovered workload of the sources its
+    `discover` section names; static names win."""
+    enabled = set(policy.discover.sources)
+    known: dict[str, Known] = {
+        w.name: Known(w.name, STATIC, w.labels, tuple(address_text(a) for a in w.addresses))
+        for w in policy.workloads}
+    extra: list[Workload] = []
+    warnings: list[str] = []
+    for source in sorted(discovered):
+        if source not in enabled:
+            continue
+        for name, d in sorted(discovered[source].items()):
+            if not _NAME.match(name):
+                warnings.append(f"{source} container '{name[:80]}' is ignored: its name is "
+                                "not a workload name (letters, digits, '.', '_', '-')")
+                continue
+            if name in known:
+                if known[name].source == STATIC:
+                    warnings.append(f"{source} container '{name}' has the name of a static "
+                                    "workload: the static one wins")
+                continue
+            known[name] = Known(name, source, d.labels, tuple(str(a) for a in d.addresses))
+            if d.addresses:
+                extra.append(Workload(name, tuple(ipaddress.ip_network(a) for a in d.addresses),
+                                      d.labels))
+    if not extra:
+        return Merged(policy, known, tuple(warnings))
+    return Merged(replace(policy, workloads=policy.workloads + tuple(extra)), known,
+                  tuple(warnings))
+
+
+def changes(old: Mapping[str, Known], new: Mapping[str, Known]) -> list[tuple[str, Known]]:
+    """(action, workload) turning old into new, removals first."""
+    out = [("removed", k) for name, k in old.items() if name not in new]
+    out += [("added" if name not in old else "changed", k)
+            for name, k in new.items() if old.get(name) != k]
+    return out
