@@ -154,6 +154,27 @@ class ReportCollector(Collector):
                                 value=s.policy_workloads)
         yield GaugeMetricFamily("microseg_interfaces_attached", "Interfaces the datapath is "
                                 "attached to", value=s.interfaces_attached)
+        workloads = GaugeMetricFamily("microseg_workloads", "Workloads the daemon knows, by "
+                                      "source (static: the policy file)", labels=["source"])
+        for source in sorted({"static", *s.workloads, *s.discovery_errors}):
+            workloads.add_metric([source], s.workloads.get(source, 0))
+        yield workloads
+        if s.discovery_events or s.discovery_errors:
+            changes = CounterMetricFamily("microseg_discovery_events", "Workloads added, "
+                                          "removed or changed by a discovery source",
+                                          labels=["source", "action"])
+            sources = {src for src, _ in s.discovery_events} | set(s.discovery_errors)
+            for source in sorted(sources):
+                for action in ("added", "removed", "changed"):
+                    changes.add_metric([source, action],
+                                       s.discovery_events.get((source, action), 0))
+            yield changes
+            errors = CounterMetricFamily("microseg_discovery_errors", "Times a discovery "
+                                         "source lost its engine (or could not reach it)",
+                                         labels=["source"])
+            for source in sorted(sources):
+                errors.add_metric([source], s.discovery_errors.get(source, 0))
+            yield errors
         yield CounterMetricFamily("microseg_datapath_run_time_seconds", "Time spent in the "
                                   "TC programs (kernel BPF run-time stats)",
                                   value=s.run_time_ns / 1e9)

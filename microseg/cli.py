@@ -246,8 +246,43 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     for w in loaded.warnings:
         print(w.format(args.file), file=sys.stderr)
     p = loaded.policy
+    if p.discover.docker_socket:
+        from microseg.inventory.docker import DockerSocketError, check_socket
+
+        try:
+            check_socket(p.discover.docker_socket)
+        except DockerSocketError as e:
+            print(f"{args.file}: discover: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    found = f", discovering from docker at {p.discover.docker_socket}" \
+        if p.discover.docker_socket else ""
     print(f"{args.file}: valid ({len(p.workloads)} workloads, {len(p.rules)} rules, "
-          f"{p.mode}, default {p.default})")
+          f"{p.mode}, default {p.default}{found})")
+    return 0
+
+
+def cmd_workloads(args: argparse.Namespace) -> int:
+    async def go(c: Client) -> list[bytes]:
+        out: list[bytes] = []
+        async for lines in c.stream_lines("/v1/workloads", source=args.source or None):
+            out.extend(lines)
+        return out
+
+    lines = _daemon(args, go)
+    assert isinstance(lines, list)
+    if args.json:  # the daemon's rows are the format: pass them through
+        _write_line(b"".join(lines))
+        return 0
+    rows = [("NAME", "SOURCE", "ADDRESSES", "SESSIONS", "LABELS")]
+    for line in lines:
+        w = orjson.loads(line)
+        rows.append((w["workload"], w["source"], ",".join(w["addresses"]) or "-",
+                     str(w["sessions"]),
+                     ",".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    print(f"{len(rows) - 1} workload{'s' if len(rows) != 2 else ''}", file=sys.stderr)
     return 0
 
 
@@ -451,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compact lines (default) or the JSON schema, one object per line")
     p.add_argument("--json", dest="output", action="store_const", const="json",
                    help="same as -o json")
-    p.add_argument("--type", choices=["verdict", "session", "drop", "policy", "lost"])
+    p.add_argument("--type", choices=["verdict", "session", "drop", "policy", "lost",
+                                      "workload"])
     p.add_argument("--verdict", choices=["allowed", "denied", "audit", "dropped"])
     p.add_argument("--ip", metavar="CIDR", help="source or destination in CIDR")
     p.add_argument("--from-ip", metavar="CIDR", help="source in CIDR")
@@ -509,6 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", metavar="NAME", help="either endpoint's workload")
     _socket_option(p)
     p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("workloads", help="every workload the daemon knows (like `cilium "
+                       "endpoint list`)",
+                       description="Every workload the daemon knows, from the policy file "
+                       "(source static) and discovered where they run (source docker): name, "
+                       "source, addresses, live sessions, labels.")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--source", metavar="S", help="only workloads from S (static, docker)")
+    _socket_option(p)
+    p.set_defaults(func=cmd_workloads)
 
     p = sub.add_parser("stats", help="counters, rates, table fill, events lost",
                        description="One-shot summary: packets by verdict with rates since "

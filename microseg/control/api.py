@@ -161,6 +161,12 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return json_response(await views.stats())
 
+    async def workloads(request: web.Request) -> web.Response:
+        rows = await views.workloads(request.query.get("source") or None)
+        return web.Response(body=b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
+                                          for r in rows),
+                            content_type="application/x-ndjson")
+
     app = web.Application(middlewares=[credentials])
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/policy", policy_show)
@@ -168,6 +174,7 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
     app.router.add_get("/v1/events", events)
     app.router.add_get("/v1/sessions", sessions)
     app.router.add_get("/v1/stats", stats)
+    app.router.add_get("/v1/workloads", workloads)
     return app
 
 

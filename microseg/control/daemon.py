@@ -21,6 +21,7 @@ from aiohttp import web
 
 from microseg.control import api
 from microseg.control.config import RunConfig
+from microseg.control.discovery import Sources
 from microseg.control.report import Report
 from microseg.control.views import Parts, Views
 from microseg.flow.aggregates import Flusher
@@ -36,6 +37,7 @@ from microseg.kernel.journal import Journal
 from microseg.kernel.loader import DatapathConfig
 from microseg.kernel.netlink import LinkWatcher
 from microseg.policy.manager import PolicyManager
+from microseg.policy.model import Discovery
 from microseg.policy.parse import PolicyError, load_policy_file
 from microseg.policy.watch import watch_policy
 
@@ -87,7 +89,9 @@ class Daemon:
             ringbuf_bytes=cfg.ringbuf_bytes))
         self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
                                     builtin_fallback=cfg.policy_default_audit,
-                                    insecure_permissions=cfg.insecure_policy_permissions)
+                                    insecure_permissions=cfg.insecure_policy_permissions,
+                                 on_discover=self._on_discover)
+        self.sources = Sources(self.policy)
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
         self.names = Names(self.policy.compiled_for, self.interfaces.name_of,
                            lambda: self.policy.active.compiled if self.policy.active else None)
@@ -95,7 +99,7 @@ class Daemon:
                                  lambda: self.policy.generation)
         self.parts = Parts(cfg=cfg, hub=self.hub, datapath=self.datapath, policy=self.policy,
                            interfaces=self.interfaces, names=self.names, pipeline=self.pipeline,
-                           started_ns=time.time_ns())
+                           sources=self.sources, started_ns=time.time_ns())
         self.views = Views(self.parts)
         self.flusher = Flusher(self.datapath, cfg.event_window)
         self.links = LinkWatcher(self._on_links_changed)
@@ -105,18 +109,20 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
         self._group_gid: int | None = None
+        self._discover = Discovery()
 
     # -- lifecycle -------------------------------------------------------------
 
-    def check_policy_file(self) -> None:
+    def check_policy_file(self) -> Discovery:
         """Refuse to start on a missing (without --policy-default audit) or
-        invalid policy file: an operator must see that at once."""
+        invalid policy file: an operator must see that at once. Returns its
+        `discover` section."""
         path = self.cfg.policy_path
         if not os.path.exists(path):
             if self.cfg.policy_default_audit:
                 log.warning("policy file %s not found: running the built-in audit policy "
                             "(observe everything, enforce nothing) until it appears", path)
-                return
+                return Discovery()
             raise StartupError(f"policy file {path} not found (use --policy-default audit to "
                                "observe without one)")
         try:
@@ -124,13 +130,13 @@ class Daemon:
         except PolicyError as e:
             raise StartupError(f"policy file {path} {e.errors[0].message}") from None
         try:
-            load_policy_file(path)
+            return load_policy_file(path).policy.discover
         except PolicyError as e:
             raise StartupError(f"invalid policy:\n{e}") from None
 
     async def run(self) -> int:
         t0 = time.perf_counter()
-        self.check_policy_file()
+        self._discover = self.check_policy_file()
         self._group_gid = api.group_id(self.cfg.socket_group)
         api.prepare_socket(self.cfg.socket_path)
         try:
@@ -175,6 +181,10 @@ class Daemon:
             parts.flowlog = FlowLog(self.cfg.flow_log, self.cfg.flow_log_max_bytes,
                                     self.cfg.flow_log_keep)
             parts.flowlog.start(self.hub)
+        # Running containers are known before the first judgement: a restart
+        # must not revoke their sessions as strangers'.
+        self.sources.configure(self._discover)
+        await self.sources.first_inventory()
         res = await self.policy.reload("start", force=True)
         if res.result != "applied":
             raise StartupError("invalid policy:\n" + "\n".join(res.errors))
@@ -283,6 +293,9 @@ class Daemon:
             raise web.HTTPServiceUnavailable(text="microseg: starting\n")
         return await self.views.report()
 
+    def _on_discover(self, discover: Discovery) -> None:
+        self.sources.configure(discover)
+
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading the policy")
         self._tasks.append(asyncio.create_task(self.policy.reload("SIGHUP", force=True)))
@@ -302,6 +315,7 @@ class Daemon:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.sources.stop()
         self.links.stop()
         self.pipeline.stop()  # the last events, to the subscribers still here
         if self.parts.flowlog is not None:

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 
 RESET = "\033[0m"
 COLOURS = {"red": "\033[31m", "green": "\033[32m", "yellow": "\033[33m",
-           "cyan": "\033[36m", "magenta": "\033[35m", "dim": "\033[2m", "bold": "\033[1m"}
+           "blue": "\033[34m", "cyan": "\033[36m", "magenta": "\033[35m", "dim": "\033[2m",
+           "bold": "\033[1m"}
 VERDICT_COLOUR = {"allowed": "green", "denied": "red", "dropped": "red", "audit": "yellow"}
 
 
@@ -84,6 +85,11 @@ def event_line(e: Mapping, colour: bool = False) -> str:
         return (f"{t} {label} {e.get('result')} generation {e.get('generation')}: "
                 f"{e.get('rules')} rules, {e.get('workloads')} workloads, "
                 f"{e.get('apply_ms')} ms")
+    if kind == "workload":
+        label = paint(f"{'WORKLOAD':8s}", "blue", colour)
+        labels = ",".join(f"{k}={v}" for k, v in sorted((e.get("labels") or {}).items()))
+        return (f"{t} {label} {e.get('action')} {e.get('workload')} ({e.get('source')}) "
+                f"{','.join(e.get('addresses') or []) or '-'} {labels or '-'}")
     if kind == "lost":
         label = paint(f"{'LOST':8s}", "magenta", colour)
         return f"{t} {label} {e.get('count')} events ({e.get('source')})"

@@ -55,6 +55,9 @@ class Report:
     events_lost_reported: int = 0
     events_last_seq: int = 0
     subscribers: int = 0
+    workloads: dict[str, int] = field(default_factory=dict)          # by source
+    discovery_events: dict[tuple[str, str], int] = field(default_factory=dict)  # (source, action)
+    discovery_errors: dict[str, int] = field(default_factory=dict)   # by source
     at_ns: int = 0                         # CLOCK_MONOTONIC when read
 
     @property

@@ -29,6 +29,7 @@ from microseg.kernel.records import session_census
 from microseg.policy.model import PROTOCOL_NAMES
 
 if TYPE_CHECKING:
+    from microseg.control.discovery import Sources
     from microseg.exporters.flowlog import FlowLog
     from microseg.flow.pipeline import Pipeline
     from microseg.flow.sweeper import Sweeper
@@ -50,6 +51,7 @@ class Parts:
     interfaces: InterfaceManager
     names: Names
     pipeline: Pipeline
+    sources: Sources
     started_ns: int
     clock: SessionClock | None = None
     sweeper: Sweeper | None = None
@@ -58,6 +60,13 @@ class Parts:
     last_sweep: dict | None = None
     metrics_listen: str | None = None
     ready: bool = False
+
+
+def _count_by_source(known) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in known:
+        out[k.source] = out.get(k.source, 0) + 1
+    return out
 
 
 def _by_type(kernel: dict, ring: abi.Ring | None = None) -> dict[str, dict[str, int]]:
@@ -132,6 +141,9 @@ class Views:
             policy_rules=len(a.loaded.policy.rules) if a else 0,
             policy_workloads=len(a.loaded.policy.workloads) if a else 0,
             interfaces_attached=len(p.interfaces.attached),
+            workloads=_count_by_source(p.policy.known.values()),
+            discovery_events=p.sources.changes_by_action(),
+            discovery_errors=p.sources.errors(),
             run_time_ns=run_ns, run_count=runs,
             flow_log=None if fl is None else {
                 "path": fl.path, "lines": fl.lines, "events": fl.events, "lost": fl.lost,
@@ -248,6 +260,8 @@ class Views:
                 "last_reload": p.policy.last.as_dict() if p.policy.last else None,
             },
             "metrics": p.metrics_listen,
+            "workloads": _count_by_source(p.policy.known.values()),
+            "discovery": p.sources.status(),
             "datapath": {
                 "pin_dir": cfg.pin_dir,
                 "session_capacity": cfg.session_capacity,
@@ -295,6 +309,23 @@ class Views:
             "never_hit": [r["name"] for r in rules if not r["hits"]],
             "last_reload": p.policy.last.as_dict() if p.policy.last else None,
         }
+
+    # -- GET /v1/workloads ----------------------------------------------------
+
+    async def workloads(self, source: str | None = None) -> list[dict]:
+        """Every workload known, static and discovered, with its live
+        sessions (either end, from both session tables)."""
+        p = self.parts
+        known = [k for k in p.policy.known.values() if source is None or k.source == source]
+        live: dict[str, int] = dict.fromkeys((k.name for k in known), 0)
+        if known:
+            async for rows in self.session_rows(Filter()):
+                for r in rows:
+                    for name in {r["src"].get("workload"), r["dst"].get("workload")}:
+                        if name in live:
+                            live[name] += 1
+        return [{**k.as_dict(), "sessions": live[k.name]}
+                for k in sorted(known, key=lambda k: (k.source, k.name))]
 
     # -- GET /v1/sessions -----------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Event and session filters: the `watch` / `sessions` flags, applied in the
 daemon (and by the TUI). All conditions combine with AND.
 
-    type       verdict | session | drop | policy | lost
+    type       verdict | session | drop | policy | lost | workload
     verdict    allowed | denied | audit | dropped
     ip         a CIDR or address, matching src or dst; from_ip / to_ip: one side
     port       src or dst port
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from microseg.policy.model import PROTOCOLS
 
-EVENT_TYPES = ("verdict", "session", "drop", "policy", "lost")
+EVENT_TYPES = ("verdict", "session", "drop", "policy", "lost", "workload")
 VERDICTS = ("allowed", "denied", "audit", "dropped")
 STATES = ("new", "established", "closing", "closed", "expired")
 EVENT_KEYS = ("type", "verdict", "ip", "from_ip", "to_ip", "port", "protocol", "workload",
@@ -80,6 +80,8 @@ class Filter:
         if self.protocol is not None and e.get("protocol") != self.protocol:
             return False
         src, dst = e.get("src") or {}, e.get("dst") or {}
+        if t == "workload":  # the workload itself, not two endpoints
+            src = dst = {"workload": e.get("workload")}
         if self.workload is not None and self.workload not in (src.get("workload"),
                                                                dst.get("workload")):
             return False

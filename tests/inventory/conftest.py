@@ -1,5 +1,5 @@
-"""Inventory fixtures: one private Docker engine for the session (see
-engine.py), a clean slate of containers for each test, and `follow`, which
+"""Inventory fixtures: the session's private Docker engine (`engine`, in
+tests/conftest.py), a clean slate of containers for each test, and `follow`, which
 runs a DockerSource on the test's loop and records what it emits.
 
 Every test here carries the `root` marker. When this machine cannot run the
@@ -21,7 +21,7 @@ import pytest
 from microseg.inventory.docker import DockerSource
 from microseg.inventory.model import Change, DiscoveredWorkload
 
-from .engine import IMAGE, NETWORKS, Engine, EngineUnavailable, missing_tools
+from ..docker_engine import Engine
 
 HERE = Path(__file__).parent
 
@@ -35,34 +35,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(HERE):
             item.add_marker(pytest.mark.root)
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[Engine]:
-    """A private dockerd with IMAGE and NETWORKS, up for the whole session."""
-    missing = list(missing_tools())
-    if missing:
-        pytest.skip("the Docker source tests need " + ", ".join(missing))
-    made = Engine()
-    skip_reason = None
-    try:
-        try:
-            ready = made.start()
-            print(f"\nprivate dockerd ready in {ready:.2f} s at {made.sock}")
-            made.build_image()
-            # Can this kernel run a container at all (namespaces, cgroups, overlay)?
-            made.docker("run", "--rm", "--network", "none", IMAGE, "true")
-        except (EngineUnavailable, RuntimeError) as e:
-            skip_reason = f"this machine cannot run Docker containers: {e}"
-        if skip_reason is None:
-            for network in NETWORKS:
-                made.create_network(*network)
-            yield made
-    finally:
-        problems = made.teardown()
-    if skip_reason:
-        pytest.skip(skip_reason)
-    assert not problems, f"the private engine left things behind: {problems}"
 
 
 @pytest.fixture(autouse=True)

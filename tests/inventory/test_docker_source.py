@@ -25,8 +25,8 @@ import pytest
 from microseg.inventory.docker import DockerSocketError, check_socket
 from microseg.inventory.model import Change, DiscoveredWorkload
 
+from ..docker_engine import Engine
 from .conftest import Follower
-from .engine import Engine
 
 ip = ipaddress.ip_address
 BOUND = 5.0  # seconds: far above what is measured; a hang, not a slow run, fails
