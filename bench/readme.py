@@ -13,7 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-from .report import DATAPATH_TARGETS, soak_verdicts, traffic_verdicts, tui_verdict
+from .report import (
+    DATAPATH_TARGETS,
+    discovery_verdict,
+    soak_verdicts,
+    traffic_verdicts,
+    tui_verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -252,6 +258,36 @@ def _soak(res: dict | None) -> list[str]:
     return out
 
 
+def _discovery(res: dict | None) -> list[str]:
+    if res is None:
+        return ["**Discovery** — not measured yet."]
+    s, lost = res["start_to_enforced"], res["wait_when_lost"]
+    out = ["**Discovery** — a private dockerd with a user network and a `microseg run -i "
+           "'veth*'` following it. Start → enforced: from the engine's own `start` time "
+           "(`docker events`) to the daemon's `workload` `added` event, published once the "
+           "generation holding the container is active. The first-packet race: containers "
+           "whose command connects to a web container at its first instant; lost when the "
+           "flow log holds a denial from the container's address before its first allowed "
+           "verdict.",
+           "",
+           "| figure | measured | target |",
+           "|---|---|---|",
+           f"| start → labels enforced, {s.get('n', 0)} starts | p50 {s.get('p50_ms')} ms, "
+           f"p99 {s.get('p99_ms')} ms, max {s.get('max_ms')} ms | p99 ≤ 100 ms: "
+           f"{_met(discovery_verdict(res))} |",
+           f"| first packet judged before the container's identity was known | "
+           f"{res['race_lost']} of {res['racers']} | — |",
+           f"| containers that got their page in the end | {res['race_served']} of "
+           f"{res['racers']} | — |"]
+    if lost.get("n"):
+        out.append(f"| engine start → first allowed packet, when the race was lost | "
+                   f"p50 {lost['p50_ms']} ms, max {lost['max_ms']} ms | — |")
+    out += ["", "The race is the container's: its process runs before the engine reports "
+            "the start, so a first SYN sent at once is denied and the kernel's retransmit "
+            "one second later is allowed (see [On a Docker host](#on-a-docker-host))."]
+    return out
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     out = [START, "",
@@ -266,7 +302,8 @@ def render(res: dict) -> str:
                     f"{', '.join(again['sections'])} — {again['why']}.", ""]
     for part in (_datapath(res["datapath"]), _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
-                 _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak"))):
+                 _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak")),
+                 _discovery(res.get("discovery"))):
         out += [*part, ""]
     out.append(END)
     return "\n".join(out)

@@ -205,3 +205,26 @@ def tui_table(res: dict) -> list[str]:
                      f"{r['median_ms']:>6.1f}ms {r['p95_ms']:>6.1f}ms {r['max_ms']:>6.1f}ms   "
                      f"{target}")
     return lines
+
+
+def discovery_verdict(res: dict) -> bool:
+    """docs/performance.md: a container's start enforced within 100 ms (p99)."""
+    return res["missing"] == 0 and res["start_to_enforced"].get("p99_ms", 1e9) <= 100
+
+
+def discovery_table(res: dict) -> list[str]:
+    s, lost, won = res["start_to_enforced"], res["wait_when_lost"], res["wait_when_won"]
+    met = "met" if discovery_verdict(res) else "NOT met"
+    lines = ["Discovery (private dockerd, a daemon on veth*)",
+             f"  start -> labels enforced, {s.get('n', 0)} starts: p50 {s.get('p50_ms')} ms, "
+             f"p99 {s.get('p99_ms')} ms, max {s.get('max_ms')} ms "
+             f"({res['missing']} never seen)   p99 <= 100 ms: {met}",
+             f"  first-packet race, {res['racers']} containers connecting at once: "
+             f"{res['race_lost']} judged before their identity was known, "
+             f"{res['race_served']} served in the end"]
+    if lost.get("n"):
+        lines.append(f"    those that lost it waited p50 {lost['p50_ms']} ms, "
+                     f"max {lost['max_ms']} ms from the engine's start to an allowed packet")
+    if won.get("n"):
+        lines.append(f"    those that won it: p50 {won['p50_ms']} ms, max {won['max_ms']} ms")
+    return lines

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .docker_engine import IMAGE, NETWORKS, Engine, EngineUnavailable, missing_tools
+from microseg.lab.dockerd import IMAGE, NETWORKS, Engine, EngineUnavailable, missing_tools
 
 
 # Last: after the conftests below have marked their tests.

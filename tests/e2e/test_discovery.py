@@ -28,8 +28,8 @@ import orjson
 import pytest
 
 from microseg.kernel import bpfsys
+from microseg.lab.dockerd import IMAGE, NETWORK, Engine
 
-from ..docker_engine import IMAGE, NETWORK, Engine
 from .harness import DaemonProcess, Daemons, wait_until
 
 VETHS = SimpleNamespace(glob="veth*")  # the host side of every container's link
@@ -309,3 +309,24 @@ def test_a_socket_that_is_no_docker_api(tmp_path: Path, daemons: Daemons) -> Non
         assert len(errors) == 1 and "does not exist" in errors[0], errors
     finally:
         listener.close()
+
+
+def test_the_readmes_docker_walkthrough(engine: Engine) -> None:
+    """examples/docker/walkthrough.sh, as the README tells a user to run it,
+    against the private engine."""
+    engine.remove_containers()
+    script = Path(__file__).parents[2] / "examples" / "docker" / "walkthrough.sh"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/bin",
+           "DOCKER_HOST": f"unix://{engine.sock}", "IMAGE": IMAGE,
+           "MICROSEG": f"{sys.executable} -m microseg"}
+    out = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert re.search(r"^shop-web\s+docker\s+10\.250\.0\.\d+", text, re.M), text
+    assert "hello from shop-web" in text and "(nothing: denied)" in text
+    assert re.search(r"DENIED .*stranger", text) or "denied" in text, text
+    assert text.rstrip().endswith("walkthrough: done")
+    # It cleaned up after itself.
+    assert "msdemo" not in engine.docker("network", "ls", "--format", "{{.Name}}")
+    assert engine.docker("ps", "-aq") == ""

@@ -20,8 +20,7 @@ import pytest
 
 from microseg.inventory.docker import DockerSource
 from microseg.inventory.model import Change, DiscoveredWorkload
-
-from ..docker_engine import Engine
+from microseg.lab.dockerd import Engine
 
 HERE = Path(__file__).parent
 

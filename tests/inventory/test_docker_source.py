@@ -24,8 +24,8 @@ import pytest
 
 from microseg.inventory.docker import DockerSocketError, check_socket
 from microseg.inventory.model import Change, DiscoveredWorkload
+from microseg.lab.dockerd import Engine
 
-from ..docker_engine import Engine
 from .conftest import Follower
 
 ip = ipaddress.ip_address
@@ -310,7 +310,7 @@ async def test_churn_ends_exactly_on_what_docker_ps_shows(
     f = follow()
     await f.wait_for(lambda w: True)
     loop = asyncio.get_running_loop()
-    rounds, per_round = 4, 50
+    rounds, per_round = 2, 50  # 200 more go through the daemon in tests/e2e/test_discovery.py
 
     def stop_some(names: list[str]) -> None:
         # All the ways a container goes: stop (die, stop), kill (kill, die),

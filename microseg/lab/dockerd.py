@@ -1,4 +1,4 @@
-"""A private Docker engine for the inventory tests: its own dockerd (and the
+"""A private Docker engine for tests and benchmarks: its own dockerd (and the
 containerd it starts) on directories and a socket of its own, never the
 host's /var/run/docker.sock, with an image built locally from busybox-static
 and user networks with subnets of the tests' own."""
