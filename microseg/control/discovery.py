@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 
 from microseg.flow.hub import rfc3339
@@ -38,8 +37,6 @@ class Sources:
         # Counted across sources replaced by a policy edit: metrics are totals.
         self._changes: dict[tuple[str, str], int] = {}
         self._errors_before = 0
-        # start -> enforced, per engine event batch (the bench reads them).
-        self.applied_at: list[tuple[float, int]] = []
 
     def configure(self, discover: Discovery) -> None:
         """Follow what the policy's `discover` section names now."""
@@ -71,14 +68,13 @@ class Sources:
 
     async def _on_change(self, workloads: Mapping[str, DiscoveredWorkload],
                          changes: tuple[Change, ...]) -> None:
-        await self.policy.update_discovered("docker", workloads)
+        # Shielded: a policy edit that stops this source must not cancel an
+        # apply half-way (the datapath switched, the manager not told).
+        await asyncio.shield(self.policy.update_discovered("docker", workloads))
         self._first.set()
         for change in changes:
             key = ("docker", change.action)
             self._changes[key] = self._changes.get(key, 0) + 1
-        if changes:
-            self.applied_at.append((time.time(), self.policy.generation))
-            del self.applied_at[:-256]
 
     async def first_inventory(self, timeout: float = FIRST_INVENTORY_WAIT_S) -> None:
         """Wait (bounded) for the first inventory of the configured source."""

@@ -180,11 +180,20 @@ def test_a_reused_address_is_judged_by_the_new_containers_labels(engine: Engine,
     assert "web" not in workloads(d)
     assert fetch(engine, "client", ip) is None  # never web's identity
 
+    # An edit that drops `discover` stops following the engine and forgets
+    # its containers; putting it back follows it again.
+    d.apply_policy("version: 1\ndefault: deny\n" + RULES.split("  - {name: client-to-api")[0])
+    assert workloads(d) == {} and d.status()["discovery"] == {}
+    d.apply_policy(policy(engine.sock))
+    assert wait_until(lambda: set(workloads(d)) == {"client", "impostor"},
+                      timeout=10) is not None
+
     d.stop()
     events = [orjson.loads(x) for x in d.flow_log.read_text().splitlines()]
     changes = [(e["action"], e["workload"]) for e in events if e["type"] == "workload"
                and e["workload"] in ("web", "impostor")]
-    assert changes == [("added", "web"), ("removed", "web"), ("added", "impostor")]
+    assert changes == [("added", "web"), ("removed", "web"), ("added", "impostor"),
+                       ("removed", "impostor"), ("added", "impostor")]
 
 
 def test_the_engine_crashing_keeps_enforcing_then_resyncs(engine: Engine,

@@ -247,7 +247,8 @@ def test_last_count_and_filters(daemon: DaemonProcess, lab: Lab, watch) -> None:
         ("--port", "81"): lambda e: 81 in (e["src"]["port"], e["dst"]["port"]),
         ("--protocol", "udp"): lambda e: e["protocol"] == "udp",
         ("--protocol", "1"): lambda e: e["protocol"] == "icmp",
-        ("--workload", "db"): lambda e: "db" in (e["src"]["workload"], e["dst"]["workload"]),
+        ("--workload", "db"): lambda e: e["workload"] == "db" if e["type"] == "workload"
+        else "db" in (e["src"]["workload"], e["dst"]["workload"]),
         ("--rule", "client-to-web"): lambda e: e["rule"] == "client-to-web",
     }
     def holds(ok, e: dict) -> bool:

@@ -310,7 +310,7 @@ async def test_churn_ends_exactly_on_what_docker_ps_shows(
     f = follow()
     await f.wait_for(lambda w: True)
     loop = asyncio.get_running_loop()
-    rounds, per_round = 2, 50  # 200 more go through the daemon in tests/e2e/test_discovery.py
+    rounds, per_round = 2, 26  # 200 go through the daemon in tests/e2e/test_discovery.py
 
     def stop_some(names: list[str]) -> None:
         # All the ways a container goes: stop (die, stop), kill (kill, die),
