@@ -192,7 +192,8 @@ def _events(res: dict) -> list[str]:
 
 def _sessions(res: dict) -> list[str]:
     out = ["**Sessions** — sessions opened in a running daemon through its own ingress "
-           "program, one SYN each by BPF_PROG_TEST_RUN (session insert, verdict, events, as "
+           "program, a SYN and its SYN-ACK each by BPF_PROG_TEST_RUN (session insert, "
+           "verdict, promotion on the answer, events, as "
            "on the wire); then `microseg stats`, a Prometheus "
            "scrape, `microseg sessions --json` to the end, and the daemon's own sweep after "
            "they all went idle. Stall: the worst `/v1/status` round trip, probed every 10 ms, "

@@ -1,8 +1,8 @@
 """Session-table benchmarks, through a running daemon.
 
 For each size, a `microseg run` with its maps pinned gets that many
-sessions opened through its own ingress program (one SYN each, by
-BPF_PROG_TEST_RUN: session insert, policy verdict, events, as on the wire),
+sessions opened through its own ingress program (a SYN and its SYN-ACK each, by
+BPF_PROG_TEST_RUN: session insert, policy verdict, promotion, events, as on the wire),
 then:
 
 - memory: the map's kernel memory (memlock, from fdinfo) and the daemon's
@@ -114,14 +114,20 @@ class StallProbe:
 
 
 def session_syns(n: int) -> Iterator[bytes]:
-    """SYNs opening n sessions through the datapath: the 5-tuples of
-    session_batches(n), so those rewrite exactly these sessions later."""
-    pkt = bytearray(tcp_packet("10.0.0.1", "10.0.0.2", 0, 443, "S"))
+    """A SYN and its SYN-ACK for each of n sessions through the datapath (a
+    session that has seen no answer stays in the one-way table): the
+    5-tuples of session_batches(n), so those rewrite exactly these sessions
+    later."""
+    syn = bytearray(tcp_packet("10.0.0.1", "10.0.0.2", 0, 443, "S"))
+    synack = bytearray(tcp_packet("10.0.0.2", "10.0.0.1", 443, 0, "SA"))
     addrs = [bytes(map(int, workload_ip4(i).split("."))) for i in range(1000)]
     for i in range(n):
-        pkt[26:30], pkt[30:34] = addrs[i % 1000], addrs[(i + 1) % 1000]  # IPv4 src, dst
-        pkt[34:36] = (10000 + i // 1000).to_bytes(2, "big")              # TCP source port
-        yield bytes(pkt)
+        client, server = addrs[i % 1000], addrs[(i + 1) % 1000]
+        port = (10000 + i // 1000).to_bytes(2, "big")
+        syn[26:30], syn[30:34], syn[34:36] = client, server, port     # IPv4 src, dst; sport
+        yield bytes(syn)
+        synack[26:30], synack[30:34], synack[36:38] = server, client, port  # ...; dport
+        yield bytes(synack)
 
 
 async def _one_size(n: int, work: str) -> dict:
