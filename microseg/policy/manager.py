@@ -255,7 +255,10 @@ class PolicyManager:
             del self.history[old]
         # The compiled policy is large and long-lived and has no cycles:
         # keep the cyclic collector from rescanning it under the event load.
-        gc.freeze()
+        # Not after every container start: a freeze also pins whatever
+        # cyclic garbage-to-be is alive at that moment, for good.
+        if not inventory:
+            gc.freeze()
         self._converging = loop.run_in_executor(None, self.datapath.converge)
         self._emit_workloads(merged)
         if inventory:
