@@ -125,6 +125,18 @@ POLICY = [
     Panel("Denied verdicts/s by reason",
           [("sum by (reason) (" + rate("microseg_verdicts_total", 'verdict="denied"') + ")",
             "{{reason}}")], "ops"),
+    Panel("Workloads by source", [(f"sum by (source) (microseg_workloads{{{SEL}}})",
+                                   "{{source}}")], "short",
+          description="static: the policy file's; docker: running containers discovered "
+                      "from the engine"),
+    Panel("Discovery: workload changes/s and engine errors",
+          [(f"sum by (source, action) ({rate('microseg_discovery_events_total')})",
+            "{{source}} {{action}}"),
+           (f"sum by (source) ({rate('microseg_discovery_errors_total')})",
+            "{{source}} errors")], "ops",
+          description="Containers started, stopped or changed as the daemon applied them; "
+                      "errors: attempts to reach an engine that is down (the last inventory "
+                      "stays enforced meanwhile)"),
     Panel("All rules by hits", [(f"sort_desc(sum by (rule, action) "
                                  f"(microseg_rule_hits_total{{{SEL}}}))", "{{rule}}")],
           "short", "table", 24, 10, instant=True),

@@ -177,7 +177,8 @@ def test_values_agree_with_the_traffic(scraped) -> None:
 
 
 def test_every_dashboard_expression_returns_data(scraped) -> None:
-    _, prom, started, _ = scraped
+    d, prom, started, _ = scraped
+    discovering = bool(d.status()["discovery"])
     docs = [json.loads(f.read_text()) for f in sorted(GRAFANA.glob("*.json"))]
     assert docs
     end = time.time()
@@ -187,6 +188,8 @@ def test_every_dashboard_expression_returns_data(scraped) -> None:
                    for p in doc["panels"] for t in p["targets"]]
         queries += [(a["name"], a["expr"], False) for a in doc["annotations"]["list"]]
         for title, expr, instant in queries:
+            if "microseg_discovery_" in expr and not discovering:
+                continue  # exported only while a discovery source is configured
             # what Grafana substitutes: 4 scrape intervals, the time range, All
             q = (expr.replace("$__rate_interval", f"{4 * SCRAPE_S}s")
                  .replace("$__range", f"{int(end - started) + 60}s")

@@ -11,6 +11,9 @@ from microseg.kernel import abi
 
 # docs/metrics.md, names as exposed (counters with _total).
 CONTRACT_METRICS = {
+    "microseg_workloads": {"source"},
+    "microseg_discovery_events_total": {"source", "action"},
+    "microseg_discovery_errors_total": {"source"},
     "microseg_packets_total": {"direction", "verdict"},
     "microseg_bytes_total": {"direction", "verdict"},
     "microseg_verdicts_total": {"verdict", "reason"},
@@ -49,7 +52,10 @@ def snapshot(**kw) -> Report:
         events_published={"verdict": 20, "session": 30}, events_lost={"ringbuf": 5},
         policy_generation=3, policy_reloads=3, policy_reload_failures=1, policy_rules=3,
         policy_workloads=2, interfaces_attached=4, run_time_ns=2_500_000_000, run_count=1000,
-        flow_log={"lines": 50, "bytes": 5000, "write_errors": 0, "rotations": 1})
+        flow_log={"lines": 50, "bytes": 5000, "write_errors": 0, "rotations": 1},
+        workloads={"static": 2, "docker": 5},
+        discovery_events={("docker", "added"): 7, ("docker", "removed"): 2},
+        discovery_errors={"docker": 1})
     base.update(kw)
     return Report(**base)
 
@@ -127,3 +133,18 @@ def test_parse_listen(addr: str, want) -> None:
 def test_parse_listen_rejects(addr: str) -> None:
     with pytest.raises(ValueError, match="--metrics"):
         parse_listen(addr)
+
+
+def test_discovery_metrics() -> None:
+    text = render(snapshot(), "")[0].decode()
+    assert value(text, "microseg_workloads", source="docker") == 5
+    assert value(text, "microseg_workloads", source="static") == 2
+    assert value(text, "microseg_discovery_events_total", source="docker", action="added") == 7
+    assert value(text, "microseg_discovery_events_total", source="docker",
+                 action="changed") == 0
+    assert value(text, "microseg_discovery_errors_total", source="docker") == 1
+    # Without a source: the file's workloads, and no discovery counters.
+    text = render(snapshot(workloads={"static": 2}, discovery_events={},
+                           discovery_errors={}), "")[0].decode()
+    assert value(text, "microseg_workloads", source="static") == 2
+    assert "microseg_discovery" not in text
