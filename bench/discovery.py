@@ -5,9 +5,11 @@ A private dockerd (microseg.lab.dockerd) with a user network and a web
 container; a real `microseg run -i 'veth*'` following it, its flow log on.
 
 - **start → enforced**: containers started one after another; for each, the
-  engine's own `start` time (`docker events`, TimeNano) to the daemon's
-  `workload` `added` event, which is published once the generation that
-  holds the container is active.
+  engine's own time (`docker events`, TimeNano) of the start's first event —
+  the container joining its network, some 0.4 s before `start` — to the
+  daemon's `workload` `added` event, which is published once the generation
+  that holds the container is active; and the same relative to `start`
+  (negative: enforced before the engine said it started).
 - **first-packet race**: containers whose command connects to the web
   container at its first instant (`nc`, 5 s connect timeout). Lost: the
   flow log holds a denial from the container's address before its first
@@ -105,18 +107,35 @@ def _daemon(engine: Engine, work: str) -> Iterator[str]:
 def _recorder(engine: Engine) -> subprocess.Popen:
     assert engine.cli is not None
     proc = subprocess.Popen(
-        [engine.cli, "-H", f"unix://{engine.sock}", "events", "--filter", "type=container",
-         "--filter", "event=start", "--format", "{{.TimeNano}} {{.Actor.Attributes.name}}"],
+        [engine.cli, "-H", f"unix://{engine.sock}", "events",
+         "--filter", "event=start", "--filter", "event=connect",
+         "--format", "{{.TimeNano}} {{.Type}} {{.Actor.ID}} {{.Actor.Attributes.name}} "
+                     "{{.Actor.Attributes.container}}"],
         stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)  # subscribed
     return proc
 
 
-def _starts(proc: subprocess.Popen) -> dict[str, float]:
+def _engine_times(proc: subprocess.Popen) -> tuple[dict[str, float], dict[str, float]]:
+    """By container name: the engine's `start`, and its first network `connect`
+    (the first event of a start: the container joins its network, then its
+    task is created and its process runs)."""
     proc.terminate()
     out, _ = proc.communicate(timeout=10)
-    return {name: int(nanos) / 1e9 for nanos, name in
-            (line.split(maxsplit=1) for line in out.splitlines() if line.strip())}
+    started: dict[str, float] = {}
+    name_of: dict[str, str] = {}
+    joined: dict[str, float] = {}  # by container id
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        at = int(parts[0]) / 1e9
+        if parts[1] == "container":
+            started[parts[3]], name_of[parts[2]] = at, parts[3]
+        elif len(parts) == 5:
+            joined.setdefault(parts[4], at)
+    connected = {name_of[cid]: at for cid, at in joined.items() if cid in name_of}
+    return started, connected
 
 
 def measure(starts: int = 50, racers: int = 50) -> dict:
@@ -142,7 +161,7 @@ def measure(starts: int = 50, racers: int = 50) -> dict:
                 codes = {f"race-{i}": int(engine.docker("wait", f"race-{i}"))
                          for i in range(racers)}
                 time.sleep(1.5)  # the last aggregated denials are reported
-                started = _starts(recorder)
+                started, connected = _engine_times(recorder)
             with open(flow, "rb") as f:
                 events = [orjson.loads(line) for line in f]
             engine.remove_containers()
@@ -153,22 +172,39 @@ def measure(starts: int = 50, racers: int = 50) -> dict:
 
     added = {e["workload"]: e for e in events
              if e["type"] == "workload" and e["action"] == "added"}
-    latency = [_ts(added[n]["time"]) - started[n] for n in (f"start-{i}" for i in range(starts))
-               if n in added and n in started]
+    removals = [(e["workload"], _ts(e["time"]), set(e["addresses"])) for e in events
+                if e["type"] == "workload" and e["action"] == "removed"]
+    removed = {name: at for name, at, _ in removals}
+    names = [f"start-{i}" for i in range(starts)]
+    latency = [_ts(added[n]["time"]) - connected[n] for n in names
+               if n in added and n in connected]
+    before_start = [_ts(added[n]["time"]) - started[n] for n in names
+                    if n in added and n in started]
     lost, waits_lost, waits_won = 0, [], []
     for i in range(racers):
         name = f"race-{i}"
-        addresses = set(added[name]["addresses"]) if name in added else set()
+        if name not in added or name not in started:
+            continue
+        # Racers run one after another and the engine hands a stopped one's
+        # address to the next: only packets of this one's lifetime count.
+        addresses = set(added[name]["addresses"])
+        # From just before its start (its process may send a few ms before
+        # the engine says so), and after the last holder of its address went.
+        begin = max([started[name] - 0.1] + [at for other, at, held in removals
+                                             if other != name and held & addresses
+                                             and at <= started[name]])
+        end = removed.get(name, float("inf"))
         mine = [e for e in events if e["type"] == "verdict" and e["src"]["ip"] in addresses
-                and e["dst"]["ip"] == WEB_IP]
+                and e["dst"]["ip"] == WEB_IP and begin <= _ts(e["time"]) <= end]
         allowed = [_ts(e["time"]) for e in mine if e["verdict"] == "allowed"]
         denied = [_ts(e["time"]) for e in mine if e["verdict"] == "denied"]
         first_allowed = min(allowed) if allowed else None
         raced = bool(denied) and (first_allowed is None or min(denied) < first_allowed)
         lost += raced
-        if first_allowed is not None and name in started:
+        if first_allowed is not None:
             (waits_lost if raced else waits_won).append(first_allowed - started[name])
     return {"starts": starts, "start_to_enforced": _summary(latency),
+            "relative_to_start_event": _summary(before_start),
             "missing": starts - len(latency),
             "racers": racers, "race_lost": lost,
             "race_served": sum(1 for c in codes.values() if c == 0),

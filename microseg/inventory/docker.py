@@ -12,7 +12,8 @@ the full resynchronised mapping even when nothing changed, then after each
 event that changed something. While the engine is down the last inventory
 stands and nothing is emitted.
 
-A running container is a workload, paused or not; one on the host's network
+A running container is a workload, paused or not, and so is one starting
+from the moment it joins a network (see DockerSource._preview); one on the host's network
 (or none) is a workload without addresses.
 """
 
@@ -242,6 +243,7 @@ class DockerSource:
         self.changes: Counter[str] = Counter(dict.fromkeys(ACTIONS, 0))
         self.engine_events = 0
         self.errors = 0
+        self.previews = 0  # containers named from their network's `connect` (_preview)
         self._workloads: dict[str, DiscoveredWorkload] = {}  # published, by name
         self._containers: dict[str, DiscoveredWorkload] = {}  # by container id
         self._outage_logged = False
@@ -315,7 +317,7 @@ class DockerSource:
                                 timeout=aiohttp.ClientTimeout(
                                     total=None, sock_connect=self.timeout)) as stream:
                 await _check(stream)
-                queue: asyncio.Queue[str | BaseException] = asyncio.Queue()
+                queue: asyncio.Queue[str | tuple[str, str] | BaseException] = asyncio.Queue()
                 # Read all along, even while listing: dockerd drops events for
                 # a subscriber that does not keep up.
                 reader = asyncio.create_task(self._read_events(stream, queue))
@@ -325,6 +327,10 @@ class DockerSource:
                         batch = [await queue.get()]
                         while not queue.empty():
                             batch.append(queue.get_nowait())
+                        joins = [i for i in batch if isinstance(i, tuple)]
+                        if joins:  # first: they are what a starting process waits for
+                            await self._preview(http, joins)
+                            await self._publish()
                         ids = list(dict.fromkeys(i for i in batch if isinstance(i, str)))
                         if ids:
                             await self._apply(http, ids)
@@ -362,7 +368,7 @@ class DockerSource:
         return time.time() - 1
 
     async def _read_events(self, stream: aiohttp.ClientResponse,
-                           queue: asyncio.Queue[str | BaseException]) -> None:
+                           queue: asyncio.Queue[str | tuple[str, str] | BaseException]) -> None:
         """Apply each removal at once; queue the containers to inspect
         again, and at the end what ended the stream."""
         rest = b""
@@ -385,10 +391,14 @@ class DockerSource:
                         await self._forget(cid)
                     elif action in REINSPECT or cid in self._containers or \
                             cid in self._inspecting:
-                        # A network event for a container we do not hold is
-                        # one starting (its start follows) or one gone, whose
-                        # inspection would wait for its clean-up.
                         queue.put_nowait(cid)
+                    elif action == "connect":
+                        # A container we do not hold joining a network: one
+                        # starting (its start follows), looked at at once
+                        # without waiting for the start (_preview).
+                        queue.put_nowait((cid, (event.get("Actor") or {}).get("ID") or ""))
+                    # A disconnect of a container we do not hold: one gone,
+                    # whose inspection would wait for its clean-up.
             queue.put_nowait(EngineError("the engine closed its event stream"))
         except asyncio.CancelledError:
             raise
@@ -404,6 +414,64 @@ class DockerSource:
         self._containers.pop(cid, None)
         if self._live:
             await self._publish()
+
+    async def _preview(self, http: aiohttp.ClientSession,
+                       joins: list[tuple[str, str]]) -> None:
+        """Containers joining a network as they start. dockerd reports the
+        `connect` some 0.4 s before the `start` (it creates the container's
+        task in between, holding the container, so an inspection would wait
+        for the start), and a process may send the moment it runs. The
+        network's endpoint (its addresses) and the engine's list (name,
+        labels) answer at once: the container's identity is in place before
+        its first packet. The inspection after `start` replaces this first
+        view; a start that fails is forgotten by its `die`/`disconnect`."""
+        cids = {cid for cid, _ in joins}
+        self._inspecting |= cids  # a death meanwhile drops the answer
+        found: dict[str, DiscoveredWorkload] = {}
+        try:
+            for cid, network in joins:
+                seen = await self._peek(http, cid, network)
+                if seen is not None:
+                    before = found.get(cid)
+                    found[cid] = seen if before is None else DiscoveredWorkload.make(
+                        seen.name, seen.label_map, (*before.addresses, *seen.addresses),
+                        SOURCE, cid)
+        finally:
+            self._inspecting -= cids
+            died, self._died = self._died & cids, self._died - cids
+        held = {a: other for other, w in self._containers.items() for a in w.addresses}
+        for cid, w in found.items():
+            # Known better already (inspected), gone, or an address another
+            # container still holds (its death is on its way): left to the
+            # inspection after the start.
+            if cid in self._containers or cid in died or \
+                    any(held.get(a, cid) != cid for a in w.addresses):
+                continue
+            self._containers[cid] = w
+            self.previews += 1
+
+    async def _peek(self, http: aiohttp.ClientSession, cid: str,
+                    network: str) -> DiscoveredWorkload | None:
+        if not network:
+            return None
+        async with http.get(f"{self._api}/networks/{network}") as resp:
+            if resp.status == 404:
+                return None
+            endpoint = ((await _json(resp, dict)).get("Containers") or {}).get(cid)
+        if not isinstance(endpoint, dict):
+            return None
+        addresses = [str(a).split("/")[0] for a in (endpoint.get("IPv4Address"),
+                                                    endpoint.get("IPv6Address")) if a]
+        params = {"all": "1", "filters": orjson.dumps({"id": [cid]}).decode()}
+        async with http.get(f"{self._api}/containers/json", params=params) as resp:
+            listed = await _json(resp, list)
+        entry = next((c for c in listed if isinstance(c, dict) and c.get("Id") == cid), None)
+        if entry is None:
+            return None
+        names = entry.get("Names") or []
+        name = str(names[0]).lstrip("/") if names else str(endpoint.get("Name") or "")
+        labels = entry.get("Labels") if isinstance(entry.get("Labels"), dict) else {}
+        return DiscoveredWorkload.make(name, labels, _addresses(*addresses), SOURCE, cid)
 
     async def _resync(self, http: aiohttp.ClientSession) -> None:
         async with http.get(f"{self._api}/containers/json") as resp:

@@ -24,7 +24,7 @@ import pytest
 
 from microseg.inventory.docker import DockerSocketError, check_socket
 from microseg.inventory.model import Change, DiscoveredWorkload
-from microseg.lab.dockerd import Engine
+from microseg.lab.dockerd import IMAGE, Engine
 
 from .conftest import Follower
 
@@ -103,6 +103,29 @@ async def test_started_container_is_added_promptly(
     assert call.changes == (Change("added", workload(
         "cache", {"app": "cache"}, ["10.240.0.12", "fd00:240::12"], cache)),)
     assert set(call.workloads) == {"web", "cache"}
+    # It was named from its network's `connect`, which comes before the
+    # start (tests/e2e and make bench show what that buys: the first packet
+    # of a process that sends at once meets its identity); the inspection
+    # after the start found it the same: nothing changed since.
+    assert f.source.previews == 1
+    await asyncio.sleep(0.5)
+    assert all(not c.changes for c in f.calls[seen + 1:]), f.calls[seen + 1:]
+
+
+async def test_a_start_that_fails_leaves_nothing(
+        engine: Engine, follow: Callable[..., Follower]) -> None:
+    """Named from its `connect`, a container whose process cannot start is
+    forgotten again: the engine disconnects it."""
+    f = follow()
+    await f.wait_for(lambda w: True)
+    seen = len(f.calls)
+    await asyncio.to_thread(
+        engine.docker, "run", "-d", "--network", "msnet0", "--ip", "10.240.0.13",
+        "--name", "broken", IMAGE, "/no/such/program", check=False)
+    await f.wait_for(lambda w: "broken" not in w, after=seen, timeout=10)
+    await asyncio.sleep(1.0)  # whatever was on its way has arrived
+    assert "broken" not in f.source.workloads
+    assert f.source.previews == 1
 
 
 # --- c) a container that stops, and the next one on its address ---
