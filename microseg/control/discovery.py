@@ -45,9 +45,9 @@ class Sources:
             return
         self.stop_nowait()
         self.policy.forget_source("docker")
-        self._changes.setdefault(("docker", "added"), 0)
         if want is None:
             return
+        self._changes.setdefault(("docker", "added"), 0)  # exported from now on
         self.docker = DockerSource(want)
         self._first = asyncio.Event()
         self._task = asyncio.create_task(self._run(self.docker), name="discover-docker")
