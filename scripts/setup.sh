@@ -16,11 +16,12 @@ command -v apt-get >/dev/null || fail "apt-get not found: microseg's set-up supp
 ARCH=$(dpkg --print-architecture)
 # python3-bpfcc: BCC for Debian's python3 (the PyPI "bcc" is another project).
 # linux-headers-$ARCH: BCC's helpers need a kernel header tree (see below).
-# The rest: tc/ip, bpftool, the tools the tests and benchmarks drive, and jq
-# for the README's `watch --json | jq` examples.
+# The rest: tc/ip, bpftool, the tools the tests and benchmarks drive (the
+# discovery tests run private docker and podman engines, busybox-static is
+# their image), and jq for the README's `watch --json | jq` examples.
 PACKAGES="python3-bpfcc python3-venv python3-pip bpftool iproute2 iputils-ping
   libbpf1 linux-headers-$ARCH tmux iperf3 nftables hping3 sockperf prometheus
-  procps psmisc jq docker.io busybox-static"
+  procps psmisc jq docker.io busybox-static podman"
 
 missing=""
 for p in $PACKAGES; do
