@@ -27,7 +27,6 @@ import inspect
 import ipaddress
 import logging
 import os
-import pwd
 import socket
 import stat
 import time
@@ -37,6 +36,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+
+from microseg.owners import group_name, user_name
 
 from .model import ACTIONS, Change, DiscoveredWorkload, diff
 
@@ -126,8 +127,8 @@ def check_socket_owner(path: str) -> None:
             and (trusted_group or not mode & 0o020)):
         return
     raise DockerSocketError(
-        f"docker socket {path}: refused: owner {_user_name(st.st_uid)}, group "
-        f"{_group_name(st.st_gid)}, mode {mode:04o}; it must belong to root or the docker "
+        f"docker socket {path}: refused: owner {user_name(st.st_uid)}, group "
+        f"{group_name(st.st_gid)}, mode {mode:04o}; it must belong to root or the docker "
         "group and be writable by no one else (whoever can write to it can make a container "
         "claim any identity)")
 
@@ -139,18 +140,6 @@ def _gid(name: str) -> int | None:
         return None
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def _os_reason(e: OSError) -> str:

@@ -11,11 +11,11 @@ or remove what root owns in it — and whatever lies below is checked too.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import stat
 from pathlib import Path
+
+from microseg.owners import group_name, user_name
 
 MAX_SYMLINKS = 40
 
@@ -24,29 +24,17 @@ class UntrustedPath(Exception):
     """The one line to report: which path, its owner and mode, and why."""
 
 
-def _who(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def _why_unsafe(st: os.stat_result, is_dir: bool) -> str | None:
     mode = st.st_mode
     if st.st_uid != 0:
-        return f"owned by {_who(st.st_uid)}"
+        return f"owned by {user_name(st.st_uid)}"
     sticky = is_dir and mode & stat.S_ISVTX
     if mode & stat.S_IWOTH and not sticky:
         return "writable by everyone"
     if mode & stat.S_IWGRP and st.st_gid != 0 and not sticky:
-        return f"writable by group {_group(st.st_gid)}"
+        return f"writable by group {group_name(st.st_gid)}"
     return None
 
 
@@ -86,4 +74,4 @@ def _check(path: Path, st: os.stat_result) -> None:
     if why:
         kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
         raise UntrustedPath(f"{kind} {path} is {why} (mode {stat.S_IMODE(st.st_mode):04o}, "
-                            f"owner {_who(st.st_uid)}, group {_group(st.st_gid)})")
+                            f"owner {user_name(st.st_uid)}, group {group_name(st.st_gid)})")
