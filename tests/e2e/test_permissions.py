@@ -1,4 +1,4 @@
-"""Who may talk to a running daemon (issue 9, SPEC §11): the control socket
+"""Who may talk to a running daemon (issue 9; docs/api.md, "Access"): the control socket
 refuses a non-root user — by its mode, and by the peer's credentials even
 when the mode would let them in — unless they are in `--socket-group`; the
 metrics listener is on loopback only, answers GET alone, and no TCP
@@ -156,7 +156,7 @@ def raw_connect_as(who: Account, path: str, request: str = "GET /v1/status",
 
 
 def assert_refused(r: subprocess.CompletedProcess[str]) -> None:
-    """Exit 3 (missing privileges, SPEC §4), one line on stderr, no output."""
+    """Exit 3 (missing privileges: the README's exit codes), one line on stderr, no output."""
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert len(r.stderr.splitlines()) == 1 and REFUSED in r.stderr, r.stderr
     assert r.stdout == ""

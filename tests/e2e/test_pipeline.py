@@ -1,5 +1,5 @@
 """The event pipeline with a real daemon on the lab and real clients:
-`watch --json` lines in the SPEC §6 schema for TCP/UDP/ICMP over v4 and v6,
+`watch --json` lines in the event schema (docs/events.md) for TCP/UDP/ICMP over v4 and v6,
 session transitions and expiry; --last, --count and every filter; a client
 that never reads loses events (and is told) while another keeps up; a full
 ring buffer is reported with exact counts; interfaces that appear later are

@@ -1,4 +1,5 @@
-"""SPEC §11: the daemon can die and come back without the traffic noticing.
+"""The README's "Reliability": the daemon can die and come back without the
+traffic noticing.
 
 A long-running TCP connection and a UDP stream keep exchanging through a
 SIGKILL of the daemon and a new start on the same pins: not one of their

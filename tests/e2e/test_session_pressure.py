@@ -1,5 +1,5 @@
-"""SPEC §11: a session table at capacity keeps working. More concurrent flows
-than the table holds: the LRU evicts the least recently used sessions, new
+"""The README's "Reliability": a session table at capacity keeps working.
+More concurrent flows than the table holds: the LRU evicts the least recently used sessions, new
 flows are still judged and allowed, a connection in active use keeps its
 session, and the fill and the evictions show in `stats` and in the metrics."""
 
