@@ -93,7 +93,7 @@ static __always_inline void report_denial(struct __sk_buff *skb,
 	struct agg_value *nv = &sc->agg;
 	__builtin_memcpy(k->saddr, p->saddr, 16);
 	__builtin_memcpy(k->daddr, p->daddr, 16);
-	k->hook = (skb->ifindex << 1) | dir;
+	k->hook = hook_id(skb, dir);
 	k->generation = d->generation;
 	k->dport = p->dport;
 	k->proto = p->proto;

@@ -29,6 +29,13 @@
 /* Bounds the network+extension header length the parser accepts, so that
  * offsets stay small for the verifier and hostile chains cost little. */
 #define MAX_L4_OFFSET 512
+/* The TC hook a packet runs on, as sessions (owner) and aggregated
+ * denials (agg_key.hook) record it: ifindex << 1 | direction. */
+static __always_inline __u32 hook_id(struct __sk_buff *skb, __u32 dir)
+{
+	return (skb->ifindex << 1) | dir;
+}
+
 /* bpf_skb_pull_data() length when headers are not in the linear area. */
 #define MAX_PULL_LEN 640
 

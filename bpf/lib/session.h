@@ -37,11 +37,6 @@
 /* Handover when settings_map has none yet: a second at HZ 250. */
 #define DEFAULT_HANDOVER_JIFFIES 250
 
-static __always_inline __u32 hook_id(struct __sk_buff *skb, __u32 dir)
-{
-	return (skb->ifindex << 1) | dir;
-}
-
 /* What users see: SYN_RECV is still "new". */
 static __always_inline __u8 public_state(__u8 state)
 {

@@ -74,7 +74,6 @@ class ActivePolicy:
     compiled: CompiledPolicy
     generation: int
     loaded_at_ns: int
-    merged: Merged | None = None  # the policy file's and the discovered workloads
 
 
 # Generations whose compiled policy is kept to name what events judged
@@ -110,7 +109,6 @@ class PolicyManager:
         self.discovered: dict[str, Mapping[str, DiscoveredWorkload]] = {}
         self.inventory_version = 0
         self._applied_inventory = 0
-        self.inventory_applies = 0
         self.known: dict[str, Known] = {}   # every workload by name, as last applied
         self._on_discover = on_discover     # the policy's `discover` section changed
         self._shadowed: tuple[str, ...] = ()
@@ -248,7 +246,7 @@ class PolicyManager:
         self._applied_inventory = version
         apply_ms = (time.perf_counter() - started) * 1000
         before = self.active
-        self.active = ActivePolicy(loaded, compiled, gen, time.time_ns(), merged)
+        self.active = ActivePolicy(loaded, compiled, gen, time.time_ns())
         self.history[gen] = compiled
         self.first_generation = self.first_generation or gen
         for old in sorted(self.history)[:-HISTORY]:
@@ -262,7 +260,6 @@ class PolicyManager:
         self._converging = loop.run_in_executor(None, self.datapath.converge)
         self._emit_workloads(merged)
         if inventory:
-            self.inventory_applies += 1
             log.debug("inventory applied generation=%d workloads=%d apply_ms=%.1f", gen,
                       len(merged.known), apply_ms)
             return ReloadResult("applied", gen, loaded.source, loaded.sha256,
