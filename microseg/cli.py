@@ -422,6 +422,78 @@ def _socket_option(p: argparse.ArgumentParser) -> None:
                         "/run/microseg/microseg.sock)")
 
 
+def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
+    """A command implemented in another module, imported when it runs (the
+    CLI starts fast: most commands never import the policy tooling)."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(args)
+    return run
+
+
+def _lifecycle_parsers(psub: argparse._SubParsersAction) -> None:
+    """learn -> stage -> enforce (docs/policy.md "Policy lifecycle")."""
+    p = psub.add_parser(
+        "suggest", help="write a policy that allows exactly the flows observed",
+        description="From the daemon's flow aggregate, or from flow log files (rotated and "
+                    ".gz ones too): a complete policy file that allows what was observed and "
+                    "nothing else, each rule commented with what was seen.")
+    p.add_argument("--flow-log", nargs="+", metavar="FILE", help="read these flow log files "
+                   "instead of asking the daemon")
+    p.add_argument("--file", metavar="FILE", help="the policy whose workloads and discover "
+                   "section the suggestion keeps (default: the daemon's active policy)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    p.add_argument("--mode", choices=["enforce", "audit"], default="enforce",
+                   help="the mode of the written policy (default: enforce)")
+    _socket_option(p)
+    p.set_defaults(func=_lazy("microseg.cli_learn:cmd_policy_suggest"))
+
+    p = psub.add_parser(
+        "stage", help="load a candidate policy beside the active one; status, promote, clear",
+        description="`stage FILE` loads FILE as the staged policy: every new session is "
+                    "judged by both, the active one decides, and verdicts the candidate would "
+                    "change are marked. `stage status [--json]`, `stage promote` (make it the "
+                    "active policy: written to the policy file), `stage clear`.")
+    p.add_argument("what", metavar="FILE|status|promote|clear")
+    p.add_argument("--json", action="store_true", help="with status: JSON output")
+    _socket_option(p)
+    p.set_defaults(func=cmd_policy_stage)
+
+    p = psub.add_parser(
+        "trace", help="what would happen to this connection? verdict, rule, and why",
+        description="ADDR is an IP address; WORKLOAD a workload's name (its first address). "
+                    "Against the daemon's active policy, or --file offline.")
+    p.add_argument("--from", dest="src", required=True, metavar="ADDR|WORKLOAD")
+    p.add_argument("--to", dest="dst", required=True, metavar="ADDR|WORKLOAD")
+    p.add_argument("--protocol", default="tcp",
+                   help="tcp, udp, icmp, icmpv6 or a number (default: tcp)")
+    p.add_argument("--port", type=int, metavar="N", help="destination port (tcp/udp)")
+    p.add_argument("--file", metavar="FILE", help="trace against this policy file, offline")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    _socket_option(p)
+    p.set_defaults(func=_lazy("microseg.cli_trace:cmd_policy_trace"))
+
+    p = psub.add_parser(
+        "diff", help="which observed flows would a candidate policy judge otherwise?",
+        description="Replays the observed flows (the daemon's flow aggregate, or --flow-log "
+                    "files) against CANDIDATE and the baseline (the daemon's active policy, "
+                    "or --against FILE), both evaluated afresh. Exit 0: nothing changes; "
+                    "1: some flows change; 2: usage error. Usable as a CI gate.")
+    p.add_argument("candidate", metavar="CANDIDATE")
+    p.add_argument("--against", metavar="FILE", help="the baseline policy file (offline)")
+    p.add_argument("--flow-log", nargs="+", metavar="FILE", help="replay these flow log "
+                   "files instead of the daemon's flow aggregate")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    _socket_option(p)
+    p.set_defaults(func=_lazy("microseg.cli_learn:cmd_policy_diff"))
+
+
+def cmd_policy_stage(args: argparse.Namespace) -> int:
+    raise CommandError("policy stage: not built yet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from microseg.flow.sweeper import DEFAULT_TIMEOUTS
 
@@ -578,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     _socket_option(p)
     p.set_defaults(func=cmd_policy_apply)
+
+    _lifecycle_parsers(psub)
 
     rule = psub.add_parser("rule", help="add or delete a rule in the policy file")
     rsub = rule.add_subparsers(dest="rule_command", metavar="ACTION", required=True)

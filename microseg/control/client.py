@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
+
+if TYPE_CHECKING:
+    from microseg.policy.model import Policy
+    from microseg.policy.parse import LoadedPolicy
 
 DEFAULT_SOCKET = "/run/microseg/microseg.sock"
 
@@ -110,3 +116,51 @@ class Client:
             for line in lines:
                 if line.strip():
                     yield orjson.loads(line)
+
+
+# -- what the lifecycle commands read from a daemon ---------------------------
+
+
+@dataclass(frozen=True)
+class DaemonPolicy:
+    """The daemon's active policy as a client can evaluate it: the policy
+    file as loaded (its own workloads, `discover` section, rules) and the
+    merged policy it is compiled from (plus every discovered workload)."""
+
+    loaded: LoadedPolicy
+    policy: Policy
+    generation: int
+    text: str
+
+
+async def fetch_policy(c: Client) -> DaemonPolicy:
+    """`GET /v1/policy/source`: the active file's text and every workload the
+    daemon knows; merged here with the same code the daemon merges with."""
+    from microseg.inventory.model import DiscoveredWorkload
+    from microseg.policy.inventory import STATIC, merge
+    from microseg.policy.parse import PolicyError, parse_policy
+
+    doc = await c.get("/v1/policy/source")
+    if not doc.get("generation"):
+        raise DaemonError("the daemon has no policy applied yet")
+    text = doc["text"]
+    try:
+        loaded = parse_policy(text.encode(), doc["source"])
+    except PolicyError as e:  # it was valid when the daemon applied it
+        raise DaemonError(f"the daemon's policy no longer parses here: {e}") from None
+    discovered: dict[str, dict[str, DiscoveredWorkload]] = {}
+    for k in doc["known"]:
+        if k["source"] != STATIC:
+            discovered.setdefault(k["source"], {})[k["workload"]] = DiscoveredWorkload.make(
+                k["workload"], k["labels"], k["addresses"], k["source"], "")
+    return DaemonPolicy(loaded, merge(loaded.policy, discovered).policy, doc["generation"],
+                        text)
+
+
+async def fetch_flows(c: Client) -> list[dict]:
+    """`GET /v1/flows`: the daemon's flow aggregate, one record per observed
+    flow (the format of microseg.flow.observed)."""
+    out: list[dict] = []
+    async for flow in c.stream("/v1/flows"):
+        out.append(flow)
+    return out
