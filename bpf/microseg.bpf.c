@@ -127,7 +127,8 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 		d->audit = AUDIT_BY_SRC;
 		return judge_as_reply(skb, p, dir, gen, d);
 	}
-	judge_flow(p, reval ? side : 0, gen, d);
+	/* A new flow is judged by the staged candidate too, if there is one. */
+	judge_flow(p, reval ? side : 0, gen, reval ? 0 : staged_generation(), d);
 
 	if (reval) {
 		int r = revalidate_session(skb, p, dir, &key, s, side, pending, d);
@@ -274,7 +275,7 @@ int mseg_reply(struct __sk_buff *skb)
 				     p->sport, p->dport, &key);
 	int act = NEED_VERDICT;
 
-	judge_flow(p, 1, sc->generation, &d);
+	judge_flow(p, 1, sc->generation, 0, &d);
 	if (d.verdict == VERDICT_DENIED)
 		d = sc->own; /* neither way: the packet's own outcome */
 	else if (!(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))

@@ -15,7 +15,7 @@
 
 #include <linux/types.h>
 
-#define MSEG_ABI_VERSION 2
+#define MSEG_ABI_VERSION 3
 
 /* Hook the program runs at. Also part of the per-direction owner id. */
 enum mseg_direction {
@@ -148,6 +148,7 @@ enum mseg_ring {
 #define IDENTITY_WORLD 0
 
 #define STATS_SLOTS (DIR_MAX * VERDICT_MAX * REASON_MAX)
+#define STAGED_STATS_SLOTS (VERDICT_MAX * 2)
 #define STATS_INDEX(dir, verdict, reason) \
 	(((dir) * VERDICT_MAX + (verdict)) * REASON_MAX + (reason))
 
@@ -257,14 +258,26 @@ struct policy_value {
 
 /* port_class_map[PORT_CLASS_INDEX(slot, udp, port)]: ports that rules
  * name, grouped into classes (0: named by no rule of that protocol). */
-#define PORT_CLASS_SLOTS (2 * 2 * 65536)
+#define PORT_CLASS_SLOTS (POLICY_SLOTS * 2 * 65536)
 #define PORT_CLASS_INDEX(slot, udp, port) \
 	((((slot) * 2 + (udp)) << 16) | (port))
 
-/* ---- config_map[slot] and active_map[0] -------------------------------- */
+/* ---- config_map[slot] and active_map ---------------------------------- */
 
 /* One config per slot. A generation is switched in by writing its number
- * into active_map[0] (one aligned 4-byte store); slot = generation & 1. */
+ * into active_map[ACTIVE_POLICY] (one aligned 4-byte store). A staged
+ * candidate (docs/policy.md "Staging") is a generation too, numbered with
+ * STAGED_GENERATION set and switched in by active_map[ACTIVE_STAGED] (0:
+ * nothing staged): active generations use slots 0 and 1, staged ones 2 and
+ * 3, so staging never touches what the active policy reads. */
+#define POLICY_SLOTS 4
+#define STAGED_GENERATION 0x80000000
+#define POLICY_SLOT(gen) ((((gen) >> 30) & 2) | ((gen) & 1))
+enum mseg_active {
+	ACTIVE_POLICY = 0,
+	ACTIVE_STAGED = 1,
+	ACTIVE_MAX = 2,
+};
 struct policy_config {
 	__u32 generation;
 	__u8 default_action;  /* enum mseg_action */
@@ -364,7 +377,10 @@ struct agg_value {
 	__u32 dead;          /* mseg_flush marked it idle; deleted next time */
 	__u16 sport;         /* the latest packet's */
 	__u8 tcp_flags;      /* the latest packet's */
-	__u8 pad[5];
+	__u8 staged_verdict; /* the latest packet's staged judgment (struct event) */
+	__u32 staged_rule;
+	__u32 staged_generation;
+	__u32 pad;
 };
 
 /* settings_map[0]: written by the daemon at start. */
@@ -401,7 +417,11 @@ struct event {
 	__u8 state;           /* session events: enum mseg_state */
 	__u8 prev_state;
 	__u8 flags;           /* enum mseg_event_flags */
-	__u8 pad[10];         /* to 128 bytes */
+	__u8 staged_verdict;  /* verdict events: the staged policy's verdict + 1
+			       * (0: no staged policy judged it) */
+	__u8 pad;
+	__u32 staged_rule;    /* ... and its deciding rule (0: default) */
+	__u32 staged_generation;
 };
 /* Verdict and drop events: packets[0] is the number of packets the event
  * stands for (>= 1: aggregation), bytes[0] their bytes. */
@@ -447,7 +467,9 @@ struct decision {
 	__u8 verdict;  /* enum mseg_verdict */
 	__u8 reason;   /* enum mseg_reason */
 	__u8 audit;    /* enum audit_check: does audit mode let a drop pass? */
-	__u8 pad;
+	__u8 staged_verdict;      /* as in struct event */
+	__u32 staged_rule;
+	__u32 staged_generation;
 };
 
 struct scratch {
@@ -459,7 +481,6 @@ struct scratch {
 	__u32 opened;                  /* session above just opened: side + 1 */
 	__u32 direction;               /* the reply stage: the hook's direction */
 	__u32 generation;              /* the reply stage: the generation judged */
-	__u32 pad[2];                  /* to a multiple of 8 (struct packet's alignment) */
 };
 
 /* stage_map: the programs entry points tail-call. */

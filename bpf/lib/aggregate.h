@@ -74,6 +74,9 @@ static __always_inline void emit_denial(const struct agg_key *k,
 	e->verdict = k->verdict;
 	e->reason = k->reason;
 	e->flags = k->audit ? EVENT_F_AUDIT : 0;
+	e->staged_verdict = v->staged_verdict;
+	e->staged_rule = v->staged_rule;
+	e->staged_generation = v->staged_generation;
 	submit_event(e, RING_DENIALS);
 }
 
@@ -110,6 +113,9 @@ static __always_inline void report_denial(struct __sk_buff *skb,
 	nv->dst_identity = d->dst_identity;
 	nv->sport = p->sport;
 	nv->tcp_flags = p->tcp_flags;
+	nv->staged_verdict = d->staged_verdict;
+	nv->staged_rule = d->staged_rule;
+	nv->staged_generation = d->staged_generation;
 
 	__u64 window = event_window();
 	if (!window) {
@@ -132,6 +138,9 @@ static __always_inline void report_denial(struct __sk_buff *skb,
 	v->last_ns = now;
 	v->sport = p->sport;
 	v->tcp_flags = p->tcp_flags;
+	v->staged_verdict = d->staged_verdict;
+	v->staged_rule = d->staged_rule;
+	v->staged_generation = d->staged_generation;
 	if (v->dead) { /* marked idle by mseg_flush: revive, report at once */
 		v->dead = 0;
 		v->window_start = now;

@@ -28,6 +28,9 @@ static __always_inline void fill_decision(struct event *e,
 	e->verdict = verdict;
 	e->reason = d->reason;
 	e->flags = d->audit == AUDIT_YES ? EVENT_F_AUDIT : 0;
+	e->staged_verdict = d->staged_verdict;
+	e->staged_rule = d->staged_rule;
+	e->staged_generation = d->staged_generation;
 }
 
 #endif /* MSEG_DECISION_H */

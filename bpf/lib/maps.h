@@ -81,14 +81,19 @@ MSEG_MAP("hash", struct policy_key, struct policy_value, policy_map,
 MSEG_MAP("array", u32, u32, port_class_map, PORT_CLASS_SLOTS, 0);
 
 /* config_map[slot]: default action and flags of the generation in slot. */
-MSEG_MAP("array", u32, struct policy_config, config_map, 2, 0);
-/* active_map[0]: the active generation; the single word a switch writes. */
-MSEG_MAP("array", u32, u32, active_map, 1, 0);
+MSEG_MAP("array", u32, struct policy_config, config_map, POLICY_SLOTS, 0);
+/* active_map[ACTIVE_POLICY]: the active generation, the single word a
+ * switch writes; active_map[ACTIVE_STAGED]: the staged one, or 0. */
+MSEG_MAP("array", u32, u32, active_map, ACTIVE_MAX, 0);
 
 /* Packets and bytes by direction x verdict x reason. */
 MSEG_MAP("percpu_array", u32, struct stats_value, stats_map, STATS_SLOTS, 0);
 /* Verdicts decided per rule id. */
 MSEG_MAP("percpu_array", u32, struct rule_stats, rule_stats_map, MAX_RULES, 0);
+/* Judgments of the staged policy: [verdict * 2 + differs from the active]. */
+MSEG_MAP("percpu_array", u32, u64, staged_stats_map, STAGED_STATS_SLOTS, 0);
+/* Verdicts the staged policy's rules would have decided, per rule id. */
+MSEG_MAP("percpu_array", u32, struct rule_stats, staged_rule_stats_map, MAX_RULES, 0);
 /* Ring-buffer records submitted and lost, per ring and event type. */
 MSEG_MAP("percpu_array", u32, struct event_stats, event_stats_map,
 	 EVENT_STATS_SLOTS, 0);

@@ -35,8 +35,18 @@
 
 static __always_inline __u32 active_generation(void)
 {
-	__u32 zero = 0;
+	__u32 zero = ACTIVE_POLICY;
 	__u32 *gen = active_map.lookup(&zero);
+
+	return gen ? *gen : 0;
+}
+
+/* The staged candidate's generation, 0 when nothing is staged. */
+static __always_inline __u32 staged_generation(void)
+{
+	__u32 one = ACTIVE_STAGED;
+	/* bpf_map_lookup_elem: the one word `policy stage` switches. */
+	__u32 *gen = active_map.lookup(&one);
 
 	return gen ? *gen : 0;
 }
@@ -72,7 +82,7 @@ lookup_identity(__u8 family, const __u8 *addr, __u32 slot, __u8 cfg_flags)
  * mode of the workload that owns it, else the policy's. */
 static __always_inline int audited(__u8 family, const __u8 *addr, __u32 gen)
 {
-	__u32 slot = gen & 1;
+	__u32 slot = POLICY_SLOT(gen);
 	/* bpf_map_lookup_elem: the generation's config (its mode). */
 	struct policy_config *cfg = config_map.lookup(&slot);
 
@@ -127,7 +137,7 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 					 __u16 dport, __u32 gen,
 					 struct decision *d)
 {
-	__u32 slot = gen & 1;
+	__u32 slot = POLICY_SLOT(gen);
 	struct policy_config *cfg = config_map.lookup(&slot);
 
 	d->generation = gen;
@@ -216,15 +226,54 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		d->verdict = audit ? VERDICT_AUDIT : VERDICT_DENIED;
 }
 
-/* The packet's flow judged under generation gen: in its own direction, or
- * (reverse) as the flow it would be a reply to. */
-static __always_inline void judge_flow(const struct packet *p, int reverse,
-				       __u32 gen, struct decision *d)
+/* The staged judgment beside the active one: what the event reports, and
+ * the staged policy's own counters. */
+static __always_inline void note_staged(struct decision *d, const struct decision *sd,
+					__u32 staged, __u64 now)
 {
-	if (reverse)
-		match_policy(p->family, p->proto, p->daddr, p->saddr, p->sport, gen, d);
-	else
-		match_policy(p->family, p->proto, p->saddr, p->daddr, p->dport, gen, d);
+	__u32 differs = sd->verdict != d->verdict;
+	__u32 idx = sd->verdict * 2 + differs;
+
+	d->staged_verdict = sd->verdict + 1;
+	d->staged_rule = sd->rule_id;
+	d->staged_generation = staged;
+	/* bpf_map_lookup_elem: this CPU's count of such staged verdicts. */
+	__u64 *n = staged_stats_map.lookup(&idx);
+	if (n)
+		*n += 1;
+	if (sd->rule_id) {
+		__u32 rule = sd->rule_id;
+		/* bpf_map_lookup_elem: the staged rule's hits. */
+		struct rule_stats *r = staged_rule_stats_map.lookup(&rule);
+		if (r) {
+			r->hits++;
+			r->last_hit_ns = now;
+		}
+	}
+}
+
+/* The packet's flow judged under generation gen: in its own direction, or
+ * (reverse) as the flow it would be a reply to; and, when a candidate is
+ * staged (staged != 0), under that one too — for new flows only, so
+ * established packets never pay for it. One call site of match_policy (a
+ * loop that is not unrolled): the program carries one copy of it. */
+static __always_inline void judge_flow(const struct packet *p, int reverse,
+				       __u32 gen, __u32 staged, struct decision *d)
+{
+	const __u8 *saddr = reverse ? p->daddr : p->saddr;
+	const __u8 *daddr = reverse ? p->saddr : p->daddr;
+	__u16 dport = reverse ? p->sport : p->dport;
+	struct decision sd = {};
+
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 2; i++) {
+		if (i && !staged)
+			break;
+		match_policy(p->family, p->proto, saddr, daddr, dport, i ? staged : gen,
+			     i ? &sd : d);
+	}
+	if (staged)
+		note_staged(d, &sd, staged, bpf_ktime_get_ns());
 }
 
 #endif /* MSEG_POLICY_H */

@@ -48,7 +48,8 @@ _PROTOS = tuple(PROTOCOL_NAMES.get(i, i) for i in range(256))
 EVENT_FIELDS = ("ts_ns", "created_ns", "packets", "bytes", "saddr", "daddr", "ifindex",
                 "rule_id", "generation", "src_identity", "dst_identity", "sport",
                 "dport", "type", "verdict", "reason", "direction", "family", "proto",
-                "tcp_flags", "state", "prev_state", "flags")
+                "tcp_flags", "state", "prev_state", "flags", "staged_verdict",
+                "staged_rule", "staged_generation")
 _EVENT = fields_struct(abi.EVENT, EVENT_FIELDS, skip=RING_HEADER)
 # What expired() and session_rows() unpack from session_map entries.
 SESSION_KEY_FIELDS = ("addr_lo", "addr_hi", "port_lo", "port_hi", "proto", "family")
@@ -202,7 +203,8 @@ class Enricher:
         for run in runs:
             for (ts, created, p0, p1, b0, b1, saddr, daddr, ifindex, rule_id, gen,
                  sid, did, sport, dport, etype, verdict, reason, direction, family, proto,
-                 tcp_flags, state, prev_state, eflags) in unpack(run):
+                 tcp_flags, state, prev_state, eflags, staged, staged_rule,
+                 staged_gen) in unpack(run):
                 if not gen:
                     if active is None:
                         active = self.active_generation()
@@ -247,15 +249,27 @@ class Enricher:
                             "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
                             "bytes": b0, "count": p0, "audit": eflags & _AUDIT == _AUDIT})
                 else:
-                    append({"time": when, "seq": 0, "type": "verdict",
-                            "verdict": _VERDICTS[verdict], "reason": _REASONS[reason],
-                            "rule": rule, "policy_generation": gen,
-                            "direction": _DIRS[direction], "interface": iface,
-                            "family": _FAMS[family], "protocol": _PROTOS[proto],
-                            "src": src, "dst": dst,
-                            "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
-                            "bytes": b0, "count": p0})
+                    event = {"time": when, "seq": 0, "type": "verdict",
+                             "verdict": _VERDICTS[verdict], "reason": _REASONS[reason],
+                             "rule": rule, "policy_generation": gen,
+                             "direction": _DIRS[direction], "interface": iface,
+                             "family": _FAMS[family], "protocol": _PROTOS[proto],
+                             "src": src, "dst": dst,
+                             "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
+                             "bytes": b0, "count": p0}
+                    # Judged by a staged candidate too, which would decide
+                    # otherwise (docs/events.md): what it would say.
+                    if staged and staged - 1 != verdict:
+                        event["staged"] = self._staged(staged - 1, staged_rule, staged_gen)
+                    append(event)
         return out
+
+    def _staged(self, verdict: int, rule_id: int, generation: int) -> dict:
+        rule = None
+        if rule_id:
+            compiled = self.names.compiled_for(generation)
+            rule = compiled.rule_names.get(rule_id) if compiled else None
+        return {"verdict": _VERDICTS[verdict], "rule": rule}
 
     def expired(self, records: Iterable[tuple[bytes, bytes]], now_mono_ns: int,
                 interface_of: Callable[[int], str | None]) -> list[dict]:

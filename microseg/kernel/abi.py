@@ -15,18 +15,34 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 MAX_RULES = 32768
 CLASS_ANY = 0
 IDENTITY_WORLD = 0
 
-PORT_CLASS_SLOTS = 2 * 2 * 65536
+POLICY_SLOTS = 4
+PORT_CLASS_SLOTS = POLICY_SLOTS * 2 * 65536
+STAGED_GENERATION = 0x80000000
+
+
+def policy_slot(generation: int) -> int:
+    """The slot a generation lives in, as POLICY_SLOT() in the header:
+    active generations use 0 and 1, staged ones (STAGED_GENERATION set) 2
+    and 3."""
+    return ((generation >> 30) & 2) | (generation & 1)
 
 
 def port_class_index(slot: int, udp: bool, port: int) -> int:
     """Index into port_class_map, as PORT_CLASS_INDEX() in the header."""
     return ((slot * 2 + int(udp)) << 16) | port
+
+
+class Active(enum.IntEnum):
+    """Indexes of active_map: the words a switch writes."""
+
+    POLICY = 0
+    STAGED = 1
 
 
 class Direction(enum.IntEnum):
@@ -165,6 +181,12 @@ def tcp_flag_names(flags: int) -> list[str]:
 
 
 STATS_SLOTS = len(Direction) * len(Verdict) * len(Reason)
+STAGED_STATS_SLOTS = len(Verdict) * 2
+
+
+def staged_stats_index(verdict: int, differs: bool) -> int:
+    """Index into staged_stats_map, as in bpf/lib/policy.h note_staged()."""
+    return verdict * 2 + int(differs)
 
 
 def stats_index(direction: int, verdict: int, reason: int) -> int:
@@ -270,7 +292,8 @@ AGG_KEY = Layout("agg_key", (
 AGG_VALUE = Layout("agg_value", (
     ("window_start", "Q"), ("last_ns", "Q"), ("pending", "Q"), ("pending_bytes", "Q"),
     ("rule_id", "I"), ("src_identity", "I"), ("dst_identity", "I"), ("dead", "I"),
-    ("sport", "H"), ("tcp_flags", "B"), ("_pad", "5x"),
+    ("sport", "H"), ("tcp_flags", "B"), ("staged_verdict", "B"), ("staged_rule", "I"),
+    ("staged_generation", "I"), ("_pad", "4x"),
 ))
 SETTINGS = Layout("settings", (("event_window_ns", "Q"), ("handover_jiffies", "Q")))
 EVENT = Layout("event", (
@@ -281,7 +304,8 @@ EVENT = Layout("event", (
     ("sport", "H"), ("dport", "H"),
     ("type", "B"), ("verdict", "B"), ("reason", "B"), ("direction", "B"),
     ("family", "B"), ("proto", "B"), ("tcp_flags", "B"), ("state", "B"),
-    ("prev_state", "B"), ("flags", "B"), ("_pad", "10x"),
+    ("prev_state", "B"), ("flags", "B"), ("staged_verdict", "B"), ("_pad", "x"),
+    ("staged_rule", "I"), ("staged_generation", "I"),
 ))
 
 PACKET = Layout("packet", (
@@ -292,13 +316,13 @@ PACKET = Layout("packet", (
 ))
 DECISION = Layout("decision", (
     ("rule_id", "I"), ("generation", "I"), ("src_identity", "I"), ("dst_identity", "I"),
-    ("verdict", "B"), ("reason", "B"), ("audit", "B"), ("_pad", "x"),
+    ("verdict", "B"), ("reason", "B"), ("audit", "B"), ("staged_verdict", "B"),
+    ("staged_rule", "I"), ("staged_generation", "I"),
 ))
 SCRATCH = Layout("scratch", (
     ("packet", f"{PACKET.size}s"), ("session", f"{SESSION_VALUE.size}s"),
     ("agg_key", f"{AGG_KEY.size}s"), ("agg", f"{AGG_VALUE.size}s"),
     ("own", f"{DECISION.size}s"), ("opened", "I"), ("direction", "I"), ("generation", "I"),
-    ("_pad", "8x"),
 ))
 CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
 SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q"), ("reused", "Q"),

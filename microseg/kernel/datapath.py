@@ -36,6 +36,7 @@ from microseg.kernel.records import SessionEntry, decode_sessions
 log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
+_U64_LAYOUT = abi.Layout("u64", (("value", "Q"),))
 
 
 class CounterKey(NamedTuple):
@@ -78,6 +79,7 @@ class Datapath:
         self._slots: dict[int, tuple[dict[str, dict[bytes, bytes]], bytes]] = {}
         self._converge: tuple[int, dict[str, dict[bytes, bytes]], bytes] | None = None
         self._generation = 0
+        self._staged = 0  # the last staged generation's number
         self._ipr = None
 
     # -- loading -----------------------------------------------------------
@@ -185,7 +187,15 @@ class Datapath:
     # -- policy ------------------------------------------------------------
 
     def active_generation(self) -> int:
-        raw = self.maps["active_map"].lookup(_U32.pack(0))
+        return self._active_word(abi.Active.POLICY)
+
+    def staged_generation(self) -> int:
+        """The staged candidate's generation (STAGED_GENERATION set), 0 when
+        nothing is staged."""
+        return self._active_word(abi.Active.STAGED)
+
+    def _active_word(self, index: abi.Active) -> int:
+        raw = self.maps["active_map"].lookup(_U32.pack(index))
         return _U32.unpack_from(raw)[0] if raw else 0
 
     # The maps a generation lives in, and where each key holds its slot.
@@ -209,15 +219,65 @@ class Datapath:
             self.converge()
         contents, ports = compiled.map_contents(), compiled.port_class_values()
         gen = max(self.active_generation(), self._generation) + 1
-        slot = gen & 1
+        slot = abi.policy_slot(gen)
         self._write_slot(slot, contents, ports)
         self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
-        self.maps["active_map"].update(_U32.pack(0), _U32.pack(gen))  # the switch
+        self.maps["active_map"].update(_U32.pack(abi.Active.POLICY), _U32.pack(gen))  # switch
         self._generation = gen
         self._converge = (slot ^ 1, contents, ports)
         if converge:
             self.converge()
         return gen
+
+    def stage_policy(self, compiled) -> int:
+        """Load compiled as the staged candidate (docs/policy.md "Staging"):
+        new flows are judged by it too, the active policy still decides.
+        Written into the staged slot not in use, then switched in with one
+        4-byte write to active_map[STAGED], like a generation. Returns the
+        staged generation (STAGED_GENERATION set)."""
+        current = self.staged_generation() & ~abi.STAGED_GENERATION
+        number = (max(current, self._staged) % 0x7FFFFFFF) + 1
+        gen = abi.STAGED_GENERATION | number
+        slot = abi.policy_slot(gen)
+        # The slot was live two stages ago: no run that read it may still
+        # be going when it is rewritten.
+        self._wait_for_runs()
+        self._write_slot(slot, compiled.map_contents(), compiled.port_class_values())
+        self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
+        self.maps["active_map"].update(_U32.pack(abi.Active.STAGED), _U32.pack(gen))
+        self._staged = number
+        return gen
+
+    def clear_staged(self) -> None:
+        """Stop judging new flows by the staged candidate (one write)."""
+        self.maps["active_map"].update(_U32.pack(abi.Active.STAGED), _U32.pack(0))
+
+    def reset_staged_counters(self) -> None:
+        """Zero the staged policy's counters: a new candidate counts from 0."""
+        for name in ("staged_stats_map", "staged_rule_stats_map"):
+            m = self.maps[name]
+            n = m.max_entries
+            m.update_batch(b"".join(_U32.pack(i) for i in range(n)),
+                           bytes(m.full_value_size * n), n)
+
+    def read_staged_stats(self) -> dict[tuple[abi.Verdict, bool], int]:
+        """(staged verdict, differs from the active one) -> judgments."""
+        out = {}
+        for idx, (n,) in self._percpu_sums("staged_stats_map", _U64_LAYOUT).items():
+            verdict, differs = divmod(idx, 2)
+            if verdict < len(abi.Verdict):
+                out[(abi.Verdict(verdict), bool(differs))] = n
+        return out
+
+    @staticmethod
+    def _wait_for_runs() -> None:
+        try:
+            bpfsys.wait_for_running_programs()
+        except OSError as e:
+            # A nohz_full kernel has no MEMBARRIER_CMD_GLOBAL; runs take
+            # microseconds, so a tenth of a second is far beyond any.
+            log.warning("%s: waiting 0.1 s before rewriting a policy slot", e)
+            time.sleep(0.1)
 
     def converge(self) -> None:
         """Rewrite the previous generation's slot with the active content,
@@ -225,13 +285,7 @@ class Datapath:
         running: after an RCU grace period, not a guess of how long one
         takes."""
         if self._converge is not None:
-            try:
-                bpfsys.wait_for_running_programs()
-            except OSError as e:
-                # A nohz_full kernel has no MEMBARRIER_CMD_GLOBAL; runs take
-                # microseconds, so a tenth of a second is far beyond any.
-                log.warning("%s: waiting 0.1 s before rewriting the old policy slot", e)
-                time.sleep(0.1)
+            self._wait_for_runs()
             slot, contents, ports = self._converge
             self._write_slot(slot, contents, ports)
             self._converge = None
@@ -326,9 +380,10 @@ class Datapath:
             out[CounterKey(abi.Direction(d), abi.Verdict(v), abi.Reason(r))] = (pkts, byts)
         return out
 
-    def read_rule_stats(self) -> dict[int, tuple[int, int]]:
-        """rule id -> (hits, last hit ns); last hit is the max over CPUs."""
-        m = self.maps["rule_stats_map"]
+    def read_rule_stats(self, name: str = "rule_stats_map") -> dict[int, tuple[int, int]]:
+        """rule id -> (hits, last hit ns); last hit is the max over CPUs.
+        name="staged_rule_stats_map": the staged policy's rules."""
+        m = self.maps[name]
         out: dict[int, tuple[int, int]] = {}
         stride, vs = m.value_stride, m.full_value_size
         unpack = abi.RULE_STATS.struct.unpack_from
@@ -400,7 +455,8 @@ class Datapath:
             m = self.maps[name]
             for keys, _values, count in list(m.lookup_batch_raw()):
                 m.delete_batch(keys, count)
-        for name in ("stats_map", "rule_stats_map", "event_stats_map", "session_stats_map"):
+        for name in ("stats_map", "rule_stats_map", "event_stats_map", "session_stats_map",
+                     "staged_stats_map", "staged_rule_stats_map"):
             m = self.maps[name]
             n = m.max_entries
             keys = b"".join(_U32.pack(i) for i in range(n))

@@ -25,6 +25,7 @@ KINDS = {
 FLAGS = {"0": 0, "BPF_F_NO_PREALLOC": bpfsys.BPF_F_NO_PREALLOC}
 
 U32 = abi.Layout("u32", (("value", "I"),))
+U64 = abi.Layout("u64", (("value", "Q"),))
 
 
 class MapSpec(NamedTuple):
@@ -68,10 +69,12 @@ MAPS: tuple[MapDef, ...] = (
     MapDef("policy_map", "hash", abi.POLICY_KEY, abi.POLICY_VALUE, "MSEG_POLICY_CAPACITY",
            "BPF_F_NO_PREALLOC"),
     MapDef("port_class_map", "array", U32, U32, "PORT_CLASS_SLOTS"),
-    MapDef("config_map", "array", U32, abi.POLICY_CONFIG, "2"),
-    MapDef("active_map", "array", U32, U32, "1"),
+    MapDef("config_map", "array", U32, abi.POLICY_CONFIG, "POLICY_SLOTS"),
+    MapDef("active_map", "array", U32, U32, "ACTIVE_MAX"),
     MapDef("stats_map", "percpu_array", U32, abi.STATS_VALUE, "STATS_SLOTS"),
     MapDef("rule_stats_map", "percpu_array", U32, abi.RULE_STATS, "MAX_RULES"),
+    MapDef("staged_stats_map", "percpu_array", U32, U64, "STAGED_STATS_SLOTS"),
+    MapDef("staged_rule_stats_map", "percpu_array", U32, abi.RULE_STATS, "MAX_RULES"),
     MapDef("event_stats_map", "percpu_array", U32, abi.EVENT_STATS, "EVENT_STATS_SLOTS"),
     MapDef("session_stats_map", "percpu_array", U32, abi.SESSION_STATS, "1"),
     MapDef("clock_map", "array", U32, abi.CLOCK_SAMPLE, "1"),
@@ -92,11 +95,13 @@ RINGS = {abi.Ring.EVENTS: "events", abi.Ring.DENIALS: "denials"}
 CONSTANT_CAPACITIES: dict[str, int] = {
     "PORT_CLASS_SLOTS": abi.PORT_CLASS_SLOTS,
     "STATS_SLOTS": abi.STATS_SLOTS,
+    "STAGED_STATS_SLOTS": abi.STAGED_STATS_SLOTS,
+    "POLICY_SLOTS": abi.POLICY_SLOTS,
+    "ACTIVE_MAX": len(abi.Active),
     "MAX_RULES": abi.MAX_RULES,
     "EVENT_STATS_SLOTS": abi.EVENT_STATS_SLOTS,
     "STAGE_MAX": len(abi.Stage),
     "1": 1,
-    "2": 2,
 }
 """Capacities fixed by the ABI; the loader adds the configurable ones."""
 

@@ -91,6 +91,9 @@ class RawEvent(NamedTuple):
     state: int
     prev_state: int
     flags: int
+    staged_verdict: int
+    staged_rule: int
+    staged_generation: int
 
     @property
     def count(self) -> int:

@@ -93,6 +93,7 @@ class Harness:
 
     def reset(self) -> None:
         self.dp.reset_state()
+        self.dp.clear_staged()
         self.dp.write_settings(0, 0)  # no aggregation; the default handover
         self.drain(1 << 30)
 

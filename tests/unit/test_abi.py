@@ -33,6 +33,7 @@ ENUMS = {
     "mseg_event_flags": (abi.EventFlag, "EVENT_F_"),
     "mseg_ring": (abi.Ring, "RING_"),
     "mseg_stage": (abi.Stage, "STAGE_"),
+    "mseg_active": (abi.Active, "ACTIVE_"),
 }
 
 
@@ -73,8 +74,14 @@ def test_bounds_and_constants() -> None:
     assert defines["MAX_RULES"] == abi.MAX_RULES
     assert defines["CLASS_ANY"] == abi.CLASS_ANY
     assert defines["IDENTITY_WORLD"] == abi.IDENTITY_WORLD
-    assert abi.PORT_CLASS_SLOTS == 2 * 2 * 65536  # PORT_CLASS_SLOTS
+    assert defines["POLICY_SLOTS"] == abi.POLICY_SLOTS
+    assert defines["STAGED_GENERATION"] == abi.STAGED_GENERATION
+    assert abi.PORT_CLASS_SLOTS == abi.POLICY_SLOTS * 2 * 65536  # PORT_CLASS_SLOTS
     assert abi.port_class_index(1, True, 80) == ((1 * 2 + 1) << 16) | 80
+    # POLICY_SLOT(): active generations alternate 0/1, staged ones 2/3.
+    assert [abi.policy_slot(g) for g in (1, 2, 7)] == [1, 0, 1]
+    assert [abi.policy_slot(abi.STAGED_GENERATION | g) for g in (1, 2)] == [3, 2]
+    assert enums["mseg_active"]["ACTIVE_MAX"] == len(abi.Active)
     assert {k.removeprefix("TCP_FLAG_"): v for k, v in defines.items()
             if k.startswith("TCP_FLAG_")} == {f.name: f.value for f in abi.TcpFlag}
     assert enums["mseg_event_type"]["EVENT_TYPE_MAX"] == abi.EVENT_TYPE_SLOTS
@@ -83,6 +90,7 @@ def test_bounds_and_constants() -> None:
         ("mseg_direction", "DIR_MAX"), ("mseg_verdict", "VERDICT_MAX"),
         ("mseg_reason", "REASON_MAX")))
     assert dirs * verdicts * reasons == abi.STATS_SLOTS
+    assert verdicts * 2 == abi.STAGED_STATS_SLOTS
     assert abi.stats_index(1, 2, 3) == (1 * verdicts + 2) * reasons + 3
 
 

@@ -20,7 +20,7 @@ def c_maps() -> list[tuple[str, str, str, str, str, str]]:
 
 
 def _c_type(layout) -> str:
-    return "u32" if layout is maps.U32 else f"struct {layout.c_name}"
+    return layout.c_name if layout in (maps.U32, maps.U64) else f"struct {layout.c_name}"
 
 
 def test_the_table_is_maps_h() -> None:
