@@ -110,6 +110,16 @@ class ReportCollector(Collector):
             hits.add_metric([rule, action], n)
         yield hits
 
+        staged = CounterMetricFamily(
+            "microseg_staged_verdicts", "New flows and denied packets a staged candidate "
+            "policy judged, by its verdict and whether it differs from the active policy's",
+            labels=["verdict", "differs"])
+        for verdict in ("allowed", "denied", "audit"):
+            for differs in (False, True):
+                staged.add_metric([verdict, str(differs).lower()],
+                                  s.staged_verdicts.get((verdict, differs), 0))
+        yield staged
+
         sessions = GaugeMetricFamily("microseg_sessions", "Entries in the session table",
                                      labels=["protocol", "state"])
         counts: dict[tuple[str, str], int] = {(p, st): 0 for p in ("tcp", "udp", "icmp", "icmpv6")

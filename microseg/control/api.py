@@ -10,6 +10,15 @@
     GET  /v1/sessions          the session table, NDJSON, streamed (`sessions`):
                                filters protocol, state, ip, workload
     GET  /v1/stats             counters, rates, table fill, loss (`stats`)
+    GET  /v1/workloads         every workload known, NDJSON (`workloads`)
+    GET  /v1/policy/source     the active policy file's text and the workloads known
+                               (`policy suggest/trace/diff` evaluate it themselves)
+    GET  /v1/flows             the flow aggregate, NDJSON (`policy suggest/diff`)
+    POST /v1/policy/stage      body: a candidate policy; staged beside the active one
+                               (result "staged", or "rejected" with every error)
+    GET  /v1/policy/staged     the staged candidate and what it would change
+    POST /v1/policy/staged/promote   make it the policy file and the active policy
+    POST /v1/policy/staged/clear     drop it (409 when nothing is staged)
 
 Responses are JSON (streams: one object per line); errors are
 {"error": "..."} with a 4xx/5xx status.
@@ -35,6 +44,7 @@ from aiohttp import web
 
 from microseg.flow.filters import EVENT_KEYS, SESSION_KEYS, Filter, FilterError
 from microseg.flow.hub import ndjson
+from microseg.policy.staging import NothingStaged
 
 if TYPE_CHECKING:
     from microseg.control.views import Views
@@ -79,7 +89,8 @@ def peer_allowed(sock: socket.socket, group_gid: int | None) -> bool:
 
 
 def build_app(views: Views, group_gid: int | None) -> web.Application:
-    hub, policy = views.parts.hub, views.parts.policy
+    parts = views.parts
+    hub, policy = parts.hub, parts.policy
 
     @web.middleware
     async def credentials(request: web.Request,
@@ -161,13 +172,64 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return json_response(await views.stats())
 
+    async def policy_source(request: web.Request) -> web.Response:
+        return json_response(views.policy_source())
+
+    async def stage(request: web.Request) -> web.Response:
+        data = await request.read()
+        source = request.query.get("source") or "<staged>"
+        res = await policy.stager.stage(data, source)
+        if res.result == "staged":
+            parts.staged_changes.clear()
+        return json_response(res.as_dict())
+
+    async def staged_status(request: web.Request) -> web.Response:
+        return json_response(await views.staged_status())
+
+    async def promote(request: web.Request) -> web.Response:
+        try:
+            res = await policy.stager.promote()
+        except NothingStaged as e:
+            return error(409, str(e))
+        except OSError as e:
+            return error(500, f"cannot write the policy file {policy.path}: {e}")
+        if res.result == "applied":
+            parts.staged_changes.clear()
+        return json_response(res.as_dict())
+
+    async def clear(request: web.Request) -> web.Response:
+        try:
+            s = await policy.stager.clear()
+        except NothingStaged as e:
+            return error(409, str(e))
+        parts.staged_changes.clear()
+        return json_response({"result": "cleared", "source": s.loaded.source,
+                              "generation": s.generation})
+
+    async def flows(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            batch: list[bytes] = []
+            for record in parts.flows.records():
+                batch.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                if len(batch) >= STREAM_BATCH:
+                    await resp.write(b"".join(batch))
+                    batch = []
+            await resp.write(b"".join(batch))
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+        return resp
+
     async def workloads(request: web.Request) -> web.Response:
         rows = await views.workloads(request.query.get("source") or None)
         return web.Response(body=b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
                                           for r in rows),
                             content_type="application/x-ndjson")
 
-    app = web.Application(middlewares=[credentials])
+    # A staged candidate may be as large as a policy file (16 MiB).
+    app = web.Application(middlewares=[credentials], client_max_size=17 << 20)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/policy", policy_show)
     app.router.add_post("/v1/policy/reload", policy_reload)
@@ -175,6 +237,12 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
     app.router.add_get("/v1/sessions", sessions)
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/v1/workloads", workloads)
+    app.router.add_get("/v1/policy/source", policy_source)
+    app.router.add_post("/v1/policy/stage", stage)
+    app.router.add_get("/v1/policy/staged", staged_status)
+    app.router.add_post("/v1/policy/staged/promote", promote)
+    app.router.add_post("/v1/policy/staged/clear", clear)
+    app.router.add_get("/v1/flows", flows)
     return app
 
 

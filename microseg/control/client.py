@@ -70,11 +70,13 @@ class Client:
             return self._denied()
         return DaemonError(f"daemon not reachable at {self.socket_path} ({e.os_error})")
 
-    async def request(self, method: str, path: str, **params: object) -> dict:
+    async def request(self, method: str, path: str, *, body: bytes | None = None,
+                      **params: object) -> dict:
         assert self._session is not None
         query = {k: str(v) for k, v in params.items() if v is not None}
         try:
-            async with self._session.request(method, self._url(path), params=query) as resp:
+            async with self._session.request(method, self._url(path), params=query,
+                                             data=body) as resp:
                 await self._check(resp)
                 return await resp.json(loads=orjson.loads)
         except PermissionError as e:
@@ -85,8 +87,8 @@ class Client:
     async def get(self, path: str, **params: object) -> dict:
         return await self.request("GET", path, **params)
 
-    async def post(self, path: str, **params: object) -> dict:
-        return await self.request("POST", path, **params)
+    async def post(self, path: str, *, body: bytes | None = None, **params: object) -> dict:
+        return await self.request("POST", path, body=body, **params)
 
     async def stream_lines(self, path: str, **params: object) -> AsyncIterator[list[bytes]]:
         """NDJSON from a streaming endpoint as it arrives: lists of whole

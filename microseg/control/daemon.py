@@ -90,7 +90,8 @@ class Daemon:
         self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
                                     builtin_fallback=cfg.policy_default_audit,
                                     insecure_permissions=cfg.insecure_policy_permissions,
-                                 on_discover=self._on_discover)
+                                    on_discover=self._on_discover,
+                                    state_dir=os.path.dirname(cfg.socket_path) or ".")
         self.sources = Sources(self.policy)
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
         self.names = Names(self.policy.compiled_for, self.interfaces.name_of,
@@ -101,6 +102,7 @@ class Daemon:
                            interfaces=self.interfaces, names=self.names, pipeline=self.pipeline,
                            sources=self.sources, started_ns=time.time_ns())
         self.views = Views(self.parts)
+        self.hub.observers += [self._observe_verdicts, self.parts.staged_changes.observe]
         self.flusher = Flusher(self.datapath, cfg.event_window)
         self.links = LinkWatcher(self._on_links_changed)
         self._metrics_runner: web.AppRunner | None = None
@@ -188,6 +190,7 @@ class Daemon:
         res = await self.policy.reload("start", force=True)
         if res.result != "applied":
             raise StartupError("invalid policy:\n" + "\n".join(res.errors))
+        await self.policy.stager.restore()  # a candidate staged before a restart
         # After the policy: what an earlier daemon left in the ring is named
         # with it (microseg/enrich.py Names.workload).
         self.pipeline.start(loop)
@@ -209,6 +212,13 @@ class Daemon:
         log.info("ready in %.2fs socket=%s interfaces=%s generation=%d", time.perf_counter() - t0,
                  self.cfg.socket_path, ",".join(a.name for a in self.interfaces.attached.values())
                  or "-", self.policy.generation)
+
+    def _observe_verdicts(self, events: list[dict]) -> None:
+        """Every verdict event into the flow aggregate (`policy suggest`)."""
+        add = self.parts.flows.add
+        for e in events:
+            if e["type"] == "verdict":
+                add(e)
 
     def _on_links_changed(self) -> None:
         async def resync() -> None:

@@ -104,3 +104,42 @@ def session_line(s: Mapping) -> str:
             f"{human_bytes(b['reply'])}  age {duration(s['age_s'])} idle "
             f"{duration(s['idle_s'])} expires {duration(s['expires_in_s'])}  "
             f"rule {s.get('rule') or 'default'}")
+
+
+def staged_status_lines(s: Mapping | None, colour: bool = False) -> list[str]:
+    """`policy stage status`: the candidate, what it judged, the flows whose
+    verdict it would change, and its rules' hits."""
+    if s is None:
+        return ["nothing staged (`microseg policy stage FILE` loads a candidate)"]
+    v = s["verdicts"]
+    out = [f"staged     {s['source']}  ({s['rules_count']} rules, {s['mode']}, default "
+           f"{s['default']})",
+           f"sha256     {s['sha256']}",
+           f"since      {s['since']}",
+           f"judged     {s['judged']:,} new flows and denied packets: "
+           + (", ".join(f"{n:,} {k}" for k, n in sorted(v.items())) or "none yet"),
+           f"would change {s['would_change']:,}"]
+    changes = s["changes"]
+    if changes:
+        rows = [("FROM", "TO", "PROTO", "PORT", "ACTIVE", "STAGED", "COUNT")]
+        for c in changes:
+            rows.append((str(c["from"]), str(c["to"]), str(c["protocol"]),
+                         "-" if c["port"] is None else str(c["port"]),
+                         f"{c['verdict']} ({c['rule'] or 'default'})",
+                         f"{c['staged_verdict']} ({c['staged_rule'] or 'default'})",
+                         f"{c['count']:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        out.append("")
+        for i, r in enumerate(rows):
+            cells = [c.ljust(w) for c, w in zip(r, widths, strict=True)]
+            if i:
+                cells[5] = paint(cells[5], VERDICT_COLOUR.get(r[5].split()[0]), colour)
+            out.append("  ".join(cells).rstrip())
+        if s["changes_not_listed"]:
+            out.append(f"(+{s['changes_not_listed']:,} more in flows not listed)")
+    out.append("")
+    out.append("staged rules: " + ", ".join(f"{r['name']} {r['hits']:,}" for r in s["rules"])
+               if s["rules"] else "staged rules: none")
+    if s["never_hit"]:
+        out.append("never hit:    " + ", ".join(s["never_hit"]))
+    return out

@@ -58,6 +58,8 @@ class Report:
     workloads: dict[str, int] = field(default_factory=dict)          # by source
     discovery_events: dict[tuple[str, str], int] = field(default_factory=dict)  # (source, action)
     discovery_errors: dict[str, int] = field(default_factory=dict)   # by source
+    # (staged verdict, differs from the active one) -> judgments, all time
+    staged_verdicts: dict[tuple[str, bool], int] = field(default_factory=dict)
     at_ns: int = 0                         # CLOCK_MONOTONIC when read
 
     @property

@@ -12,15 +12,17 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from microseg import __version__
 from microseg.control.config import RunConfig
 from microseg.control.report import Report, evictions
-from microseg.flow.enrich import Names, session_rows
+from microseg.flow.enrich import VERDICT_NAMES, Names, session_rows
 from microseg.flow.filters import Filter
 from microseg.flow.hub import EventHub, rfc3339
+from microseg.flow.observed import FlowAggregate
+from microseg.flow.staging import StagedChanges
 from microseg.flow.sweeper import timeout_name
 from microseg.kernel import abi
 from microseg.kernel.clock import monotonic_ns, wall_offset_ns
@@ -60,6 +62,10 @@ class Parts:
     last_sweep: dict | None = None
     metrics_listen: str | None = None
     ready: bool = False
+    # Every verdict event's flow (`policy suggest`/`diff` read it) and the
+    # flows a staged candidate would judge otherwise: fed by the hub.
+    flows: FlowAggregate = field(default_factory=FlowAggregate)
+    staged_changes: StagedChanges = field(default_factory=StagedChanges)
 
 
 def _count_by_source(known) -> dict[str, int]:
@@ -144,6 +150,8 @@ class Views:
             workloads=_count_by_source(p.policy.known.values()),
             discovery_events=p.sources.changes_by_action(),
             discovery_errors=p.sources.errors(),
+            staged_verdicts={(VERDICT_NAMES[v], d): n
+                             for (v, d), n in dp.read_staged_stats().items()},
             run_time_ns=run_ns, run_count=runs,
             flow_log=None if fl is None else {
                 "path": fl.path, "lines": fl.lines, "events": fl.events, "lost": fl.lost,
@@ -229,6 +237,7 @@ class Views:
 
     def status(self) -> dict:
         p = self.parts
+        staged = p.policy.stager.staged
         cfg = p.cfg
         a = p.policy.active
         pol = a.loaded.policy if a else None
@@ -258,6 +267,12 @@ class Views:
                 "reloads_total": p.policy.reloads_total,
                 "reload_failures_total": p.policy.reload_failures_total,
                 "last_reload": p.policy.last.as_dict() if p.policy.last else None,
+                # A candidate judged beside it (`policy stage status` says more).
+                "staged": None if staged is None else {
+                    "source": staged.loaded.source, "sha256": staged.loaded.sha256,
+                    "since": rfc3339(staged.since_ns),
+                    "rules": len(staged.loaded.policy.rules),
+                    "would_change": p.staged_changes.differing},
             },
             "metrics": p.metrics_listen,
             "workloads": _count_by_source(p.policy.known.values()),
@@ -309,6 +324,59 @@ class Views:
             "never_hit": [r["name"] for r in rules if not r["hits"]],
             "last_reload": p.policy.last.as_dict() if p.policy.last else None,
         }
+
+    # -- GET /v1/policy/source -------------------------------------------------
+
+    def policy_source(self) -> dict:
+        """The active policy file's text and every workload known: what a
+        client needs to evaluate the policy as the daemon compiled it
+        (microseg/control/client.py fetch_policy)."""
+        p = self.parts
+        a = p.policy.active
+        if a is None:
+            return {"generation": 0}
+        return {"generation": a.generation, "source": a.loaded.source,
+                "sha256": a.loaded.sha256, "text": a.loaded.data.decode(),
+                "known": [k.as_dict() for k in p.policy.known.values()]}
+
+    # -- GET /v1/policy/staged ------------------------------------------------
+
+    async def staged_status(self) -> dict:
+        """The staged candidate, what it judged since it was staged, the
+        flows it would judge otherwise and its rules' hits; {"staged": null}
+        when nothing is staged."""
+        p = self.parts
+        s = p.policy.stager.staged
+        if s is None:
+            return {"staged": None}
+        loop = asyncio.get_running_loop()
+        dp = p.datapath
+        now = await loop.run_in_executor(None, dp.read_staged_stats)
+        hits = await loop.run_in_executor(None, dp.read_rule_stats, "staged_rule_stats_map")
+        judged = s.judged(now)
+        verdicts: dict[str, int] = {}
+        for (verdict, _differs), n in judged.items():
+            name = VERDICT_NAMES[verdict]
+            verdicts[name] = verdicts.get(name, 0) + n
+        offset = wall_offset_ns()
+        rules = []
+        for r in s.loaded.policy.rules:
+            n, last_ns = hits.get(s.compiled.rule_ids[r.name], (0, 0))
+            rules.append({"name": r.name, "action": r.action, "hits": n,
+                          "last_hit": rfc3339(last_ns + offset) if n else None})
+        changes = p.staged_changes
+        pol = s.loaded.policy
+        return {"staged": {
+            "source": s.loaded.source, "sha256": s.loaded.sha256,
+            "generation": s.generation, "since": rfc3339(s.since_ns),
+            "mode": pol.mode, "default": pol.default, "rules_count": len(pol.rules),
+            "workloads_count": len(pol.workloads),
+            "active_generation": p.policy.generation,
+            "judged": sum(judged.values()), "verdicts": verdicts,
+            "would_change": sum(n for (_v, differs), n in judged.items() if differs),
+            "changes": changes.rows(), "changes_not_listed": changes.overflow,
+            "rules": rules, "never_hit": [r["name"] for r in rules if not r["hits"]],
+        }}
 
     # -- GET /v1/workloads ----------------------------------------------------
 

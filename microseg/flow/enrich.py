@@ -256,7 +256,7 @@ class Enricher:
                              "family": _FAMS[family], "protocol": _PROTOS[proto],
                              "src": src, "dst": dst,
                              "tcp_flags": _FLAG_LISTS[tcp_flags] if proto == 6 else [],
-                             "bytes": b0, "count": p0}
+                             "bytes": b0, "count": p0, "staged": None}
                     # Judged by a staged candidate too, which would decide
                     # otherwise (docs/events.md): what it would say.
                     if staged and staged - 1 != verdict:

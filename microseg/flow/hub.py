@@ -161,6 +161,10 @@ class EventHub:
         self.subscriber_lost = 0  # dropped from slow subscribers' queues, all time
         # Told the last seq before anyone sees its event (microseg/journal.py).
         self.on_seq: Callable[[int], None] | None = None
+        # Consumers inside the daemon that must see every event (the flow
+        # aggregate, the staged changes): called with each batch, in the
+        # loop, no queue — they are quick and never fall behind.
+        self.observers: list[Callable[[list[Event]], None]] = []
 
     def continue_after(self, last_seq: int) -> None:
         """Number on from an earlier daemon's last event."""
@@ -196,6 +200,8 @@ class EventHub:
         if self.on_seq is not None:
             self.on_seq(self.last_seq)
         self.recent.extend(events)
+        for observe in self.observers:
+            observe(events)
         for sub in self._subs:
             sub._offer_many(events)
 
@@ -203,6 +209,8 @@ class EventHub:
         self.recent.append(event)
         t = event["type"]
         self.published[t] = self.published.get(t, 0) + 1
+        for observe in self.observers:
+            observe([event])
         for sub in self._subs:
             sub._offer(event)
 

@@ -252,13 +252,13 @@ class Datapath:
         """Stop judging new flows by the staged candidate (one write)."""
         self.maps["active_map"].update(_U32.pack(abi.Active.STAGED), _U32.pack(0))
 
-    def reset_staged_counters(self) -> None:
-        """Zero the staged policy's counters: a new candidate counts from 0."""
-        for name in ("staged_stats_map", "staged_rule_stats_map"):
-            m = self.maps[name]
-            n = m.max_entries
-            m.update_batch(b"".join(_U32.pack(i) for i in range(n)),
-                           bytes(m.full_value_size * n), n)
+    def reset_staged_rule_stats(self) -> None:
+        """Zero the staged rules' hits: a new candidate's count from 0 (its
+        rule ids are its own). staged_stats_map stays monotonic (metrics)."""
+        m = self.maps["staged_rule_stats_map"]
+        n = m.max_entries
+        m.update_batch(b"".join(_U32.pack(i) for i in range(n)),
+                       bytes(m.full_value_size * n), n)
 
     def read_staged_stats(self) -> dict[tuple[abi.Verdict, bool], int]:
         """(staged verdict, differs from the active one) -> judgments."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from microseg.gcpause import gc_paused
 from microseg.inventory.model import DiscoveredWorkload
+from microseg.kernel.abi import STAGED_GENERATION
 from microseg.policy.compile import CompiledPolicy, compile_policy
 from microseg.policy.inventory import Known, Merged, changes, merge
 from microseg.policy.model import Discovery, Policy
@@ -31,6 +32,7 @@ from microseg.policy.parse import (
     open_policy_file,
 )
 from microseg.policy.permissions import UntrustedPath, check_trusted
+from microseg.policy.staging import Stager
 
 log = logging.getLogger("microseg.policy")
 
@@ -44,8 +46,9 @@ def _compile_quietly(policy: Policy, previous: CompiledPolicy | None) -> Compile
 
 def builtin_audit_policy() -> LoadedPolicy:
     """`--policy-default audit`: observe everything, enforce nothing."""
+    text = b"version: 1\nmode: audit\ndefault: allow\n"
     return LoadedPolicy(Policy(default="allow", mode="audit"), BUILTIN_AUDIT,
-                        hashlib.sha256(b"builtin-audit").hexdigest())
+                        hashlib.sha256(b"builtin-audit").hexdigest(), data=text)
 
 
 @dataclass
@@ -84,7 +87,8 @@ HISTORY = 8
 class PolicyManager:
     def __init__(self, datapath, path: str, *, publish: Callable[[dict], object] | None = None,
                  builtin_fallback: bool = False, insecure_permissions: bool = False,
-                 on_discover: Callable[[Discovery], object] | None = None) -> None:
+                 on_discover: Callable[[Discovery], object] | None = None,
+                 state_dir: str | None = None) -> None:
         self.datapath = datapath
         self.path = path
         self.builtin_fallback = builtin_fallback
@@ -112,6 +116,13 @@ class PolicyManager:
         self.known: dict[str, Known] = {}   # every workload by name, as last applied
         self._on_discover = on_discover     # the policy's `discover` section changed
         self._shadowed: tuple[str, ...] = ()
+        # A candidate judged beside the active policy (`policy stage`).
+        self.stager = Stager(self, state_dir)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a generation (active or staged) is compiled and applied."""
+        return self._lock
 
     # -- reading what runs -----------------------------------------------------
 
@@ -124,6 +135,8 @@ class PolicyManager:
         in events judged under it."""
         if generation in self.history:
             return self.history[generation]
+        if generation & STAGED_GENERATION:
+            return self.stager.compiled_for(generation)
         if generation < self.first_generation:
             # Judged under an earlier daemon on the same pins (events it left
             # in the ring): its rule and identity numbers are not ours.
@@ -262,6 +275,7 @@ class PolicyManager:
         if inventory:
             log.debug("inventory applied generation=%d workloads=%d apply_ms=%.1f", gen,
                       len(merged.known), apply_ms)
+            await self.stager.restage()  # the candidate sees the same workloads
             return ReloadResult("applied", gen, loaded.source, loaded.sha256,
                                 workloads=len(merged.known), apply_ms=apply_ms,
                                 at_ns=time.time_ns())

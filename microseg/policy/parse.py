@@ -100,6 +100,9 @@ class LoadedPolicy:
     source: str
     sha256: str
     warnings: list[Issue] = field(default_factory=list)
+    # The text it was parsed from: what `policy suggest/trace/diff` read
+    # from a daemon (GET /v1/policy/source), and what a promote writes.
+    data: bytes = field(default=b"", repr=False, compare=False)
 
 
 _FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device",
@@ -188,7 +191,7 @@ def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
                                                  f"the first {MAX_ERRORS} not shown"))
         raise PolicyError(filename, v.issues, v.hidden[1] if v.hidden else 0)
     return LoadedPolicy(policy, filename, hashlib.sha256(data).hexdigest(),
-                        [i for i in v.issues if i.severity == "warning"])
+                        [i for i in v.issues if i.severity == "warning"], data=data)
 
 
 class _TooManyNodes(Exception):

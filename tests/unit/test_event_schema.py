@@ -461,7 +461,10 @@ def mutations() -> Iterator[tuple[str, str, object]]:
             del e[last]
         return change
 
-    yield "extra key", "verdict", setter("staged", None)
+    yield "extra key", "verdict", setter("node", None)
+    yield "staged without its rule", "verdict", setter("staged", {"verdict": "denied"})
+    yield "staged verdict dropped", "verdict", setter("staged", {"verdict": "dropped",
+                                                                  "rule": None})
     yield "extra key in an endpoint", "verdict", setter("src.node", "n1")
     yield "renamed key", "verdict", lambda e: e.__setitem__("generation",
                                                             e.pop("policy_generation"))
