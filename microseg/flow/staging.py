@@ -57,11 +57,12 @@ class StagedChanges:
                 self.overflow += n
 
     def rows(self) -> list[dict]:
-        """Most frequent first, then by flow: `stage status` shows them."""
+        """Would-be denials first (the flows a promote would break), then
+        the most frequent, then by flow: `stage status` shows them."""
         out = [{"from": k[0], "to": k[1], "protocol": k[2], "port": k[3],
                 "verdict": k[4], "rule": k[5], "staged_verdict": k[6], "staged_rule": k[7],
                 "count": s.count, "first_seen": s.first, "last_seen": s.last}
                for k, s in self.flows.items()]
-        out.sort(key=lambda r: (-r["count"], str(r["from"]), str(r["to"]), str(r["protocol"]),
-                                r["port"] or 0))
+        out.sort(key=lambda r: (r["staged_verdict"] != "denied", -r["count"], str(r["from"]),
+                                str(r["to"]), str(r["protocol"]), r["port"] or 0))
         return out
