@@ -173,8 +173,6 @@ class Evaluator:
         return answer
 
 
-
-
 # -- trace: one flow, explained ----------------------------------------------
 
 class TraceError(ValueError):
@@ -312,8 +310,9 @@ def resolve(policy: Policy, src: str, dst: str) -> tuple[Endpoint, Endpoint]:
                              "on the host's network or none): nothing to trace")
         hosts = _own_hosts(policy, w)
         if not hosts:
-            raise TraceError(f"{flag} {text}: every address of workload {text} belongs to a "
-                             "more specific workload")
+            raise TraceError(f"{flag} {text}: every address of workload {text} is owned by "
+                             "another workload (a more specific prefix, or the same one "
+                             "declared first)")
         ends.append(hosts)
     a, b = ends
     if not isinstance(a, list) and not isinstance(b, list):

@@ -248,8 +248,8 @@ def test_resolve_a_workload_without_addresses_or_without_one_of_its_own() -> Non
                             Workload.make("b", ["10.0.0.1", "10.0.0.2"])))
     with pytest.raises(TraceError, match="workload hostnet has no addresses"):
         resolve(pol, "hostnet", "10.0.0.9")
-    with pytest.raises(TraceError, match="every address of workload a belongs to a more "
-                                         "specific workload"):
+    with pytest.raises(TraceError, match="every address of workload a is owned by another "
+                                         "workload"):
         resolve(pol, "10.0.0.9", "a")
 
 
