@@ -56,6 +56,50 @@ static __always_inline int judge_as_reply(struct __sk_buff *skb,
 	return NEED_VERDICT;
 }
 
+/* After a new flow's judgment (or a packet judged alone): a denial may be
+ * a reply whose session was lost; an allowed flow opens its session. */
+static __always_inline int after_judgment(struct __sk_buff *skb, const struct packet *p,
+					  __u32 dir, __u32 gen, struct session_key *key,
+					  int is_lo, __u32 flags, struct decision *d)
+{
+	int tcp = p->proto == IPPROTO_TCP;
+	int stateless = p->icmp == ICMP_KIND_ERROR || p->icmp == ICMP_KIND_OTHER;
+
+	if (flags & JUDGED_ALONE)
+		return NEED_VERDICT;
+	if (d->verdict == VERDICT_DENIED) {
+		/* Maybe a reply whose session was lost: judged the other way. */
+		if (!stateless && maybe_reply(p))
+			return judge_as_reply(skb, p, dir, gen, d);
+		return NEED_VERDICT;
+	}
+	/* Stateless ICMP, or an allowed RST (nothing to track): the verdict
+	 * is all. */
+	if (stateless || (tcp && (p->tcp_flags & TCP_FLAG_RST)))
+		return NEED_VERDICT;
+	return open_session(skb, p, dir, key, is_lo, 0, flags & JUDGED_REUSE, d);
+}
+
+/* A candidate is staged: the new flow goes on in the staged stage
+ * (mseg_staged, a tail call: its own program, so the verifier checks the
+ * second policy lookup apart, and a packet pays for it only while a
+ * candidate is staged). Returns only if the stage is not installed. */
+static __always_inline void judge_in_staged_stage(struct __sk_buff *skb, __u32 dir,
+						  __u32 gen, __u32 flags,
+						  const struct decision *d)
+{
+	struct scratch *sc = scratch();
+
+	if (!sc)
+		return;
+	sc->own = *d;
+	sc->direction = dir;
+	sc->generation = gen;
+	sc->flags = flags;
+	/* bpf_tail_call: continue in mseg_staged. */
+	stage_map.call(skb, STAGE_STAGED);
+}
+
 /* Everything after parsing, for a packet that has its L4 header. The
  * policy is consulted once (judge_flow): for a new flow in its own
  * direction, for a session whose generation is stale in the session's
@@ -127,8 +171,7 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 		d->audit = AUDIT_BY_SRC;
 		return judge_as_reply(skb, p, dir, gen, d);
 	}
-	/* A new flow is judged by the staged candidate too, if there is one. */
-	judge_flow(p, reval ? side : 0, gen, reval ? 0 : staged_generation(), d);
+	judge_flow(p, reval ? side : 0, gen, d);
 
 	if (reval) {
 		int r = revalidate_session(skb, p, dir, &key, s, side, pending, d);
@@ -137,19 +180,11 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 		reported = r == REVAL_REPORTED;
 		return account_session(skb, p, dir, &key, s, side, pending, reported, d);
 	}
-	if (alone)
-		return NEED_VERDICT;
-	if (d->verdict == VERDICT_DENIED) {
-		/* Maybe a reply whose session was lost: judged the other way. */
-		if (!stateless && maybe_reply(p))
-			return judge_as_reply(skb, p, dir, gen, d);
-		return NEED_VERDICT;
-	}
-	/* Stateless ICMP, or an allowed RST (nothing to track): the verdict
-	 * is all. */
-	if (stateless || (tcp && (tf & TCP_FLAG_RST)))
-		return NEED_VERDICT;
-	return open_session(skb, p, dir, &key, is_lo, 0, reuse, d);
+	__u32 flags = (alone ? JUDGED_ALONE : 0) | (reuse ? JUDGED_REUSE : 0);
+	/* A new flow is judged by the staged candidate too, if there is one. */
+	if (staged_generation())
+		judge_in_staged_stage(skb, dir, gen, flags, d);
+	return after_judgment(skb, p, dir, gen, &key, is_lo, flags, d);
 }
 
 /* After the verdict: counters and events, the new session's "new" event,
@@ -275,10 +310,35 @@ int mseg_reply(struct __sk_buff *skb)
 				     p->sport, p->dport, &key);
 	int act = NEED_VERDICT;
 
-	judge_flow(p, 1, sc->generation, 0, &d);
+	judge_flow(p, 1, sc->generation, &d);
 	if (d.verdict == VERDICT_DENIED)
 		d = sc->own; /* neither way: the packet's own outcome */
 	else if (!(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
 		act = open_session(skb, p, dir, &key, is_lo, 1, 0, &d);
+	return finish_packet(skb, sc, dir, &d, act);
+}
+
+/* The staged stage (stage_map[STAGE_STAGED]), tail-called for a new flow
+ * while a candidate policy is staged (docs/policy.md "Staging"): the flow
+ * judged by the candidate too — the active policy's outcome stands, the
+ * candidate's goes into its event and counters — then on as process()
+ * would have gone on. */
+int mseg_staged(struct __sk_buff *skb)
+{
+	struct scratch *sc = scratch();
+
+	if (!sc)
+		return TC_ACT_SHOT;
+	struct packet *p = &sc->packet;
+	struct decision d = sc->own;
+	__u32 dir = sc->direction & 1;
+	__u32 staged = staged_generation();
+	struct session_key key = {};
+	int is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
+				     p->sport, p->dport, &key);
+
+	if (staged) /* cleared since process() looked: nothing to add */
+		judge_staged(p, staged, &d);
+	int act = after_judgment(skb, p, dir, sc->generation, &key, is_lo, sc->flags, &d);
 	return finish_packet(skb, sc, dir, &d, act);
 }

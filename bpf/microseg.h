@@ -481,12 +481,21 @@ struct scratch {
 	__u32 opened;                  /* session above just opened: side + 1 */
 	__u32 direction;               /* the reply stage: the hook's direction */
 	__u32 generation;              /* the reply stage: the generation judged */
+	__u32 flags;                   /* the staged stage: enum mseg_judged_flags */
+	__u32 pad;                     /* to a multiple of 8 (struct packet's alignment) */
+};
+
+/* scratch.flags: how process() found a new flow, for the staged stage. */
+enum mseg_judged_flags {
+	JUDGED_ALONE = 1,   /* judged alone: opens no session */
+	JUDGED_REUSE = 2,   /* a new connection on a closed tuple */
 };
 
 /* stage_map: the programs entry points tail-call. */
 enum mseg_stage {
 	STAGE_REPLY = 0,        /* mseg_reply: judge a packet as a reply */
-	STAGE_MAX = 1,
+	STAGE_STAGED = 1,       /* mseg_staged: judge a new flow by the candidate too */
+	STAGE_MAX = 2,
 };
 
 /* clock_map[0], written by the mseg_clock entry when userspace runs it:

@@ -22,10 +22,10 @@
 /* The loader passes every capacity (microseg/datapath.py MapSpecs is the
  * one source); these defaults only serve a bare compile. */
 #ifndef MSEG_IDENT_CAPACITY
-#define MSEG_IDENT_CAPACITY 131072
+#define MSEG_IDENT_CAPACITY 262144
 #endif
 #ifndef MSEG_POLICY_CAPACITY
-#define MSEG_POLICY_CAPACITY 1048576
+#define MSEG_POLICY_CAPACITY 2097152
 #endif
 #ifndef MSEG_FRAG_CAPACITY
 #define MSEG_FRAG_CAPACITY 65536

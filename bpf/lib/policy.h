@@ -253,27 +253,27 @@ static __always_inline void note_staged(struct decision *d, const struct decisio
 }
 
 /* The packet's flow judged under generation gen: in its own direction, or
- * (reverse) as the flow it would be a reply to; and, when a candidate is
- * staged (staged != 0), under that one too — for new flows only, so
- * established packets never pay for it. One call site of match_policy (a
- * loop that is not unrolled): the program carries one copy of it. */
+ * (reverse) as the flow it would be a reply to. One call site of
+ * match_policy: the program carries one copy of it. */
 static __always_inline void judge_flow(const struct packet *p, int reverse,
-				       __u32 gen, __u32 staged, struct decision *d)
+				       __u32 gen, struct decision *d)
 {
 	const __u8 *saddr = reverse ? p->daddr : p->saddr;
 	const __u8 *daddr = reverse ? p->saddr : p->daddr;
 	__u16 dport = reverse ? p->sport : p->dport;
+
+	match_policy(p->family, p->proto, saddr, daddr, dport, gen, d);
+}
+
+/* A new flow judged by the staged candidate too (the stage program
+ * mseg_staged runs it): its verdict and rule go with the active one's. */
+static __always_inline void judge_staged(const struct packet *p, __u32 staged,
+					 struct decision *d)
+{
 	struct decision sd = {};
 
-#pragma clang loop unroll(disable)
-	for (int i = 0; i < 2; i++) {
-		if (i && !staged)
-			break;
-		match_policy(p->family, p->proto, saddr, daddr, dport, i ? staged : gen,
-			     i ? &sd : d);
-	}
-	if (staged)
-		note_staged(d, &sd, staged, bpf_ktime_get_ns());
+	judge_flow(p, 0, staged, &sd);
+	note_staged(d, &sd, staged, bpf_ktime_get_ns());
 }
 
 #endif /* MSEG_POLICY_H */

@@ -157,6 +157,14 @@ class Stage(enum.IntEnum):
     """Slots of stage_map: the programs the entry points tail-call."""
 
     REPLY = 0
+    STAGED = 1
+
+
+class JudgedFlag(enum.IntFlag):
+    """scratch.flags: how a new flow was found, for the staged stage."""
+
+    ALONE = 1
+    REUSE = 2
 
 
 def event_stats_index(ring: int, event_type: int) -> int:
@@ -323,6 +331,7 @@ SCRATCH = Layout("scratch", (
     ("packet", f"{PACKET.size}s"), ("session", f"{SESSION_VALUE.size}s"),
     ("agg_key", f"{AGG_KEY.size}s"), ("agg", f"{AGG_VALUE.size}s"),
     ("own", f"{DECISION.size}s"), ("opened", "I"), ("direction", "I"), ("generation", "I"),
+    ("flags", "I"), ("_pad", "4x"),
 ))
 CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
 SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q"), ("reused", "Q"),

@@ -31,6 +31,7 @@ from microseg.kernel.loader import (
 )
 from microseg.kernel.loader import PROG_FLUSH as PROG_FLUSH
 from microseg.kernel.loader import PROG_REPLY as PROG_REPLY
+from microseg.kernel.loader import PROG_STAGED as PROG_STAGED
 from microseg.kernel.records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Datapath:
         self.flush_fd = -1
         self._l3_fds: tuple[int, int] | None = None
         self._reply_fd = -1
+        self._staged_fd = -1
         # Stack depth per program, from a verification with statistics
         # (verifier_figures(measure=True)): bytes per subprogram.
         self._stack_depths: dict[str, tuple[int, ...]] = {}
@@ -92,6 +94,7 @@ class Datapath:
         self.clock_fd = prog.prog_fds[PROG_CLOCK]
         self.flush_fd = prog.prog_fds[PROG_FLUSH]
         self._reply_fd = prog.prog_fds[PROG_REPLY]
+        self._staged_fd = prog.prog_fds[PROG_STAGED]
         self._generation = self.active_generation()
         return prog.report
 
@@ -109,7 +112,7 @@ class Datapath:
     def program_fds(self) -> dict[str, int]:
         """The packet programs loaded so far, by name."""
         out = {PROG_INGRESS: self.ingress_fd, PROG_EGRESS: self.egress_fd,
-               PROG_REPLY: self._reply_fd}
+               PROG_REPLY: self._reply_fd, PROG_STAGED: self._staged_fd}
         if self._l3_fds is not None:
             out[PROG_INGRESS_L3], out[PROG_EGRESS_L3] = self._l3_fds
         return out

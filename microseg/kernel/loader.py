@@ -22,8 +22,10 @@ from microseg.kernel import abi, bpfsys
 from microseg.kernel.maps import MapSpec, map_specs
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/microseg"
-IDENT_CAPACITY = 131072
-POLICY_CAPACITY = 1 << 20
+# Four policy slots (two active, two staged) may each hold a whole policy;
+# the maps allocate entries as they are written (BPF_F_NO_PREALLOC).
+IDENT_CAPACITY = 262144
+POLICY_CAPACITY = 1 << 21
 FRAG_CAPACITY = 65536
 AGG_CAPACITY = 65536
 ENTRY = "microseg.bpf.c"
@@ -36,9 +38,10 @@ PROG_FLUSH = "mseg_flush"
 PROG_REPLY = "mseg_reply"
 # Loaded at start; the L3 entry points only when a link needs them (each
 # program costs its verifier run).
-PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH, PROG_REPLY)
+PROG_STAGED = "mseg_staged"
+PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH, PROG_REPLY, PROG_STAGED)
 # stage_map's slots and the programs that fill them (enum mseg_stage).
-STAGES = {abi.Stage.REPLY: PROG_REPLY}
+STAGES = {abi.Stage.REPLY: PROG_REPLY, abi.Stage.STAGED: PROG_STAGED}
 
 _U32 = struct.Struct("<I")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')

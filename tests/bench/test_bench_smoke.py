@@ -40,7 +40,7 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     assert res["mode"] == "quick" and res["machine"]["kernel"]
     verifier = res["datapath"]["verifier"]
     assert {"mseg_ingress", "mseg_egress", "mseg_ingress_l3", "mseg_egress_l3",
-            "mseg_reply"} <= set(verifier)
+            "mseg_reply", "mseg_staged"} <= set(verifier)
     for v in verifier.values():
         assert 0 < v["instructions"] < 1_000_000 and 0 < max(v["stack_depth"]) <= 512
     assert "insns processed" in r.stdout

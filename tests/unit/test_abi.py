@@ -34,6 +34,7 @@ ENUMS = {
     "mseg_ring": (abi.Ring, "RING_"),
     "mseg_stage": (abi.Stage, "STAGE_"),
     "mseg_active": (abi.Active, "ACTIVE_"),
+    "mseg_judged_flags": (abi.JudgedFlag, "JUDGED_"),
 }
 
 
