@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from microseg.lab.demo import run
 
-    return run(args.duration, Path(args.policy), args.socket)
+    return run(args.duration, Path(args.policy), args.socket, learn=args.learn)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -668,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH",
                    help="the demo daemon's socket (default: /run/microseg/microseg.sock, so "
                    "`microseg watch` finds it)")
+    p.add_argument("--learn", action="store_true",
+                   help="start in audit mode with no rules, to learn a policy from the "
+                   "traffic (`policy suggest`, `stage`, `promote`)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("top", help="the live view: rates, flows, verdicts, sessions, rules, "

@@ -106,10 +106,31 @@ rules:
 """
 
 
-def policy_text(lab: Lab) -> str:
+# `microseg demo --learn`: the same workloads, no rules, audit mode — nothing
+# is dropped and every flow is observed, to learn a policy from
+# (docs/policy.md "Policy lifecycle").
+LEARN_HEADER = """\
+# The microseg demo, learning: audit mode, no rules. Nothing is dropped;
+# every flow is a verdict "audit". Learn a policy from what runs:
+#   microseg policy suggest -o /tmp/microseg-demo/suggested.yaml
+#   microseg policy stage /tmp/microseg-demo/suggested.yaml
+#   microseg policy stage status
+#   microseg policy stage promote
+"""
+
+
+def policy_text(lab: Lab, learn: bool = False) -> str:
     addrs = {f"{w.name}4": lab.ipv4(w.name) for w in WORKLOADS}
     addrs.update({f"{w.name}6": lab.ipv6(w.name) for w in WORKLOADS})
-    return POLICY.format(net4=str(lab.net4), net6=str(lab.net6), **addrs)
+    text = POLICY.format(net4=str(lab.net4), net6=str(lab.net6), **addrs)
+    if not learn:
+        return text
+    body = text[text.index("version: 1"):text.index("rules:\n")]
+    body = body.replace("mode: enforce          # enforce | audit",
+                        "mode: audit            # observe: nothing is dropped")
+    body = body.replace("    mode: audit        # traffic TO api is never dropped, only reported\n",
+                        "")
+    return LEARN_HEADER + body + "rules: []              # to be learned\n"
 
 
 def traffic(lab: Lab) -> dict[str, list[str]]:
@@ -133,8 +154,10 @@ def traffic(lab: Lab) -> dict[str, list[str]]:
 
 
 class Demo:
-    def __init__(self, policy_path: Path, socket_path: str | None, metrics: str) -> None:
+    def __init__(self, policy_path: Path, socket_path: str | None, metrics: str,
+                 learn: bool = False) -> None:
         self.lab = Lab(WORKLOADS, prefix=PREFIX)
+        self.learn = learn
         self.policy_path = policy_path
         self.socket = socket_path  # chosen in up(), once a crashed demo is gone
         self.metrics = metrics
@@ -160,7 +183,7 @@ class Demo:
         self.socket = self.socket or demo_socket()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self.policy_path.parent.mkdir(parents=True, exist_ok=True)
-        self.policy_path.write_text(policy_text(self.lab))
+        self.policy_path.write_text(policy_text(self.lab, self.learn))
         say(f"lab: {len(WORKLOADS)} workloads in namespaces {PREFIX}-*, on bridge "
             f"{self.lab.bridge}")
         self.lab.up()
@@ -287,13 +310,13 @@ def free_metrics(addr: str) -> str:
 
 
 def run(duration: float | None, policy_path: Path, socket_path: str | None,
-        interactive: bool | None = None) -> int:
+        interactive: bool | None = None, learn: bool = False) -> int:
     if os.geteuid() != 0:
         print("microseg demo: needs root (network namespaces, BPF)", file=sys.stderr)
         return 3
     interactive = sys.stdout.isatty() and sys.stdin.isatty() if interactive is None \
         else interactive
-    demo = Demo(policy_path, socket_path, free_metrics("127.0.0.1:9750"))
+    demo = Demo(policy_path, socket_path, free_metrics("127.0.0.1:9750"), learn)
 
     def say(msg: str) -> None:
         print(f"microseg demo: {msg}", flush=True)
@@ -311,7 +334,13 @@ def run(duration: float | None, policy_path: Path, socket_path: str | None,
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         demo.up(say)
-        say(f"policy: {policy_path} — edit it and watch the verdicts change")
+        if learn:
+            say(f"policy: {policy_path} — audit mode, no rules: every flow is observed")
+            say(f"learn one: {command_line(demo.socket)} policy suggest -o "
+                f"{STATE_DIR / 'suggested.yaml'}; then `policy stage` it, watch `top`, "
+                "`policy stage promote`")
+        else:
+            say(f"policy: {policy_path} — edit it and watch the verdicts change")
         say(f"in another terminal: {command_line(demo.socket)} watch")
         if interactive and duration is None:
             from microseg.tui.app import TopApp
