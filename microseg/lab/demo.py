@@ -337,8 +337,8 @@ def run(duration: float | None, policy_path: Path, socket_path: str | None,
         if learn:
             say(f"policy: {policy_path} — audit mode, no rules: every flow is observed")
             say(f"learn one: {command_line(demo.socket)} policy suggest -o "
-                f"{STATE_DIR / 'suggested.yaml'}; then `policy stage` it, watch `top`, "
-                "`policy stage promote`")
+                f"{policy_path.parent / 'suggested.yaml'}; then `policy stage` it, watch "
+                "`top`, `policy stage promote`")
         else:
             say(f"policy: {policy_path} — edit it and watch the verdicts change")
         say(f"in another terminal: {command_line(demo.socket)} watch")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import queue
 import re
 import signal
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from microseg.control.client import Client
+from microseg.control.client import Client, fetch_flows
 from microseg.lab import demo as demo_module
 from microseg.lab.demo import PIN_DIR, PREFIX, STATE_DIR
 from microseg.lab.topology import wait_for
@@ -259,3 +261,89 @@ def test_the_demo_leaves_a_running_daemons_socket_alone(tmp_path: Path, monkeypa
         live.bind(default)
         live.listen()
         assert demo_module.demo_socket() == str(STATE_DIR / "microseg.sock")
+
+
+def _cli(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "microseg", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "MICROSEG_SOCKET": sock})
+
+
+def _without_rogue(path: Path) -> None:
+    """What the README asks the reader to do with the suggestion: take the
+    rogue out — its rules, and its entry in shared `from` lists."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True  # "fd00::1" must stay quoted in a flow list
+    doc = yaml.load(path.read_text())
+    rogue = {"workload": "rogue"}
+    keep = []
+    for rule in doc["rules"]:
+        sel = rule["from"]
+        if isinstance(sel, list):
+            sel[:] = [s for s in sel if dict(s) != rogue]
+            if sel:
+                keep.append(rule)
+        elif dict(sel) != rogue:
+            keep.append(rule)
+    doc["rules"] = keep
+    with path.open("w") as f:
+        yaml.dump(doc, f)
+
+
+def test_learn_a_policy_walkthrough(tmp_path: Path, clean) -> None:
+    """The README's "learn a policy": the demo in audit mode (`--learn`),
+    `policy suggest`, the rogue taken out, `policy stage`, `stage status`
+    shows the rogue's flows as would-be denials while nothing is dropped,
+    `promote`: the rogue is denied, the shop's own flows allowed."""
+    demo = Demo(tmp_path, "--learn", "--duration", "300")
+    sock = demo.socket
+    try:
+        demo.expect(r"audit mode, no rules")
+        demo.expect(r"running for")
+        # Every flow of the demo's traffic (microseg/lab/demo.py traffic())
+        # observed at least once: 15 of them.
+        assert wait_for(lambda: _observed(sock) >= 15, timeout=90), _observed(sock)
+        suggested = tmp_path / "suggested.yaml"
+        r = _cli(sock, "policy", "suggest", "-o", str(suggested))
+        assert r.returncode == 0, r.stderr
+        assert "rogue" in suggested.read_text()   # it learns what ran, rogue included
+        _without_rogue(suggested)
+        assert _cli(sock, "policy", "check", str(suggested)).returncode == 0
+        r = _cli(sock, "policy", "stage", str(suggested))
+        assert r.returncode == 0, r.stderr
+
+        def rogue_would_be_denied() -> bool:
+            s = json.loads(_cli(sock, "policy", "stage", "status", "--json").stdout)["staged"]
+            return any(c["from"] == "rogue" and c["staged_verdict"] == "denied"
+                       and c["verdict"] == "audit" for c in s["changes"])
+
+        assert wait_for(rogue_would_be_denied, timeout=60)
+        r = _cli(sock, "policy", "stage", "promote")
+        assert r.returncode == 0, r.stderr
+        after = json.loads(_cli(sock, "policy", "show", "--json").stdout)
+        assert after["mode"] == "enforce" and after["generation"] == 2
+
+        def verdicts_since_promote() -> set:
+            r = _cli(sock, "watch", "--json", "--type", "verdict", "--last", "500",
+                     "--no-follow")
+            return {(e["src"]["workload"], e["verdict"]) for e in map(json.loads,
+                    r.stdout.splitlines()) if e["policy_generation"] >= 2}
+
+        want = {("rogue", "denied"), ("client", "allowed"), ("api", "allowed")}
+        assert wait_for(lambda: want <= verdicts_since_promote(), timeout=60), \
+            verdicts_since_promote()
+        assert ("rogue", "allowed") not in verdicts_since_promote()
+        demo.proc.send_signal(signal.SIGTERM)
+        assert demo.finish() == 0, demo.output()
+    finally:
+        demo.kill()
+    assert wait_for(lambda: not leftovers(), timeout=5), leftovers()
+
+
+def _observed(sock: str) -> int:
+    async def go() -> int:
+        async with Client(sock, timeout=30) as c:
+            return len(await fetch_flows(c))
+
+    return asyncio.run(go())
