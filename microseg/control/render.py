@@ -118,7 +118,9 @@ def staged_status_lines(s: Mapping | None, colour: bool = False) -> list[str]:
            f"since      {s['since']}",
            f"judged     {s['judged']:,} new flows and denied packets: "
            + (", ".join(f"{n:,} {k}" for k, n in sorted(v.items())) or "none yet"),
-           f"would change {s['would_change']:,}"]
+           f"differ     {s['would_change']:,} judged otherwise by the candidate"
+           + ("" if not s["would_change"] else ": " + ", ".join(
+               f"{n:,} {k}" for k, n in sorted(s["would_change_to"].items())))]
     changes = s["changes"]
     if changes:
         rows = [("FROM", "TO", "PROTO", "PORT", "ACTIVE", "STAGED", "COUNT")]

@@ -374,6 +374,8 @@ class Views:
             "active_generation": p.policy.generation,
             "judged": sum(judged.values()), "verdicts": verdicts,
             "would_change": sum(n for (_v, differs), n in judged.items() if differs),
+            "would_change_to": {VERDICT_NAMES[v]: n for (v, differs), n in judged.items()
+                                if differs},
             "changes": changes.rows(), "changes_not_listed": changes.overflow,
             "rules": rules, "never_hit": [r["name"] for r in rules if not r["hits"]],
         }}

@@ -98,7 +98,8 @@ def test_audit_suggest_stage_promote(audited: DaemonProcess, lab: Lab) -> None:
     assert s["verdicts"].get("denied", 0) >= 1 and s["verdicts"].get("allowed", 0) >= 2
     assert all(r["hits"] >= 1 for r in s["rules"]), s["rules"]   # every rule saw its flow
     human = _ok(d.cli("policy", "stage", "status")).stdout
-    assert "would change" in human and "client" in human and "denied (default)" in human
+    assert "judged otherwise by the candidate" in human and "denied (default)" in human
+    assert s["would_change_to"].get("denied", 0) >= 1
 
     # ...in the events: the audit verdict carries the candidate's denial.
     r = _ok(d.cli("watch", "--json", "--type", "verdict", "--last", "200", "--no-follow"))
