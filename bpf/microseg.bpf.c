@@ -334,11 +334,14 @@ int mseg_staged(struct __sk_buff *skb)
 	__u32 dir = sc->direction & 1;
 	__u32 staged = staged_generation();
 	struct session_key key = {};
-	int is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
-				     p->sport, p->dport, &key);
+	int is_lo = 0;
 
 	if (staged) /* cleared since process() looked: nothing to add */
 		judge_staged(p, staged, &d);
+	/* The session key only for a flow that may open a session. */
+	if (d.verdict != VERDICT_DENIED && !(sc->flags & JUDGED_ALONE))
+		is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
+					 p->sport, p->dport, &key);
 	int act = after_judgment(skb, p, dir, sc->generation, &key, is_lo, sc->flags, &d);
 	return finish_packet(skb, sc, dir, &d, act);
 }

@@ -102,3 +102,18 @@ def test_cleared_and_restaged(dp: Harness) -> None:
         Verdict.ALLOWED, 0, second)
     # The active generation's slots were not touched.
     assert Verdict(v.verdict) == Verdict.AUDIT and dp.dp.active_generation() == dp.generation
+
+
+def test_a_lost_sessions_reply_is_still_picked_up(dp: Harness) -> None:
+    """The staged stage goes on as the entry program would: a reply whose
+    session was lost (denied its own way, allowed the other) still passes
+    and opens the session, through the reply stage it tail-calls in turn."""
+    enforce = Policy(workloads=WORKLOADS, rules=ACTIVE.rules)
+    dp.install(enforce)
+    _stage(dp, CANDIDATE)
+    out = dp.send(tcp(DB, WEB, 5432, 40040, "A"))  # db -> web: only web -> db is allowed
+    assert out.passed
+    s = dp.session(WEB, DB, 6)
+    assert (s.src_ip, s.dst_ip) == (WEB, DB)          # the originator is web
+    out = dp.send(tcp(OTHER, DB, 40041, 5432, "A"))   # neither way: dropped
+    assert out.dropped
