@@ -137,6 +137,12 @@ POLICY = [
           description="Containers started, stopped or changed as the daemon applied them; "
                       "errors: attempts to reach an engine that is down (the last inventory "
                       "stays enforced meanwhile)"),
+    Panel("Staged candidate: verdicts that would change/s",
+          [("sum by (verdict) (" + rate("microseg_staged_verdicts_total", 'differs="true"')
+            + ")", "would be {{verdict}}")], "ops",
+          description="While a candidate policy is staged (microseg policy stage): new flows "
+                      "it judges otherwise than the active policy, by its verdict. "
+                      "'would be denied' is what a promote would break"),
     Panel("All rules by hits", [(f"sort_desc(sum by (rule, action) "
                                  f"(microseg_rule_hits_total{{{SEL}}}))", "{{rule}}")],
           "short", "table", 24, 10, instant=True),
