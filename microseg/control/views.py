@@ -231,6 +231,8 @@ class Views:
                          "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None,
                          "programs": self._programs()},
             "flow_log": r.flow_log,
+            # The observed flows `policy suggest` learns from (GET /v1/flows).
+            "flows": self.parts.flows.stats(),
         }
 
     # -- GET /v1/status -------------------------------------------------------
