@@ -10,6 +10,7 @@ flow log files (--flow-log). Exit codes as for every command (microseg/cli.py);
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
@@ -92,12 +93,11 @@ def _read_logs(paths: Sequence[str], static: set[str]) -> Observed:
 
 def _daemon_call(args: argparse.Namespace, want_policy: bool, want_flows: bool,
                  policy_optional: bool = False
-                 ) -> tuple[DaemonPolicy | None, list[dict] | None]:
+                 ) -> tuple[DaemonPolicy | None, Observed | None]:
     """The daemon's policy and/or flows, in one connection (as microseg/cli.py
     `_daemon` does: its errors become the command's)."""
-    import asyncio
 
-    async def go() -> tuple[DaemonPolicy | None, list[dict] | None]:
+    async def go() -> tuple[DaemonPolicy | None, Observed | None]:
         async with Client(args.socket) as c:
             dp = None
             if want_policy:
@@ -106,7 +106,18 @@ def _daemon_call(args: argparse.Namespace, want_policy: bool, want_flows: bool,
                 except DaemonError as e:
                     if not policy_optional or e.privileges:
                         raise
-            return dp, (await fetch_flows(c) if want_flows else None)
+            if not want_flows:
+                return dp, None
+            obs = _daemon_records(await fetch_flows(c), c.socket_path)
+            try:  # what its aggregate evicted (GET /v1/stats): said, if anything
+                st = (await c.get("/v1/stats")).get("flows") or {}
+            except DaemonError:
+                st = {}
+            if st.get("evicted"):
+                obs.notes.append(f"The daemon's aggregate of {st.get('capacity', 0):,} flows has "
+                                 f"evicted {st['evicted']:,}: the most frequent ones, missing "
+                                 "here if they did not recur since.")
+            return dp, obs
 
     try:
         return asyncio.run(go())
@@ -122,13 +133,12 @@ def _daemon_discovered(dp: DaemonPolicy | None) -> list[Workload]:
     return [w for w in dp.policy.workloads if w.name not in static]
 
 
-def _daemon_records(records: list[dict], socket: str | None) -> Observed:
+def _daemon_records(records: list[dict], socket: str) -> Observed:
     try:
         agg = FlowAggregate.from_records(records)
     except ValueError as e:
-        raise CommandError(f"the daemon's flows: {e}") from None
-    return Observed(list(agg.records()),
-                    f"the flow aggregate of the daemon at {socket or 'the default socket'}")
+        raise DaemonError(f"the daemon's flows: {e}") from None
+    return Observed(list(agg.records()), f"the flow aggregate of the daemon at {socket}")
 
 
 def _report_skipped(obs: Observed) -> None:
@@ -167,9 +177,9 @@ def cmd_policy_suggest(args: argparse.Namespace) -> int:
         obs = _read_logs(args.flow_log, static)
         discovered = obs.discovered
     else:
-        dp, records = _daemon_call(args, True, True, policy_optional=policy is not None)
-        assert records is not None
-        obs = _daemon_records(records, args.socket)
+        dp, daemon_obs = _daemon_call(args, True, True, policy_optional=policy is not None)
+        assert daemon_obs is not None
+        obs = daemon_obs
         if policy is None:
             assert dp is not None
             policy = dp.loaded.policy
@@ -221,14 +231,14 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
     if baseline is None or obs is None:
         # The daemon: its policy as the baseline (and, with --against, its
         # discovered workloads if it has a policy), its flows if no logs.
-        dp, records = _daemon_call(args, True, obs is None,
-                                   policy_optional=baseline is not None)
+        dp, daemon_obs = _daemon_call(args, True, obs is None,
+                                      policy_optional=baseline is not None)
         if baseline is None:
             assert dp is not None
             baseline = dp.loaded.policy
         if obs is None:
-            assert records is not None
-            obs = _daemon_records(records, args.socket)
+            assert daemon_obs is not None
+            obs = daemon_obs
         known = {w.name for w in _daemon_discovered(dp)}
         discovered = _daemon_discovered(dp) + [w for w in obs.discovered
                                                if w.name not in known]

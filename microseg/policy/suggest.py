@@ -187,6 +187,7 @@ class _Covers:
             for pair in w.labels:
                 self.index[pair].add(w.name)
         self._memo: dict[frozenset[str], tuple[tuple[str, str], ...] | None] = {}
+        self._covers: dict[frozenset[Endpoint], tuple[Item, ...]] = {}
 
     def labels_for(self, names: frozenset[str]) -> tuple[tuple[str, str], ...] | None:
         """The fewest labels whose workloads among all known are exactly
@@ -249,6 +250,13 @@ class _Covers:
             yield from itertools.combinations(shared, 2)
 
     def cover(self, endpoints: frozenset[Endpoint]) -> tuple[Item, ...]:
+        """The selectors of exactly these endpoints (one set, one cover)."""
+        found = self._covers.get(endpoints)
+        if found is None:
+            found = self._covers[endpoints] = self._cover(endpoints)
+        return found
+
+    def _cover(self, endpoints: frozenset[Endpoint]) -> tuple[Item, ...]:
         names = frozenset(v for k, v in endpoints if k == "w")
         ips = sorted((v for k, v in endpoints if k == "ip"), key=_ip_key)
         items: list[Item] = []
@@ -408,12 +416,12 @@ def suggest(flows: Iterable[dict], policy: Policy | None, mode: Mode = "enforce"
         by_dst.setdefault(k, (set(), fdsts))[0].add(s)
     rules: list[_Rule] = []
     for (dst, proto, ports), (srcs, dsts) in by_dst.items():
-        seen = _Seen()
+        observed = _Seen()
         for s in srcs:
             for d in dsts:
-                row_seen = rows[(s, d, proto)][1]
-                seen.add(row_seen.flows, row_seen.sessions, row_seen.first, row_seen.last)
-        rules.append(_Rule(covers.cover(frozenset(srcs)), dst, proto, ports, seen))
+                row = rows[(s, d, proto)][1]
+                observed.add(row.flows, row.sessions, row.first, row.last)
+        rules.append(_Rule(covers.cover(frozenset(srcs)), dst, proto, ports, observed))
     rules.sort(key=lambda r: (PROTOCOL_ORDER.index(r.protocol), _items_order(r.src),
                               _items_order(r.dst), r.ports or ()))
     _unique_names(rules)
@@ -440,6 +448,12 @@ def suggest(flows: Iterable[dict], policy: Policy | None, mode: Mode = "enforce"
     if port_zero:
         c(f"# Left out: {_n(port_zero, 'tcp/udp flow')} to port 0 (a rule's ports are "
           "1-65535).")
+    own_mode = sorted(w.name for w in static if w.mode and w.mode != mode)
+    if own_mode:
+        shown = ", ".join(own_mode[:MAX_LISTED]) + (" …" if len(own_mode) > MAX_LISTED else "")
+        one = len(own_mode) == 1
+        c(f"# {_n(len(own_mode), 'workload')} {'keeps its' if one else 'keep their'} own mode "
+          f"({shown}): traffic to {'it' if one else 'them'} is not judged in mode {mode}.")
     for note in notes:
         c("# " + comment(note))
     c("version: 1")
@@ -494,7 +508,7 @@ def _rule(c, r: _Rule, covers: _Covers) -> None:
                 more = f" and {len(names) - MAX_LISTED:,} more" if len(names) > MAX_LISTED \
                     else ""
                 c("  # " + comment(f"{role} {_shown((kind, value))}: exactly the workloads "
-                                   f"{shown}{more}"))
+                                   f"{shown}{more} (of those known now)"))
     c(f"  - name: {q(r.name)}")
     _side(c, "from", r.src)
     _side(c, "to", r.dst)

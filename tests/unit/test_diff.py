@@ -209,10 +209,16 @@ def daemon(tmp_path: Path) -> Iterator[tuple[str, dict]]:
         return web.Response(body=b"".join(orjson.dumps(r) + b"\n" for r in state["records"]),
                             content_type="application/x-ndjson")
 
+    async def stats(request: web.Request) -> web.Response:
+        if "stats" not in state:
+            return web.json_response({"error": "not found"}, status=404)
+        return web.json_response(state["stats"])
+
     loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_get("/v1/policy/source", source)
     app.router.add_get("/v1/flows", flows)
+    app.router.add_get("/v1/stats", stats)
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.UnixSite(runner, sock).start())
@@ -258,8 +264,11 @@ def test_suggest_from_the_daemon(daemon: tuple[str, dict],
     state["records"] = records([
         verdict_event("172.30.0.2", "shop-1", "10.0.0.9", "db", port=5432),
         verdict_event("172.30.0.3", "shop-2", "10.0.0.9", "db", port=5432)])
+    state["stats"] = {"flows": {"flows": 2, "capacity": 65536, "evicted": 4096}}
     assert main(["policy", "suggest", "--socket", sock]) == 0
     text = capsys.readouterr().out
+    assert "# The daemon's aggregate of 65,536 flows has evicted 4,096: the most frequent " \
+           "ones, missing here if they did not recur since.\n" in text
     assert text.startswith(f"# Suggested by `microseg policy suggest` from the flow aggregate "
                            f"of the daemon at {sock}:\n")
     p = parse_policy(text.encode(), "s").policy

@@ -207,6 +207,8 @@ def test_the_files_workloads_mode_and_discovery_are_kept(tmp_path: Path) -> None
     assert (pol.mode, pol.discover, [w.name for w in pol.workloads]) == (
         "enforce", Discovery("/run/d.sock"), ["db"])
     assert pol.workloads[0].mode == "audit"
+    assert "# 1 workload keeps its own mode (db): traffic to it is not judged in mode " \
+           "enforce." in text
     srcs = sorted(str(s) for r in pol.rules for s in r.sources)
     assert srcs == ["labels:tier=web", "workload:shop-worker"]
     assert "exactly the workloads shop-web-1, shop-web-2" in text
