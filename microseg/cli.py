@@ -26,9 +26,13 @@ EXIT_PRIVILEGES = 3
 class CommandError(Exception):
     """A failed operation: its message is what the user sees."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILED,
+                 usage: bool | None = None) -> None:
         super().__init__(message)
         self.code = code
+        # Print the usage line too: for a misused command line, not for
+        # every exit 2 (`policy diff` exits 2 whenever it cannot answer).
+        self.usage = code == EXIT_USAGE if usage is None else usage
 
 
 def use_colour(stream=sys.stdout) -> bool:
@@ -769,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except CommandError as e:
-        if e.code == EXIT_USAGE:
+        if e.usage:
             parser.print_usage(sys.stderr)
         print(f"microseg: {e}", file=sys.stderr)
         return e.code

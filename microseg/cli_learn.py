@@ -54,7 +54,8 @@ def _load(path: str) -> Policy:
         for issue in e.issues:
             print(issue.format(path), file=sys.stderr)
         n = e.error_count
-        raise CommandError(f"{path}: {n:,} error{'s' if n != 1 else ''}", EXIT_USAGE) from None
+        raise CommandError(f"{path}: {n:,} error{'s' if n != 1 else ''}", EXIT_USAGE,
+                           usage=False) from None
     return loaded.policy
 
 
@@ -62,7 +63,7 @@ def _read_logs(paths: Sequence[str], static: set[str]) -> Observed:
     try:
         paths = check_paths(paths)
     except FlowLogError as e:
-        raise CommandError(str(e), EXIT_USAGE) from None
+        raise CommandError(str(e), EXIT_USAGE, usage=False) from None
     agg = FlowAggregate(OFFLINE_CAPACITY)
     workloads = WorkloadLog()
     stats = ReadStats()
@@ -75,7 +76,7 @@ def _read_logs(paths: Sequence[str], static: set[str]) -> Observed:
             else:
                 learn(e)
     except FlowLogError as e:
-        raise CommandError(str(e), EXIT_USAGE) from None
+        raise CommandError(str(e), EXIT_USAGE, usage=False) from None
     records = list(agg.records())
     discovered = [Workload.make(name, addrs, labels)
                   for name, labels, addrs in workloads.workloads(records, static)]
@@ -220,6 +221,18 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 
 def cmd_policy_diff(args: argparse.Namespace) -> int:
+    """Exit 0: no verdict changes; 1: some do; 2: no answer — a usage error,
+    an unreadable or invalid file, no daemon — so that a CI gate never takes
+    trouble for a change (nor a change for trouble)."""
+    try:
+        return _policy_diff(args)
+    except CommandError as e:
+        if e.code == EXIT_FAILED:
+            raise CommandError(str(e), EXIT_USAGE, usage=False) from None
+        raise
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
     from microseg.policy.diff import diff
 
     candidate = _load(args.candidate)

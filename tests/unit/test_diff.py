@@ -244,11 +244,12 @@ def test_against_the_daemon(daemon: tuple[str, dict], tmp_path: Path,
     # Its policy, the log's flows.
     assert main(["policy", "diff", str(cand), "--socket", sock, "--flow-log", str(log)]) == 1
     assert "than by the active policy (42 sessions)" in capsys.readouterr().out
-    # A daemon without a policy is a failure to say, not a diff.
+    # A daemon without a policy, or none at all: no answer, exit 2 — a CI
+    # gate never takes it for a change.
     state["text"] = None
-    assert main(["policy", "diff", str(cand), "--socket", sock]) == 1
+    assert main(["policy", "diff", str(cand), "--socket", sock]) == 2
     assert "the daemon has no policy applied yet" in capsys.readouterr().err
-    assert main(["policy", "diff", str(cand), "--socket", str(tmp_path / "none.sock")]) == 1
+    assert main(["policy", "diff", str(cand), "--socket", str(tmp_path / "none.sock")]) == 2
     assert "daemon not reachable" in capsys.readouterr().err
 
 
