@@ -15,7 +15,18 @@ import platform
 import sys
 from pathlib import Path
 
-from . import datapath, discovery, events, policy, readme, sessions, soak, traffic, tui
+from . import (
+    datapath,
+    discovery,
+    events,
+    lifecycle,
+    policy,
+    readme,
+    sessions,
+    soak,
+    traffic,
+    tui,
+)
 from .report import (
     datapath_table,
     discovery_table,
@@ -51,6 +62,7 @@ TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
 SOAK_SECONDS = {"full": 600, "quick": 8}
 DISCOVERY_MODES = {"full": {"starts": 60, "racers": 50}, "quick": {"starts": 3, "racers": 2}}
+LIFECYCLE_LINES = {"full": 1_000_000, "quick": 20_000}
 TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},
              "quick": {"rates": (50_000,), "rounds": 1}}
 
@@ -89,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     real = traffic.measure(**TRAFFIC_MODES[args.mode])
     soaked = soak.measure(SOAK_SECONDS[args.mode])
     found = discovery.measure(**DISCOVERY_MODES[args.mode])
+    learned = lifecycle.measure(LIFECYCLE_LINES[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
            "machine": machine(), "datapath": res, "policy": pol, "events": ev,
            "sessions": sess, "tui": top, "traffic": real, "soak": soaked,
-           "discovery": found}
+           "discovery": found, "lifecycle": learned}
     m = out["machine"]
     print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
           f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
@@ -112,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(soak_table(soaked)))
     print()
     print("\n".join(discovery_table(found)))
+    print()
+    print(lifecycle.table(learned))
     tmp = args.output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(args.output)

@@ -321,6 +321,27 @@ def _discovery(res: dict | None) -> list[str]:
     return out
 
 
+def _lifecycle(res: dict | None) -> list[str]:
+    if res is None:
+        return ["**Policy lifecycle** — not measured yet."]
+    out = [f"**Policy lifecycle** — `policy suggest` and `policy diff` over "
+           f"{res['lines']:,} flow-log lines ({res['files']} files, one of them gzipped, "
+           f"{res['bytes'] / 1e6:,.0f} MB, a few thousand distinct flows and some lines that "
+           "are not events), each command in a process of its own, offline "
+           "(`--flow-log`); peak RSS from the kernel (VmHWM).",
+           "",
+           "| command | seconds | lines/s | peak RSS | target | |",
+           "|---|---|---|---|---|---|"]
+    for name in ("suggest", "diff"):
+        r = res[name]
+        out.append(f"| `policy {name}` | {r['seconds']:.1f} | {r['lines_per_s']:,} | "
+                   f"{r['peak_rss_mib']:.0f} MiB | ≤ {res['target_s']:g} s | "
+                   f"{_met(r['seconds'] <= res['target_s'])} |")
+    out += ["", f"The suggested policy has {res['rules']:,} rules. The daemon's flow "
+            f"aggregate takes {res['add_ns']:,} ns per verdict event (`FlowAggregate.add`)."]
+    return out
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     out = [START, "",
@@ -336,7 +357,7 @@ def render(res: dict) -> str:
     for part in (_datapath(res["datapath"]), _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
                  _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak")),
-                 _discovery(res.get("discovery"))):
+                 _discovery(res.get("discovery")), _lifecycle(res.get("lifecycle"))):
         out += [*part, ""]
     out.append(END)
     return "\n".join(out)
