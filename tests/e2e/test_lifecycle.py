@@ -74,6 +74,16 @@ def test_audit_suggest_stage_promote(audited: DaemonProcess, lab: Lab) -> None:
     _ok(d.cli("policy", "check", str(suggested)))
     assert "mode: enforce" in text, text
 
+    # The gate: the candidate judges the observed flows otherwise than the
+    # audit-mode policy does (allowed by a rule, not audited)...
+    r = d.cli("policy", "diff", str(suggested), "--json")
+    assert r.returncode == 1, r.stderr
+    diff = json.loads(r.stdout)
+    assert {(c["before"]["verdict"], c["after"]["verdict"]) for c in diff["changed"]} == {
+        ("audit", "allowed")}, diff
+    # ...and the active policy judges them as itself does.
+    assert d.cli("policy", "diff", str(d.policy_path)).returncode == 0
+
     # Staged: the active (audit) policy still decides; the candidate's view
     # of a flow never observed — the client straight to the database — is
     # a denial, and status says so.
@@ -125,6 +135,10 @@ def test_audit_suggest_stage_promote(audited: DaemonProcess, lab: Lab) -> None:
         assert _can(lab, src, dst, port), (src, dst, port)
     assert not _can(lab, "client", "db", 5432)
     assert not _can(lab, "client", "web", 8080)   # a port never used
+    # Why? The trace says it, as the datapath decided it.
+    trace = json.loads(_ok(d.cli("policy", "trace", "--from", "client", "--to", "db",
+                                 "--port", "5432", "--json")).stdout)
+    assert (trace["verdict"], trace["rule"]) == ("denied", None)
     # Observed traffic was never denied, from the first packet to now.
     d.stop()
     log = [json.loads(x) for x in d.flow_log.read_text().splitlines()]
