@@ -233,7 +233,7 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
 
 
 def _policy_diff(args: argparse.Namespace) -> int:
-    from microseg.policy.diff import diff
+    from microseg.flow.diff import diff
 
     candidate = _load(args.candidate)
     baseline = _load(args.against) if args.against else None

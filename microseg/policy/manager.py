@@ -15,13 +15,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from microseg.gcpause import gc_paused
 from microseg.inventory.model import DiscoveredWorkload
 from microseg.kernel.abi import STAGED_GENERATION
-from microseg.policy.compile import CompiledPolicy, compile_policy
+from microseg.policy.compile import CompiledPolicy
 from microseg.policy.inventory import Known, Merged, changes, merge
 from microseg.policy.model import Discovery, Policy
 from microseg.policy.parse import (
@@ -32,6 +32,7 @@ from microseg.policy.parse import (
     open_policy_file,
 )
 from microseg.policy.permissions import UntrustedPath, check_trusted
+from microseg.policy.result import ReloadResult, compile_quietly
 from microseg.policy.staging import Stager
 
 log = logging.getLogger("microseg.policy")
@@ -39,36 +40,11 @@ log = logging.getLogger("microseg.policy")
 BUILTIN_AUDIT = "built-in: default allow, audit"
 
 
-def _compile_quietly(policy: Policy, previous: CompiledPolicy | None) -> CompiledPolicy:
-    with gc_paused():
-        return compile_policy(policy, previous)
-
-
 def builtin_audit_policy() -> LoadedPolicy:
     """`--policy-default audit`: observe everything, enforce nothing."""
     text = b"version: 1\nmode: audit\ndefault: allow\n"
     return LoadedPolicy(Policy(default="allow", mode="audit"), BUILTIN_AUDIT,
                         hashlib.sha256(b"builtin-audit").hexdigest(), data=text)
-
-
-@dataclass
-class ReloadResult:
-    result: str                      # applied | rejected | unchanged
-    generation: int
-    source: str
-    sha256: str | None
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    rules: int = 0
-    workloads: int = 0
-    apply_ms: float = 0.0
-    at_ns: int = 0
-
-    def as_dict(self) -> dict:
-        return {"result": self.result, "generation": self.generation, "source": self.source,
-                "sha256": self.sha256, "errors": self.errors, "warnings": self.warnings,
-                "rules": self.rules, "workloads": self.workloads,
-                "apply_ms": round(self.apply_ms, 3)}
 
 
 @dataclass
@@ -250,7 +226,7 @@ class PolicyManager:
         version = self.inventory_version
         merged = merge(loaded.policy, self.discovered)
         try:
-            compiled = await loop.run_in_executor(None, _compile_quietly, merged.policy, previous)
+            compiled = await loop.run_in_executor(None, compile_quietly, merged.policy, previous)
             gen = await loop.run_in_executor(
                 None, lambda: self.datapath.apply_policy(compiled, converge=False))
         except (OSError, ValueError) as e:

@@ -21,18 +21,18 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from microseg.inventory.model import DiscoveredWorkload
 from microseg.kernel import abi
 from microseg.policy.compile import CompiledPolicy
 from microseg.policy.edit import write_atomically
 from microseg.policy.inventory import merge
 from microseg.policy.parse import Issue, LoadedPolicy, PolicyError, parse_policy
-
-if TYPE_CHECKING:
-    from microseg.policy.manager import PolicyManager, ReloadResult
+from microseg.policy.result import ReloadResult, compile_quietly
 
 log = logging.getLogger("microseg.policy")
 
@@ -45,6 +45,20 @@ HISTORY = 4
 
 class NothingStaged(Exception):
     """promote/clear with no candidate staged."""
+
+
+class Manager(Protocol):
+    """What the stager needs of the policy manager (microseg/policy/manager.py)."""
+
+    datapath: object
+    path: str
+    active: object | None
+    discovered: Mapping[str, Mapping[str, DiscoveredWorkload]]
+
+    @property
+    def lock(self) -> asyncio.Lock: ...
+
+    async def reload(self, reason: str, *, force: bool = False) -> ReloadResult: ...
 
 
 @dataclass
@@ -65,7 +79,7 @@ class StagedPolicy:
 class Stager:
     """The staged candidate of one PolicyManager."""
 
-    def __init__(self, manager: PolicyManager, state_dir: str | None) -> None:
+    def __init__(self, manager: Manager, state_dir: str | None) -> None:
         self.manager = manager
         self.state_dir = Path(state_dir) if state_dir else None
         self.staged: StagedPolicy | None = None
@@ -80,8 +94,6 @@ class Stager:
 
     async def stage(self, data: bytes, source: str) -> ReloadResult:
         """Validate and load a candidate; on any error the previous state stays."""
-        from microseg.policy.manager import ReloadResult
-
         m = self.manager
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -114,13 +126,11 @@ class Stager:
         """Compile loaded with the discovered workloads and switch it in
         (the manager's lock held). reset: a new candidate, whose rules'
         hits count from zero."""
-        from microseg.policy.manager import _compile_quietly
-
         m = self.manager
         loop = asyncio.get_running_loop()
         previous = self.staged.compiled if self.staged and not reset else None
         merged = merge(loaded.policy, m.discovered)
-        compiled = await loop.run_in_executor(None, _compile_quietly, merged.policy, previous)
+        compiled = await loop.run_in_executor(None, compile_quietly, merged.policy, previous)
         dp = m.datapath
 
         def switch() -> tuple[int, dict[tuple[int, bool], int]]:

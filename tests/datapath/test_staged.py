@@ -94,7 +94,7 @@ def test_cleared_and_restaged(dp: Harness) -> None:
     v = dp.send(tcp(OTHER, DB, 40030, 22)).verdict
     assert v.staged_verdict == 0 and dp.dp.staged_generation() == 0
     # A new candidate goes to the other staged slot; its rules are its own.
-    second, names = _stage(dp, Policy(default="allow", workloads=WORKLOADS))
+    second, _names = _stage(dp, Policy(default="allow", workloads=WORKLOADS))
     assert second != first and abi.policy_slot(second) != abi.policy_slot(first)
     assert abi.policy_slot(second) in (2, 3)
     v = dp.send(tcp(OTHER, DB, 40031, 22)).verdict

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from microseg.cli import main
+from microseg.flow.diff import diff, replay_addresses
 from microseg.flow.observed import FlowAggregate
-from microseg.policy.diff import diff, replay_addresses
 from microseg.policy.model import Workload
 from microseg.policy.parse import parse_policy
 
