@@ -4,7 +4,8 @@ Data flows one way: the source's event stream and its polls feed the model
 (tui/model.py) as they arrive; a timer renders the model into the widgets
 four times a second, with keyed cell updates (tui/table.py). Keys act on
 what is on screen at once, so a key never waits behind the event stream:
-the stream is consumed in slices that yield to the loop.
+the stream is consumed in slices that yield to the loop. A trace (Enter on
+a verdict) opens at once and fills in when the daemon's policy has come.
 """
 
 from __future__ import annotations
@@ -12,20 +13,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Sparkline, Static, TabbedContent, TabPane
 
 from microseg.control.client import DaemonError
 from microseg.tui.filterexpr import FilterError, FilterExpr
-from microseg.tui.model import WORLD, FlowRow, Model, endpoint_label
+from microseg.tui.model import WORLD, FlowRow, Model, RuleRow, endpoint_label
 from microseg.tui.table import Cell, SyncedTable, human, num
+
+if TYPE_CHECKING:
+    from microseg.policy.evaluate import Evaluator
+    from microseg.policy.model import Policy
 
 REFRESH_S = 0.25
 STATS_S = 1.0
@@ -48,10 +53,18 @@ SORTS: dict[str, dict[str, tuple[str, str]]] = {
                  "b": ("bytes", "Bytes")},
     "rules": {"h": ("hits", "Hits"), "t": ("rate", "Hits/s"), "n": ("name", "Rule")},
 }
+FLOW_COLUMNS = [("src", "Source"), ("dst", "Destination"), ("proto", "Proto"), ("port", "Port"),
+                ("sessions", "Sessions"), ("packets", "Packets"), ("bytes", "Bytes"),
+                ("pps", "Pkts/s"), ("bps", "Bytes/s"), ("rule", "Rule"), ("verdict", "Verdict")]
+VERDICT_COLUMNS = [("time", "Time"), ("verdict", "Verdict"), ("reason", "Reason"),
+                   ("proto", "Proto"), ("src", "Source"), ("dst", "Destination"),
+                   ("rule", "Rule"), ("iface", "Interface")]
+STAGED_COLUMN = ("staged", "Staged")  # after Verdict, while a candidate is staged
 FLOW_KEYS = frozenset({"ip", "from_ip", "to_ip", "port", "protocol", "workload", "rule",
                        "verdict"})
 SESSION_KEYS = FLOW_KEYS | {"state"}
 RULE_KEYS = frozenset({"rule", "protocol"})
+STAGED_RULE_KEYS = frozenset({"rule"})
 
 HELP = """\
 [b]microseg top[/b] — live view of the microseg daemon
@@ -61,16 +74,22 @@ HELP = """\
   /        filter, the `watch` language: verdict=denied workload=web port=443
            ip=10.0.0.0/8 protocol=udp rule=NAME state=established, a bare word
            (in addresses, workloads, rules), [b]![/b] negates a term. Empty clears.
-  Enter    drill into the flow or rule under the cursor: its recent events
+  Enter    drill into the flow or rule under the cursor: its recent events.
+           Verdicts: why — the active policy's trace of a denied or audit
+           verdict, or of one a staged policy would change (else: drill in)
   p        pause the screen (data keeps coming; PAUSED shows)
   sort     Flows: k packets, b bytes, t pkts/s, n sessions
            Sessions: a age, i idle, k packets, b bytes
            Rules: h hits, t hits/s, n name          (again: reverse)
   ?        this help          q  quit
-  Esc, q   close this help, a drill-in or the filter box (where q is text)
+  Esc, q   close this help, a drill-in, a trace or the filter box
+           (where q is text)
 
 Verdicts: denied red, audit yellow. Matrix: source rows by destination
 columns, allowed ✓ / denied ✗ / audit ! since top started.
+A staged policy (`microseg policy stage`): STAGED in the header; Flows and
+Verdicts: a Staged column, "→ verdict (rule)" where it would decide
+otherwise; Rules: its rules and their hits, below the active ones.
 """
 
 
@@ -130,6 +149,49 @@ class DrillScreen(ModalScreen[None]):
         self.query_one("#drill-title", Static).update(Text(title, style="bold"))
 
 
+class TraceScreen(ModalScreen[None]):
+    """Why a verdict: the active policy's trace of the row's flow
+    (docs/policy.md "Tracing a connection"), and what a staged candidate
+    said of it. One instance serves every trace, as DrillScreen does."""
+
+    BINDINGS = [Binding("escape,q,enter", "dismiss", "Close")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.title_text = ""
+        self.body = Text()
+        self.token: object = None  # the trace shown: a late answer to another is dropped
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="trace"):
+            yield Static(id="trace-title")
+            with VerticalScroll(id="trace-scroll"):
+                yield Static(id="trace-body")
+
+    def show(self, token: object, title: str, body: Text) -> None:
+        """What the next push shows, or what shows now if it is up."""
+        self.token, self.title_text, self.body = token, title, body
+        if self.is_mounted:
+            self._paint()
+
+    def fill(self, token: object, body: Text) -> None:
+        """The trace, once computed: only if it is still the one asked for."""
+        if token is self.token:
+            self.body = body
+            if self.is_mounted:
+                self._paint()
+
+    def on_screen_resume(self) -> None:
+        self._paint()
+        scroll = self.query_one("#trace-scroll", VerticalScroll)
+        scroll.scroll_home(animate=False)
+        scroll.focus()  # arrows and page keys scroll a long trace
+
+    def _paint(self) -> None:
+        self.query_one("#trace-title", Static).update(Text(self.title_text, style="bold"))
+        self.query_one("#trace-body", Static).update(self.body)
+
+
 class TopApp(App[int]):
     TITLE = "microseg top"
     CSS = """
@@ -144,13 +206,19 @@ class TopApp(App[int]):
     #views > ContentSwitcher { height: 1fr; }
     #views TabPane { height: 1fr; padding: 0; }
     #drill SyncedTable { height: 1fr; }
+    #staged-rules-title { height: 1; padding: 0 1; display: none; }
+    #staged-rules-table { display: none; }
+    #rules.staged #staged-rules-title, #rules.staged #staged-rules-table { display: block; }
     #keys { dock: bottom; height: 1; padding: 0 1; background: $panel; }
     #filter { dock: bottom; display: none; }
     #filter.open { display: block; }
-    HelpScreen, DrillScreen { align: center middle; }
+    HelpScreen, DrillScreen, TraceScreen { align: center middle; }
     #help { width: 84; height: auto; padding: 1 2; border: round $accent; background: $panel; }
     #drill { width: 90%; height: 80%; border: round $accent; background: $panel; }
     #drill-title { height: 1; padding: 0 1; }
+    #trace { width: 90%; height: 80%; border: round $accent; background: $panel; }
+    #trace-title { height: 1; padding: 0 1; }
+    #trace-scroll { height: 1fr; padding: 0 1; }
     """
     BINDINGS = [
         Binding("q", "close_or_quit", "Quit"),
@@ -185,6 +253,12 @@ class TopApp(App[int]):
         self._tail_seen = 0       # model.events_seen when the tail was last drawn
         self._matrix_cols: list[str] = []
         self._started = time.monotonic()
+        self._staged_cols: dict[str, bool] = {}  # table id -> the Staged column is on
+        self._verdict_rows: dict[str, dict] = {}  # the Verdicts view's rows by key
+        # The active policy for traces, per generation: (generation, Policy,
+        # Evaluator), fetched again when the status names another generation.
+        self._traced: tuple[int, Policy, Evaluator] | None = None
+        self._trace_task: asyncio.Task | None = None
 
     # -- layout ----------------------------------------------------------------
 
@@ -198,16 +272,9 @@ class TopApp(App[int]):
                     yield Sparkline([0.0], id=f"spark-{name}")
         with TabbedContent(initial="flows", id="views"):
             with TabPane("1 Flows", id="flows"):
-                yield SyncedTable([("src", "Source"), ("dst", "Destination"),
-                                   ("proto", "Proto"), ("port", "Port"),
-                                   ("sessions", "Sessions"), ("packets", "Packets"),
-                                   ("bytes", "Bytes"), ("pps", "Pkts/s"), ("bps", "Bytes/s"),
-                                   ("rule", "Rule"), ("verdict", "Verdict")], id="flows-table")
+                yield SyncedTable(FLOW_COLUMNS, id="flows-table")
             with TabPane("2 Verdicts", id="verdicts"):
-                yield SyncedTable([("time", "Time"), ("verdict", "Verdict"),
-                                   ("reason", "Reason"), ("proto", "Proto"), ("src", "Source"),
-                                   ("dst", "Destination"), ("rule", "Rule"),
-                                   ("iface", "Interface")], id="verdicts-table")
+                yield SyncedTable(VERDICT_COLUMNS, id="verdicts-table")
             with TabPane("3 Sessions", id="sessions"):
                 yield Static(id="states")
                 yield SyncedTable([("proto", "Proto"), ("state", "State"), ("src", "Source"),
@@ -218,6 +285,11 @@ class TopApp(App[int]):
                 yield SyncedTable([("name", "Rule"), ("action", "Action"), ("proto", "Proto"),
                                    ("hits", "Hits"), ("rate", "Hits/s"),
                                    ("last", "Last hit")], id="rules-table")
+                # Shown while a candidate is staged (the pane's class "staged").
+                yield Static(id="staged-rules-title")
+                yield SyncedTable([("name", "Rule"), ("action", "Action"), ("hits", "Hits"),
+                                   ("rate", "Hits/s"), ("last", "Last hit")],
+                                  id="staged-rules-table")
             with TabPane("5 Matrix", id="matrix"):
                 yield SyncedTable([("src", "from \\ to")], id="matrix-table")
         # disabled while closed: nothing can focus it by accident
@@ -233,9 +305,11 @@ class TopApp(App[int]):
     def on_mount(self) -> None:
         self.install_screen(HelpScreen(), "help")
         self.install_screen(DrillScreen(), "drill")
+        self.install_screen(TraceScreen(), "trace")
         self.query_one("#flows-table", SyncedTable).focus()
         self.query_one("#matrix-table", SyncedTable).grow_columns = True
-        for view, default in (("flows", "packets"), ("sessions", "age"), ("rules", "hits")):
+        for view, default in (("flows", "packets"), ("sessions", "age"), ("rules", "hits"),
+                              ("staged-rules", "hits")):
             self.query_one(f"#{view}-table", SyncedTable).sort_column = default
         self._label_sorts()
         self._render_hints()
@@ -294,6 +368,11 @@ class TopApp(App[int]):
 
     async def _policy(self) -> None:
         self.model.on_policy(await self.source.policy())
+        # The candidate's rules, for the Rules view only: the answer lists up
+        # to 10,000 changed flows too (docs/policy.md "Staging").
+        if self.model.header.staged is not None and \
+                self.query_one(TabbedContent).active == "rules":
+            self.model.on_staged(await self.source.staged())
 
     async def _sessions(self) -> None:
         if self.query_one(TabbedContent).active in ("flows", "sessions"):
@@ -342,6 +421,11 @@ class TopApp(App[int]):
                      f"{h.default or '?'}), last reload: ")
         line3.append(h.last_reload or "-",
                      style="red" if h.last_reload.startswith("rejected") else "")
+        if h.staged is not None:
+            n = h.staged.get("would_change") or 0
+            line3.append("   ")
+            line3.append(f" STAGED {_basename(h.staged.get('source'))} · {n:,} would change ",
+                         style="bold black on cyan")
         if not self.filter.empty:
             line3.append(f"   filter: {self.filter.text}", style="bold cyan")
         header = Text("\n").join([line1, line2, line3])
@@ -365,23 +449,46 @@ class TopApp(App[int]):
             self._shown[selector] = key
             self.query_one(selector, Static).update(content)
 
+    def _staged_column(self, table: SyncedTable, base: list[tuple[str, str]],
+                       on: bool) -> bool:
+        """The Staged column after Verdict, on or off; True when that changed
+        (the table starts over)."""
+        if self._staged_cols.get(table.id or "", False) == on:
+            return False
+        self._staged_cols[table.id or ""] = on
+        cols = list(base)
+        if on:
+            cols.insert([k for k, _ in cols].index("verdict") + 1, STAGED_COLUMN)
+        table.set_columns(cols)
+        self._label_sorts()
+        return True
+
     def _render_flows(self) -> None:
+        m = self.model
+        table = self.query_one("#flows-table", SyncedTable)
+        staged = m.header.staged is not None or bool(m.staged_flows)
+        self._staged_column(table, FLOW_COLUMNS, staged)
         rows = []
-        for f in self.model.flows.values():
+        for f in m.flows.values():
             if not self.filter.matches(f.as_filter_row(), FLOW_KEYS):
                 continue
             style = VERDICT_STYLE.get(f.verdict or "", "")
             port = Cell(str(f.port or ""), f.port or 0, right=True)
-            rows.append((f.key, (Cell(_ep(f.src, port=False)), Cell(_ep(f.dst, port=False)),
-                                 Cell(str(f.protocol)), port,
-                                 num(f.sessions), num(f.packets), num(f.bytes, unit="B"),
-                                 num(f.pps), num(f.bps, unit="B"), Cell(f.rule or "default"),
-                                 Cell(f.verdict or "", style=style))))
-        self.query_one("#flows-table", SyncedTable).sync(rows)
+            cells = (Cell(_ep(f.src, port=False)), Cell(_ep(f.dst, port=False)),
+                     Cell(str(f.protocol)), port,
+                     num(f.sessions), num(f.packets), num(f.bytes, unit="B"),
+                     num(f.pps), num(f.bps, unit="B"), Cell(f.rule or "default"),
+                     Cell(f.verdict or "", style=style))
+            if staged:
+                cells += (_staged_cell(m.staged_flows.get(f.key)),)
+            rows.append((f.key, cells))
+        table.sync(rows)
 
     def _render_verdicts(self) -> None:
         table = self.query_one("#verdicts-table", SyncedTable)
         m = self.model
+        if m.header.staged is not None:  # on at once, even before the next event
+            self._staged_column(table, VERDICT_COLUMNS, True)
         new = m.events_seen - self._tail_seen
         self._tail_seen = m.events_seen
         if new <= 0 and table.row_count:
@@ -401,18 +508,29 @@ class TopApp(App[int]):
                     break
         keep.reverse()
         follow = table.cursor_row >= table.row_count - 1
+        # Events carry `staged` while a candidate would decide otherwise; the
+        # column stays while such rows are shown, after the candidate is gone.
+        staged = m.header.staged is not None or \
+            any(e.get("staged") is not None for e in keep)
+        if self._staged_column(table, VERDICT_COLUMNS, staged):
+            follow = True
         rows = []
+        shown = {}
         for e in keep:
             v = e.get("verdict") or ""
             style = VERDICT_STYLE.get(v, "")
             n = e.get("count") or 1  # an aggregated denial stands for n packets
-            rows.append((f"{e['seq']}:{e['time']}", (
-                Cell(e["time"][11:26], e["time"]),
-                Cell(f"{v} x{n}" if n > 1 else v, v, style=style),
+            key = f"{e['seq']}:{e['time']}"
+            shown[key] = e
+            verdict = Cell(f"{v} x{n}" if n > 1 else v, v, style=style)
+            rows.append((key, (
+                Cell(e["time"][11:26], e["time"]), verdict,
+                *((_staged_cell(e.get("staged")),) if staged else ()),
                 Cell(e.get("reason") or ""), Cell(str(e.get("protocol"))),
                 Cell(_ep(e.get("src")), style=style if v == "denied" else ""),
                 Cell(_ep(e.get("dst")), style=style if v == "denied" else ""),
                 Cell(e.get("rule") or "default"), Cell(e.get("interface") or ""))))
+        self._verdict_rows = shown
         table.sync(rows)
         if follow and table.row_count:
             table.move_cursor(row=table.row_count - 1, animate=False)
@@ -444,18 +562,31 @@ class TopApp(App[int]):
         table.sync(rows)
 
     def _render_rules(self) -> None:
+        m = self.model
         rows = []
-        for r in self.model.rules.values():
+        for r in m.rules.values():
             if not self.filter.matches(r.as_filter_row(), RULE_KEYS):
                 continue
-            never = r.hits == 0
-            rows.append((r.name, (
-                Cell(r.name, r.name, style="dim" if never else "bold"),
-                Cell(r.action, style="red" if r.action == "deny" else "green"),
-                Cell(r.protocol), num(r.hits), num(r.rate),
-                Cell("never hit" if never else (r.last_hit or "")[11:19],
-                     style="yellow" if never else ""))))
+            c = _rule_cells(r)
+            rows.append((r.name, (*c[:2], Cell(r.protocol), *c[2:])))
         self.query_one("#rules-table", SyncedTable).sync(rows)
+        staged = m.header.staged
+        pane = self.query_one("#rules", TabPane)
+        pane.set_class(staged is not None, "staged")
+        if staged is None:
+            return
+        title = Text()
+        title.append(" STAGED ", style="bold black on cyan")
+        title.append(f" {staged.get('source') or '?'}: its rules, hits since it was staged "
+                     f"{(staged.get('since') or '')[11:19]} (the active policy above decides)",
+                     style="bold")
+        if not m.staged_rules:
+            title.append("  reading…", style="dim")
+        self._update_static("#staged-rules-title", title)
+        # The candidate's rules name no protocol here: protocol terms pass.
+        rows = [(r.name, _rule_cells(r)) for r in m.staged_rules.values()
+                if self.filter.matches(r.as_filter_row(), STAGED_RULE_KEYS)]
+        self.query_one("#staged-rules-table", SyncedTable).sync(rows)
 
     def _render_matrix(self) -> None:
         m = self.model
@@ -492,16 +623,23 @@ class TopApp(App[int]):
             rows.append((src, tuple(cells)))
         table.sync(rows)
 
+    def _sorted_tables(self, view: str) -> list[SyncedTable]:
+        """The tables a view's sort keys sort: the Rules view's candidate too."""
+        tables = [self.query_one(f"#{view}-table", SyncedTable)]
+        if view == "rules":
+            tables.append(self.query_one("#staged-rules-table", SyncedTable))
+        return tables
+
     def _label_sorts(self) -> None:
         for view, keys in SORTS.items():
-            table = self.query_one(f"#{view}-table", SyncedTable)
-            labels = {}
-            for letter, (col, title) in keys.items():
-                arrow = ""
-                if table.sort_column == col:
-                    arrow = " ▼" if table.sort_reverse else " ▲"
-                labels[col] = f"{title} [{letter}]{arrow}"
-            table.set_labels(labels)
+            for table in self._sorted_tables(view):
+                labels = {}
+                for letter, (col, title) in keys.items():
+                    arrow = ""
+                    if table.sort_column == col:
+                        arrow = " ▼" if table.sort_reverse else " ▲"
+                    labels[col] = f"{title} [{letter}]{arrow}"
+                table.set_labels(labels)
 
     def _render_hints(self) -> None:
         view = self.query_one(TabbedContent).active
@@ -576,12 +714,13 @@ class TopApp(App[int]):
     def action_sort(self, letter: str) -> None:
         view = self.query_one(TabbedContent).active
         col = SORTS[view][letter][0]
-        self.query_one(f"#{view}-table", SyncedTable).sort_by(col)
+        for table in self._sorted_tables(view):
+            table.sort_by(col)
         self._label_sorts()
 
     def _escape(self) -> bool:
-        """What Escape does: close the help or the drill-in, else the filter
-        box (not applied). False when nothing was open."""
+        """What Escape does: close the help, a drill-in or a trace, else the
+        filter box (not applied). False when nothing was open."""
         if isinstance(self.screen, ModalScreen):
             self.screen.dismiss()
             return True
@@ -650,9 +789,131 @@ class TopApp(App[int]):
             self._drill(title, self.model.events_of_flow(f))
         elif table.id == "rules-table" and key in self.model.rules:
             self._drill(f"rule {key}", self.model.events_of_rule(key))
+        elif table.id == "staged-rules-table" and key in self.model.staged_rules:
+            self._drill(f"staged rule {key}: the verdicts it would change",
+                        self.model.events_of_staged_rule(key))
+        elif table.id == "verdicts-table" and key in self._verdict_rows:
+            e = self._verdict_rows[key]
+            if e.get("type") == "verdict" and (e.get("verdict") in ("denied", "audit")
+                                               or e.get("staged") is not None):
+                self._open_trace(key, e)
+            else:  # allowed, or a drop (no policy decided it): the flow's events
+                src, dst = e.get("src") or {}, e.get("dst") or {}
+                port = dst.get("port")
+                title = (f"flow {endpoint_label(src)} → {endpoint_label(dst)} "
+                         f"{e.get('protocol')}{'/' + str(port) if port else ''}")
+                self._drill(title, self.model.events_between(src, dst, e.get("protocol"),
+                                                             port))
 
     def _drill(self, title: str, rows: list[dict]) -> None:
         drill = self.get_screen("drill")
         assert isinstance(drill, DrillScreen)
         drill.show(title, rows)
         self.push_screen(drill)
+
+    # -- tracing a verdict -------------------------------------------------------
+
+    def _open_trace(self, key: str, e: dict) -> None:
+        """The trace screen at once; the trace fills it when computed."""
+        screen = self.get_screen("trace")
+        assert isinstance(screen, TraceScreen)
+        src, dst = e.get("src") or {}, e.get("dst") or {}
+        port = dst.get("port")
+        title = (f"why {e.get('verdict')}: {endpoint_label(src)} → {endpoint_label(dst)} "
+                 f"{e.get('protocol')}{'/' + str(port) if port else ''}")
+        token = object()
+        head = self._event_lines(e)
+        screen.show(token, title, Text("\n").join([head, Text("tracing…", style="dim")]))
+        self.push_screen(screen)
+        if self._trace_task is not None:
+            self._trace_task.cancel()
+        self._trace_task = asyncio.create_task(self._trace(screen, token, head, e))
+
+    def _event_lines(self, e: dict) -> Text:
+        """The event, and what the staged candidate said of it."""
+        v, rule = e.get("verdict") or "", e.get("rule")
+        n = e.get("count") or 1
+        out = Text()
+        out.append("event    ")
+        out.append(v.upper(), style=VERDICT_STYLE.get(v, ""))
+        out.append(f" by {_by(rule)}" + (" (revoked)" if e.get("reason") == "revoked" else "")
+                   + f", policy generation {e.get('policy_generation')}, {e.get('time')}"
+                   + (f", {n:,} packets" if n > 1 else ""))
+        out.append(f"\n         {_ep(e.get('src'))} → {_ep(e.get('dst'))} {e.get('protocol')}")
+        st, cand = e.get("staged"), self.model.header.staged
+        name = _basename(cand.get("source")) if cand else "the staged policy"
+        if st is not None:
+            sv = st.get("verdict") or ""
+            out.append(f"\nstaged   {name} would decide ")
+            out.append(sv.upper(), style=VERDICT_STYLE.get(sv, ""))
+            out.append(f" by {_by(st.get('rule'))}")
+        elif cand is not None:
+            if e.get("reason") == "revoked":
+                why = "does not judge revocations"
+            elif (e.get("time") or "") < (cand.get("since") or ""):
+                why = "was staged after this event"
+            else:
+                why = "decides the same"
+            out.append(f"\nstaged   {name} {why}")
+        return out
+
+    async def _trace(self, screen: TraceScreen, token: object, head: Text, e: dict) -> None:
+        try:
+            body = await self._trace_text(e)
+        except (DaemonError, OSError, ValueError) as x:  # TraceError is a ValueError
+            body = Text(f"no trace: {x}", style="red")
+        screen.fill(token, Text("\n").join([head, Text(), body]))
+
+    async def _trace_text(self, e: dict) -> Text:
+        from microseg.cli_trace import render
+        from microseg.policy.evaluate import Endpoint, Evaluator, parse_protocol, trace
+
+        generation = self.model.header.generation
+        if self._traced is None or (generation and self._traced[0] != generation):
+            fetched = await self.source.active_policy()
+            # Compiling a large policy takes a while: off the loop.
+            evaluator = await asyncio.to_thread(Evaluator, fetched.policy)
+            self._traced = (fetched.generation, fetched.policy, evaluator)
+        traced_gen, policy, evaluator = self._traced
+        proto = parse_protocol(str(e.get("protocol")))
+        src, dst = e.get("src") or {}, e.get("dst") or {}
+        # (the port counts for tcp and udp only: trace() leaves it out otherwise)
+        t = await asyncio.to_thread(trace, policy, src.get("ip"), dst.get("ip"), proto,
+                                    dst.get("port"), evaluator)
+        out = Text(f"trace of the active policy, generation {traced_gen}"
+                   + (f" (the event was judged by generation {e.get('policy_generation')})"
+                      if e.get("policy_generation") != traced_gen else "") + ":",
+                   style="bold")
+        out.append("\n")
+        out.append_text(Text.from_ansi(render(t, policy, Endpoint(t.src, t.src_workload),
+                                              Endpoint(t.dst, t.dst_workload), True)))
+        if t.inconsistency:
+            out.append(f"\nwarning: {t.inconsistency}", style="bold red")
+        return out
+
+
+def _by(rule: str | None) -> str:
+    return f"rule {rule}" if rule else "the default"
+
+
+def _basename(path: str | None) -> str:
+    return (path or "?").rstrip("/").rsplit("/", 1)[-1] or "?"
+
+
+def _staged_cell(staged: dict | None) -> Cell:
+    """What a staged candidate would decide, where it differs: "→ denied (rule)"."""
+    if staged is None:
+        return Cell("")
+    v = staged.get("verdict") or ""
+    return Cell(f"→ {v} ({staged.get('rule') or 'default'})", v,
+                style=VERDICT_STYLE.get(v, ""))
+
+
+def _rule_cells(r: RuleRow) -> tuple[Cell, ...]:
+    """Name, action, hits, hits/s, last hit (the Rules view adds the protocol)."""
+    never = r.hits == 0
+    return (Cell(r.name, r.name, style="dim" if never else "bold"),
+            Cell(r.action, style="red" if r.action == "deny" else "green"),
+            num(r.hits), num(r.rate),
+            Cell("never hit" if never else (r.last_hit or "")[11:19],
+                 style="yellow" if never else ""))

@@ -4,7 +4,8 @@ The model takes what the daemon sends — events as they stream, and stats,
 status, the policy and the session table as they are polled — and keeps
 aggregates: rates and their history, the verdict tail, the workload matrix,
 flows (sessions grouped by endpoints, protocol and port), rules with hit
-rates, and recent events for drilling in. The app renders snapshots of it
+rates, recent events for drilling in, and what a staged candidate policy
+would change (docs/policy.md "Staging"). The app renders snapshots of it
 at a fixed rate; nothing here knows about Textual.
 
 The tail and the recent events are kept as the raw lines, parsed again when
@@ -27,6 +28,7 @@ HISTORY = 60          # samples kept for sparklines (one per stats poll)
 TAIL = 1000           # verdict tail length
 RECENT = 5000         # recent events kept for drilling in
 WORLD = "(world)"     # the matrix's name for addresses no workload owns
+STAGED_FLOWS = 10_000  # flows marked with a staged verdict (as many as the daemon lists)
 
 VERDICTS = ("allowed", "denied", "audit", "dropped")
 
@@ -35,6 +37,12 @@ def endpoint_label(ep: dict | None) -> str:
     if not ep:
         return "?"
     return ep.get("workload") or ep.get("ip") or "?"
+
+
+def flow_key(src: dict, dst: dict, protocol: object) -> str:
+    """A flow of the Flows view: endpoints (workload, else address), protocol
+    and destination port."""
+    return f"{endpoint_label(src)}>{endpoint_label(dst)}/{protocol}/{dst.get('port')}"
 
 
 @dataclass
@@ -52,6 +60,8 @@ class Header:
     capacity: int = 0
     lost: int = 0
     events_ps: float = 0.0
+    # GET /v1/status policy.staged: {source, sha256, since, rules, would_change}
+    staged: dict | None = None
 
 
 @dataclass
@@ -100,11 +110,18 @@ class Model:
         self.sessions: list[dict] = []
         self.by_state: dict[str, int] = {}
         self.rules: dict[str, RuleRow] = {}
+        # A staged candidate: the latest differing `staged` of each flow's
+        # verdict events (flow_key; the oldest marked flow goes first past
+        # STAGED_FLOWS), and its rules (GET /v1/policy/staged).
+        self.staged_flows: dict[str, dict] = {}
+        self.staged_rules: dict[str, RuleRow] = {}
         self.events_seen = 0
         self.lost_seen = 0
         self._prev_stats: tuple[float, dict[str, int], int, int] | None = None
         self._prev_flows: tuple[float, dict[tuple, tuple[int, int]]] | None = None
         self._prev_rules: tuple[float, dict[str, int]] | None = None
+        self._prev_staged: tuple[str, float, dict[str, int]] | None = None
+        self._staged_sha: str | bool | None = False  # False: no status read yet
 
     # -- the event stream ------------------------------------------------------
 
@@ -124,11 +141,22 @@ class Model:
                     c = matrix[key] = Counter()
                 # packets, not events: a denial event stands for `count` of them
                 c[e.get("verdict") or "dropped"] += e.get("count") or 1
+                staged = e.get("staged")
+                if staged is not None:  # only while a candidate would decide otherwise
+                    self._mark_staged(e, staged)
             elif t == "session":
                 recent.append(line)
             elif t == "lost":
                 self.lost_seen += e.get("count", 0)
         self.events_seen += len(lines)
+
+    def _mark_staged(self, e: dict, staged: dict) -> None:
+        marks = self.staged_flows
+        key = flow_key(e.get("src") or {}, e.get("dst") or {}, e.get("protocol"))
+        marks.pop(key, None)  # the newest last: the first one is the oldest
+        marks[key] = staged
+        if len(marks) > STAGED_FLOWS:
+            del marks[next(iter(marks))]
 
     def tail_newest_first(self) -> Iterator[dict]:
         return map(orjson.loads, reversed(self.tail))
@@ -153,6 +181,16 @@ class Model:
             h.last_reload = last.get("result", "")
             if last.get("result") == "rejected" and last.get("errors"):
                 h.last_reload += f": {last['errors'][0]}"
+        h.staged = pol.get("staged")
+        sha = h.staged.get("sha256") if h.staged else None
+        if sha != self._staged_sha:
+            if self._staged_sha is not False:
+                # Another candidate, or none: the marks and rules were the old
+                # one's. (Not at the first status: the marks of the events
+                # replayed at start are of the candidate it names.)
+                self.staged_flows.clear()
+            self.on_staged(None)
+            self._staged_sha = sha
 
     def on_stats(self, st: dict, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -192,6 +230,26 @@ class Model:
         self.rules = rules
         self._prev_rules = (now, {name: r.hits for name, r in rules.items()})
 
+    def on_staged(self, st: dict | None, now: float | None = None) -> None:
+        """GET /v1/policy/staged's `staged`: the candidate's rules and their
+        hits (rates: between two reads of the same candidate)."""
+        if st is None:
+            self.staged_rules, self._prev_staged = {}, None
+            return
+        now = time.monotonic() if now is None else now
+        sha = st.get("sha256") or ""
+        prev_sha, prev_t, prev = self._prev_staged or ("", now, {})
+        if prev_sha != sha:
+            prev_t, prev = now, {}
+        dt = max(now - prev_t, 1e-6)
+        rules = {}
+        for r in st.get("rules", []):
+            name, hits = r["name"], r.get("hits", 0)
+            rate = max(0.0, (hits - prev[name]) / dt) if name in prev else 0.0
+            rules[name] = RuleRow(name, r.get("action", ""), "", hits, rate, r.get("last_hit"))
+        self.staged_rules = rules
+        self._prev_staged = (sha, now, {name: r.hits for name, r in rules.items()})
+
     def on_sessions(self, rows: list[dict], now: float | None = None) -> None:
         """The session table: flows and the Sessions view."""
         now = time.monotonic() if now is None else now
@@ -204,8 +262,7 @@ class Model:
         flows: dict[str, list] = {}
         for s in rows:
             src, dst = s.get("src") or {}, s.get("dst") or {}
-            key = f"{endpoint_label(src)}>{endpoint_label(dst)}/{s.get('protocol')}/" \
-                  f"{dst.get('port')}"
+            key = flow_key(src, dst, s.get("protocol"))
             pk = s["packets"]["orig"] + s["packets"]["reply"]
             by = s["bytes"]["orig"] + s["bytes"]["reply"]
             sid = (s.get("protocol"), src.get("ip"), src.get("port"), dst.get("ip"),
@@ -247,15 +304,27 @@ class Model:
     # -- drilling in -----------------------------------------------------------
 
     def events_of_flow(self, flow: FlowRow, limit: int = 200) -> list[dict]:
-        src, dst = endpoint_label(flow.src), endpoint_label(flow.dst)
+        return self.events_between(flow.src, flow.dst, flow.protocol, flow.port, limit)
+
+    def events_between(self, src: dict, dst: dict, protocol: object, port: int | None,
+                       limit: int = 200) -> list[dict]:
+        """Recent events of one flow: endpoints (workload, else address),
+        protocol and destination port."""
+        s, d = endpoint_label(src), endpoint_label(dst)
         out = [e for e in self.recent_events()
-               if endpoint_label(e.get("src")) == src and endpoint_label(e.get("dst")) == dst
-               and e.get("protocol") == flow.protocol
-               and (e.get("dst") or {}).get("port") == flow.port]
+               if endpoint_label(e.get("src")) == s and endpoint_label(e.get("dst")) == d
+               and e.get("protocol") == protocol
+               and (e.get("dst") or {}).get("port") == port]
         return out[-limit:]
 
     def events_of_rule(self, rule: str, limit: int = 200) -> list[dict]:
         return [e for e in self.recent_events() if e.get("rule") == rule][-limit:]
+
+    def events_of_staged_rule(self, rule: str, limit: int = 200) -> list[dict]:
+        """The recent verdicts the candidate's `rule` would decide otherwise
+        (events carry `staged` only then: docs/events.md)."""
+        return [e for e in self.recent_events()
+                if (e.get("staged") or {}).get("rule") == rule][-limit:]
 
 
 def endpoint_label_or_world(ep: dict | None) -> str:

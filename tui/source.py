@@ -9,13 +9,14 @@ for tests and for the benchmark that measures key latency under load.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import AsyncIterator
 
 import orjson
 
-from microseg.control.client import Client, DaemonError
+from microseg.control.client import Client, DaemonError, DaemonPolicy, fetch_policy
 
 SESSIONS_CAP = 20_000  # session rows read per poll: flows are the top of these
 
@@ -41,6 +42,16 @@ class DaemonSource:
     async def policy(self) -> dict:
         return await (await self._c()).get("/v1/policy")
 
+    async def staged(self) -> dict | None:
+        """The staged candidate with its rules' hits (GET /v1/policy/staged),
+        None when nothing is staged."""
+        return (await (await self._c()).get("/v1/policy/staged")).get("staged")
+
+    async def active_policy(self) -> DaemonPolicy:
+        """The active policy as `policy trace` evaluates it: the file and every
+        discovered workload, merged (microseg/control/client.py)."""
+        return await fetch_policy(await self._c())
+
     async def sessions(self) -> list[dict]:
         rows: list[dict] = []
         async for lines in (await self._c()).stream_lines("/v1/sessions"):
@@ -59,10 +70,58 @@ class DaemonSource:
             await self._client.__aexit__(None, None, None)
 
 
+# The synthetic policy as a file: what `active_policy()` parses and a trace
+# walks. (name, workloads it names, from, to, protocol, ports, action); a
+# rule naming a workload the source leaves out is left out too.
+_RULES_YAML = [
+    ("client-to-web", ("client", "web"), "{workload: client}", "{workload: web}", "tcp",
+     "[80, 443]", "allow"),
+    ("web-to-api", ("web", "api"), "{workload: web}", "{workload: api}", "tcp", "[443]",
+     "allow"),
+    ("api-to-db", ("api", "db"), "{workload: api}", "{workload: db}", "tcp", "[5432]", "allow"),
+    ("no-ssh", (), "any", "any", "tcp", "[22]", "deny"),
+    ("dns", (), "any", "any", "udp", "[53]", "allow"),
+    ("legacy", ("web",), "{cidr: 192.0.2.0/24}", "{workload: web}", "tcp", "[8080]", "allow"),
+]
+# The candidate `stage()` stages: no-ssh and legacy gone, ssh-admin new, db
+# no longer in audit mode. What it decides about the synthetic flows:
+# `_staged_decision`.
+STAGED_RULES = [("client-to-web", "allow"), ("web-to-api", "allow"), ("api-to-db", "allow"),
+                ("ssh-admin", "allow"), ("dns", "allow")]
+
+
+def _policy_text(ips: dict[str, str]) -> str:
+    lines = ["version: 1", "default: deny", "workloads:"]
+    for name, ip in ips.items():
+        audit = ", mode: audit" if name == "db" else ""  # the audit verdicts' destination
+        lines.append(f"  {name}: {{addresses: [{ip}]{audit}}}")
+    lines.append("rules:")
+    for name, needs, frm, to, proto, ports, action in _RULES_YAML:
+        if all(w in ips for w in needs):
+            lines.append(f"  - {{name: {name}, from: {frm}, to: {to}, protocol: {proto}, "
+                         f"ports: {ports}, action: {action}}}")
+    return "\n".join(lines) + "\n"
+
+
+def _staged_decision(e: dict) -> tuple[str | None, dict | None]:
+    """The candidate's rule for a synthetic event, and the event's `staged`
+    (docs/events.md): null unless its verdict differs from the active one."""
+    verdict, rule = e["verdict"], e["rule"]
+    if e["dst"]["port"] == 22:  # no-ssh is gone: ssh-admin lets the client in
+        if e["src"]["workload"] == "client":
+            return "ssh-admin", {"verdict": "allowed", "rule": "ssh-admin"}
+        return None, None  # denied by the default instead: the same verdict
+    if verdict == "audit":  # db is enforced: what the audit mode let pass breaks
+        return None, {"verdict": "denied", "rule": None}
+    return rule, None
+
+
 class SyntheticSource:
     """A made-up daemon: `workloads` talking over a few ports under a small
     policy, `rate` events per second. rate=0 gives one fixed burst of events
-    (deterministic screens for snapshot tests)."""
+    (deterministic screens for snapshot tests). `stage()` stages a candidate
+    policy: from then on events carry its verdicts; call it before the events
+    are read (a burst is read once)."""
 
     name = "synthetic"
 
@@ -84,6 +143,15 @@ class SyntheticSource:
         self._pool = [self._line(i) for i in range(4096)]  # (line, verdict, rule)
         self._sessions = [self._session(i) for i in range(300)]
         self.fail = False  # set: every call raises, as if the daemon went away
+        # The active policy: tests may replace the text and bump the generation
+        # (a reload); active_policy() counts its calls.
+        self.generation = 1
+        self.policy_text = _policy_text(self.ips)
+        self.policy_fetches = 0
+        self._staged: dict | None = None  # the candidate: GET /v1/policy/staged's
+        self._staged_pool: list[tuple[str | None, bool]] | None = None  # per pool line
+        self.staged_hits: dict[str, int] = {}
+        self.judged = self.would_change = 0
 
     # -- made-up data ----------------------------------------------------------
 
@@ -108,7 +176,7 @@ class SyntheticSource:
                  "family": "ipv4", "protocol": proto,
                  "src": {"ip": self.ips[src], "port": 30000 + i % 30000, "workload": src},
                  "dst": {"ip": self.ips[dst], "port": port, "workload": dst},
-                 "tcp_flags": ["SYN"] if proto == "tcp" else [], "bytes": 74}
+                 "tcp_flags": ["SYN"] if proto == "tcp" else [], "bytes": 74, "staged": None}
         return orjson.dumps(event) + b"\n", verdict, rule
 
     def _session(self, i: int) -> dict:
@@ -130,11 +198,70 @@ class SyntheticSource:
 
     # -- the Source interface -----------------------------------------------------
 
+    # -- staging ----------------------------------------------------------------
+
+    def stage(self, source: str = "candidate.yaml") -> None:
+        """Stage the candidate (STAGED_RULES): the events read from now on carry
+        its verdicts, and its rules count hits."""
+        self._set_staged(source)
+        self.staged_hits = dict.fromkeys((n for n, _ in STAGED_RULES), 0)
+        self.judged = self.would_change = 0
+        self._staged = {
+            "source": source, "sha256": hashlib.sha256(source.encode()).hexdigest(),
+            "generation": 0x80000000 | self.generation, "since": "2026-11-27T09:00:00.000000Z",
+            "mode": "enforce", "default": "deny", "rules_count": len(STAGED_RULES),
+            "workloads_count": len(self.names)}
+
+    def unstage(self) -> None:
+        """`policy stage clear`: events carry `staged: null` again."""
+        self._set_staged(None)
+        self._staged = None
+
+    def _set_staged(self, source: str | None) -> None:
+        pool, staged_pool = [], []
+        for line, verdict, rule in self._pool:
+            e = orjson.loads(line)
+            srule, staged = _staged_decision(e) if source else (None, None)
+            e["staged"] = staged
+            pool.append((orjson.dumps(e) + b"\n", verdict, rule))
+            staged_pool.append((srule, staged is not None))
+        self._pool = pool
+        self._staged_pool = staged_pool if source else None
+
+    # -- the Source interface -----------------------------------------------------
+
     async def status(self) -> dict:
         self._check()
+        st = self._staged
         return {"pid": 4242, "uptime_s": round(time.monotonic() - self.started, 1),
-                "policy": {"generation": 1, "mode": "enforce", "default": "deny",
-                           "last_reload": {"result": "applied"}}}
+                "policy": {"generation": self.generation, "mode": "enforce",
+                           "default": "deny", "last_reload": {"result": "applied"},
+                           "staged": None if st is None else {
+                               "source": st["source"], "sha256": st["sha256"],
+                               "since": st["since"], "rules": st["rules_count"],
+                               "would_change": self.would_change}}}
+
+    async def staged(self) -> dict | None:
+        self._check()
+        st = self._staged
+        if st is None:
+            return None
+        hits = self.staged_hits
+        rules = [{"name": n, "action": a, "hits": hits[n],
+                  "last_hit": "2026-11-27T09:00:00.000000Z" if hits[n] else None}
+                 for n, a in STAGED_RULES]
+        return {**st, "active_generation": self.generation, "judged": self.judged,
+                "verdicts": {}, "would_change": self.would_change, "changes": [],
+                "changes_not_listed": 0, "rules": rules,
+                "never_hit": [r["name"] for r in rules if not r["hits"]]}
+
+    async def active_policy(self) -> DaemonPolicy:
+        from microseg.policy.parse import parse_policy
+
+        self._check()
+        self.policy_fetches += 1
+        loaded = parse_policy(self.policy_text.encode(), "synthetic.yaml")
+        return DaemonPolicy(loaded, loaded.policy, self.generation, self.policy_text)
 
     async def stats(self) -> dict:
         self._check()
@@ -187,6 +314,7 @@ class SyntheticSource:
         pool = self._pool
         out = []
         totals, hits = self.totals, self.hits
+        staged_pool, staged_hits = self._staged_pool, self.staged_hits
         for k in range(start, start + n):
             line, verdict, rule = pool[k % len(pool)]
             out.append(line)
@@ -195,6 +323,12 @@ class SyntheticSource:
                 hits[rule] += 1
             if verdict != "denied":
                 self.new_sessions += 1
+            if staged_pool is not None:  # every synthetic event is a new flow or a denial
+                srule, differs = staged_pool[k % len(pool)]
+                self.judged += 1
+                self.would_change += differs
+                if srule is not None:
+                    staged_hits[srule] += 1
         self.published += n
         return out
 
