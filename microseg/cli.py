@@ -532,13 +532,13 @@ def cmd_policy_stage(args: argparse.Namespace) -> int:
 
 
 def _stage_file(args: argparse.Namespace, path: str) -> int:
-    from microseg.policy.parse import PolicyError, parse_policy
+    from microseg.policy.parse import MAX_FILE_BYTES, PolicyError, open_policy_file, parse_policy
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
+    try:  # a regular file, read up to just past the limit (the parse says so)
+        with open_policy_file(path) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise CommandError(f"{path}: {e.strerror}") from None
+        raise CommandError(f"{path}: {e.strerror or e}") from None
     try:  # every error here, without a daemon; the daemon checks again
         parse_policy(data, path)
     except PolicyError as e:

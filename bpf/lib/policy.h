@@ -226,30 +226,15 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		d->verdict = audit ? VERDICT_AUDIT : VERDICT_DENIED;
 }
 
-/* The staged judgment beside the active one: what the event reports, and
- * the staged policy's own counters. */
+/* The staged judgment beside the active one, for the event and the
+ * staged counters (apply_verdict counts it with the packet's outcome, so
+ * that counters and events agree). */
 static __always_inline void note_staged(struct decision *d, const struct decision *sd,
-					__u32 staged, __u64 now)
+					__u32 staged)
 {
-	__u32 differs = sd->verdict != d->verdict;
-	__u32 idx = sd->verdict * 2 + differs;
-
 	d->staged_verdict = sd->verdict + 1;
 	d->staged_rule = sd->rule_id;
 	d->staged_generation = staged;
-	/* bpf_map_lookup_elem: this CPU's count of such staged verdicts. */
-	__u64 *n = staged_stats_map.lookup(&idx);
-	if (n)
-		*n += 1;
-	if (sd->rule_id) {
-		__u32 rule = sd->rule_id;
-		/* bpf_map_lookup_elem: the staged rule's hits. */
-		struct rule_stats *r = staged_rule_stats_map.lookup(&rule);
-		if (r) {
-			r->hits++;
-			r->last_hit_ns = now;
-		}
-	}
 }
 
 /* The packet's flow judged under generation gen: in its own direction, or
@@ -273,7 +258,7 @@ static __always_inline void judge_staged(const struct packet *p, __u32 staged,
 	struct decision sd = {};
 
 	judge_flow(p, 0, staged, &sd);
-	note_staged(d, &sd, staged, bpf_ktime_get_ns());
+	note_staged(d, &sd, staged);
 }
 
 #endif /* MSEG_POLICY_H */

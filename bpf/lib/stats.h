@@ -8,6 +8,7 @@
 
 #include "../microseg.h"
 #include "maps.h"
+#include "decision.h"
 
 /* segs: the packets an skb stands for (a GSO super-packet is many). */
 static __always_inline void count_packet(__u32 dir, __u32 verdict, __u32 reason,
@@ -38,6 +39,30 @@ static __always_inline void count_rule_hit(__u32 rule_id, __u64 now)
 	if (r) {
 		r->hits++;
 		r->last_hit_ns = now;
+	}
+}
+
+/* A packet judged by a staged candidate too: staged_stats_map by the
+ * candidate's verdict and whether it differs from the one counted (verdict),
+ * for as many packets as its event stands for; the candidate rule's hit. */
+static __always_inline void count_staged(const struct decision *d, __u8 verdict,
+					 __u32 segs, __u64 now)
+{
+	__u32 staged = d->staged_verdict - 1;
+	__u32 idx = staged * 2 + (staged != verdict);
+	/* bpf_map_lookup_elem: this CPU's count of such staged verdicts. */
+	__u64 *n = staged_stats_map.lookup(&idx);
+
+	if (n)
+		*n += segs;
+	if (d->staged_rule) {
+		__u32 rule = d->staged_rule;
+		/* bpf_map_lookup_elem: the candidate rule's hits. */
+		struct rule_stats *r = staged_rule_stats_map.lookup(&rule);
+		if (r) {
+			r->hits++;
+			r->last_hit_ns = now;
+		}
 	}
 }
 

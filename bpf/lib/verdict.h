@@ -47,6 +47,8 @@ static __always_inline int apply_verdict(struct __sk_buff *skb,
 	count_packet(dir, verdict, d->reason, p->segs, p->len);
 	if (d->rule_id && d->verdict != VERDICT_DROPPED)
 		count_rule_hit(d->rule_id, now);
+	if (d->staged_verdict)
+		count_staged(d, verdict, p->segs, now);
 
 	if (denial) {
 		/* Denied verdicts and drops: aggregated per flow, in their own
@@ -71,6 +73,7 @@ static __always_inline int drop_packet(struct decision *d, __u8 reason)
 	d->reason = reason;
 	d->rule_id = 0;
 	d->audit = AUDIT_NO;
+	d->staged_verdict = 0; /* not a policy decision: nothing to compare */
 	return NEED_VERDICT;
 }
 

@@ -65,6 +65,14 @@ def error(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status)
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    try:
+        return _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[1]
+    except OSError:
+        return None
+
+
 def peer_allowed(sock: socket.socket, group_gid: int | None) -> bool:
     """Root, or (with --socket-group) a member of that group."""
     try:
@@ -175,7 +183,18 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
     async def policy_source(request: web.Request) -> web.Response:
         return json_response(views.policy_source())
 
+    def root_only(request: web.Request, what: str) -> web.Response | None:
+        """Staging, promoting and clearing change what the daemon enforces
+        or will: only root may (a --socket-group member may read, and ask
+        for a reload of the file root wrote — docs/policy.md)."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is None or peer_uid(sock) != 0:
+            return error(403, f"permission denied: only root may {what}")
+        return None
+
     async def stage(request: web.Request) -> web.Response:
+        if (denied := root_only(request, "stage a policy")) is not None:
+            return denied
         data = await request.read()
         source = request.query.get("source") or "<staged>"
         res = await policy.stager.stage(data, source)
@@ -187,6 +206,8 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
         return json_response(await views.staged_status())
 
     async def promote(request: web.Request) -> web.Response:
+        if (denied := root_only(request, "promote the staged policy")) is not None:
+            return denied
         try:
             res = await policy.stager.promote()
         except NothingStaged as e:
@@ -198,6 +219,8 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
         return json_response(res.as_dict())
 
     async def clear(request: web.Request) -> web.Response:
+        if (denied := root_only(request, "clear the staged policy")) is not None:
+            return denied
         try:
             s = await policy.stager.clear()
         except NothingStaged as e:

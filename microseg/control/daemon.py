@@ -91,7 +91,7 @@ class Daemon:
                                     builtin_fallback=cfg.policy_default_audit,
                                     insecure_permissions=cfg.insecure_policy_permissions,
                                     on_discover=self._on_discover,
-                                    state_dir=os.path.dirname(cfg.socket_path) or ".")
+                                    state_dir=state_dir(cfg.socket_path))
         self.sources = Sources(self.policy)
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
         self.names = Names(self.policy.compiled_for, self.interfaces.name_of,
@@ -370,6 +370,13 @@ def steady_malloc() -> None:
         libc.mallopt(M_ARENA_MAX, 2)
     except (OSError, AttributeError):  # not glibc: its own allocator, its own habits
         pass
+
+
+def state_dir(socket_path: str) -> str:
+    """What the daemon keeps across restarts (a staged candidate): a 0700
+    directory of its own beside its control socket, named after it."""
+    head, name = os.path.split(os.path.abspath(socket_path))
+    return os.path.join(head, f".{name}.state")
 
 
 def run(cfg: RunConfig) -> int:

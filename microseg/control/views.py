@@ -274,7 +274,8 @@ class Views:
                     "source": staged.loaded.source, "sha256": staged.loaded.sha256,
                     "since": rfc3339(staged.since_ns),
                     "rules": len(staged.loaded.policy.rules),
-                    "would_change": p.staged_changes.differing},
+                    "would_change": sum(n for (_v, differs), n in staged.judged(
+                        p.datapath.read_staged_stats()).items() if differs)},
             },
             "metrics": p.metrics_listen,
             "workloads": _count_by_source(p.policy.known.values()),

@@ -255,6 +255,15 @@ class Datapath:
         """Stop judging new flows by the staged candidate (one write)."""
         self.maps["active_map"].update(_U32.pack(abi.Active.STAGED), _U32.pack(0))
 
+    def empty_staged(self) -> None:
+        """Free the staged slots' entries (they share the maps' capacity with
+        the active policy), once no run can still read them. Nothing may be
+        staged meanwhile (the caller serialises)."""
+        self._wait_for_runs()
+        empty = ({name: {} for name in self._POLICY_MAPS}, bytes(2 * 65536 * 4))
+        for slot in (2, 3):
+            self._write_slot(slot, *empty)
+
     def reset_staged_rule_stats(self) -> None:
         """Zero the staged rules' hits: a new candidate's count from 0 (its
         rule ids are its own). staged_stats_map stays monotonic (metrics)."""

@@ -248,10 +248,10 @@ class PolicyManager:
             gc.freeze()
         self._converging = loop.run_in_executor(None, self.datapath.converge)
         self._emit_workloads(merged)
+        await self.stager.follow()  # the candidate sees the same workloads
         if inventory:
             log.debug("inventory applied generation=%d workloads=%d apply_ms=%.1f", gen,
                       len(merged.known), apply_ms)
-            await self.stager.restage()  # the candidate sees the same workloads
             return ReloadResult("applied", gen, loaded.source, loaded.sha256,
                                 workloads=len(merged.known), apply_ms=apply_ms,
                                 at_ns=time.time_ns())

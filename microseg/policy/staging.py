@@ -8,9 +8,10 @@ file and reloads — the same one-write switch as any reload — then drops the
 staged one; `clear` drops it.
 
 The candidate survives a daemon restart: its text and when it was staged are
-kept in the state directory (the control socket's), and re-staged at start.
-A candidate invalid for any reason changes nothing: the one staged before
-(or none) stays.
+kept in a state directory of the daemon's own (beside its control socket,
+0700, root's, checked before every use: a directory others could write is
+not used), and re-staged at start. A candidate invalid for any reason
+changes nothing: the one staged before (or none) stays.
 """
 
 from __future__ import annotations
@@ -20,18 +21,27 @@ import contextlib
 import json
 import logging
 import os
+import stat
+import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from microseg.inventory.model import DiscoveredWorkload
 from microseg.kernel import abi
 from microseg.policy.compile import CompiledPolicy
 from microseg.policy.edit import write_atomically
 from microseg.policy.inventory import merge
-from microseg.policy.parse import Issue, LoadedPolicy, PolicyError, parse_policy
+from microseg.policy.parse import (
+    MAX_FILE_BYTES,
+    Issue,
+    LoadedPolicy,
+    PolicyError,
+    open_policy_file,
+    parse_policy,
+)
 from microseg.policy.result import ReloadResult, compile_quietly
 
 log = logging.getLogger("microseg.policy")
@@ -50,10 +60,11 @@ class NothingStaged(Exception):
 class Manager(Protocol):
     """What the stager needs of the policy manager (microseg/policy/manager.py)."""
 
-    datapath: object
+    datapath: Any
     path: str
-    active: object | None
+    active: Any
     discovered: Mapping[str, Mapping[str, DiscoveredWorkload]]
+    known: Mapping[str, object]
 
     @property
     def lock(self) -> asyncio.Lock: ...
@@ -70,6 +81,7 @@ class StagedPolicy:
     # staged_stats_map when it was staged: the counters are the kernel's,
     # monotonic for the metrics; status shows what this candidate added.
     baseline: dict[tuple[int, bool], int]
+    known: object = None     # the manager's workloads it was compiled with
 
     def judged(self, now: dict[tuple[int, bool], int]) -> dict[tuple[int, bool], int]:
         return {k: n - self.baseline.get(k, 0) for k, n in now.items()
@@ -88,7 +100,12 @@ class Stager:
     # -- what events and status read ---------------------------------------------
 
     def compiled_for(self, generation: int) -> CompiledPolicy | None:
-        return self.history.get(generation)
+        """Rule ids are kept across re-stages of one candidate: a generation
+        older than the history is named with the current compile."""
+        found = self.history.get(generation)
+        if found is None and self.staged is not None:
+            return self.staged.compiled
+        return found
 
     # -- changing it --------------------------------------------------------------
 
@@ -97,26 +114,36 @@ class Stager:
         m = self.manager
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        async with m.lock:
-            try:
-                loaded = await loop.run_in_executor(None, parse_policy, data, source)
+        try:
+            # Parsed before the lock: a large candidate must not hold up
+            # reloads and container changes meanwhile.
+            loaded = await loop.run_in_executor(None, parse_policy, data, source)
+            async with m.lock:
                 if m.active is None:
                     raise PolicyError(source, [Issue(1, 1, "no active policy to stage beside")])
                 staged = await self._load(loaded, time.time_ns(), None, reset=True)
-            except PolicyError as e:
-                errors = [i.format(e.filename) for i in e.errors] or [str(e)]
-                log.error("staged policy refused, %s: %d error(s), first: %s",
-                          "the staged one stays" if self.staged else "nothing staged",
-                          len(errors), errors[0])
-                return ReloadResult("rejected", self.staged.generation if self.staged else 0,
-                                    source, None, errors=errors, at_ns=time.time_ns())
-            self._save(staged)
+                self._save(staged)
+        except PolicyError as e:
+            errors = [i.format(e.filename) for i in e.errors] or [str(e)]
+            log.error("staged policy refused, %s: %d error(s), first: %s",
+                      "the staged one stays" if self.staged else "nothing staged",
+                      len(errors), errors[0])
+            return ReloadResult("rejected", self.staged.generation if self.staged else 0,
+                                source, None, errors=errors, at_ns=time.time_ns())
         ms = (time.perf_counter() - started) * 1000
         log.info("policy staged generation=%#x rules=%d source=%s stage_ms=%.1f",
                  staged.generation, len(loaded.policy.rules), source, ms)
+        warnings = [w.format(source) for w in loaded.warnings]
+        active = m.active.loaded.policy.discover if m.active else None
+        if active is not None and loaded.policy.discover != active:
+            warnings.append(
+                f"{source}: its discover section differs from the active policy's: it is "
+                "judged with the active policy's workloads; promoting it changes what is "
+                "discovered")
+        for w in warnings:
+            log.warning("staged policy %s", w)
         return ReloadResult("staged", staged.generation, source, loaded.sha256,
-                            warnings=[w.format(source) for w in loaded.warnings],
-                            rules=len(loaded.policy.rules),
+                            warnings=warnings, rules=len(loaded.policy.rules),
                             workloads=len(loaded.policy.workloads), apply_ms=ms,
                             at_ns=time.time_ns())
 
@@ -129,7 +156,12 @@ class Stager:
         m = self.manager
         loop = asyncio.get_running_loop()
         previous = self.staged.compiled if self.staged and not reset else None
-        merged = merge(loaded.policy, m.discovered)
+        # The candidate is judged with the workloads the active policy has
+        # (docs/policy.md "Staging"): the active policy's discover section.
+        assert m.active is not None
+        active = m.active.loaded.policy
+        known = m.known
+        merged = merge(replace(loaded.policy, discover=active.discover), m.discovered)
         compiled = await loop.run_in_executor(None, compile_quietly, merged.policy, previous)
         dp = m.datapath
 
@@ -146,14 +178,15 @@ class Stager:
         for old in sorted(self.history)[:-HISTORY]:
             del self.history[old]
         self.staged = StagedPolicy(loaded, compiled, gen, since_ns,
-                                   now if baseline is None else baseline)
+                                   now if baseline is None else baseline, known)
         return self.staged
 
-    async def restage(self) -> None:
-        """The discovered workloads changed: the candidate is compiled with
-        them too (the manager's lock held), the same candidate for status."""
+    async def follow(self) -> None:
+        """After any apply (the manager's lock held): if the workloads the
+        active policy is compiled with changed, the candidate is compiled
+        with them too — the same candidate for status."""
         s = self.staged
-        if s is None:
+        if s is None or s.known == self.manager.known:
             return
         try:
             await self._load(s.loaded, s.since_ns, s.baseline)
@@ -162,15 +195,20 @@ class Stager:
 
     async def clear(self) -> StagedPolicy:
         async with self.manager.lock:
-            return self._clear()
+            return await self._clear()
 
-    def _clear(self) -> StagedPolicy:
+    async def _clear(self) -> StagedPolicy:
+        """(the manager's lock held, so that no stage writes the slots
+        while they are emptied)"""
         s = self.staged
         if s is None:
             raise NothingStaged("nothing is staged")
-        self.manager.datapath.clear_staged()
+        dp = self.manager.datapath
+        dp.clear_staged()
         self.staged = None
         self._forget()
+        # Its entries share the maps' capacity with the active policy.
+        await asyncio.get_running_loop().run_in_executor(None, dp.empty_staged)
         log.info("staged policy cleared (was %s, staged %.0f s ago)", s.loaded.source,
                  (time.time_ns() - s.since_ns) / 1e9)
         return s
@@ -183,69 +221,144 @@ class Stager:
         if s is None:
             raise NothingStaged("nothing is staged")
         loop = asyncio.get_running_loop()
+        try:
+            with open_policy_file(m.path) as f:
+                before: bytes | None = f.read(MAX_FILE_BYTES + 1)
+        except OSError:
+            before = None  # no file yet (`--policy-default audit`)
         await loop.run_in_executor(None, write_atomically, m.path, s.loaded.data)
         res = await m.reload("promote", force=True)
         if res.result == "applied" and res.sha256 == s.loaded.sha256:
             async with m.lock:
                 if self.staged is s:
-                    self._clear()
+                    await self._clear()
             log.info("staged policy promoted: generation %d", res.generation)
+            return res
+        if res.result == "rejected" and before is not None:
+            # The file must say what runs: the policy it held comes back.
+            await loop.run_in_executor(None, write_atomically, m.path, before)
+            res.errors.append(f"{m.path}: the file was restored to the policy still enforced")
+        elif res.result == "applied":
+            # Someone wrote the file between our write and the reload.
+            res.result = "rejected"
+            res.errors.append(f"{m.path} changed while the candidate was promoted: "
+                              f"generation {res.generation} enforces that file, not the "
+                              "candidate, which stays staged")
+        log.error("staged policy not promoted: %s", "; ".join(res.errors) or res.result)
         return res
 
     # -- kept across restarts -----------------------------------------------------
 
-    def _save(self, s: StagedPolicy) -> None:
-        if self.state_dir is None:
-            return
+    def _trusted_dir(self, create: bool) -> Path | None:
+        """The state directory, if it is ours alone: a real directory (no
+        symlink), owned by this user, nobody else may enter. None: not used
+        (said once per call)."""
+        d = self.state_dir
+        if d is None:
+            return None
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomically(self.state_dir / STATE_POLICY, s.loaded.data)
-            meta = {"source": s.loaded.source, "since_ns": s.since_ns,
-                    "baseline": [[v, d, n] for (v, d), n in s.baseline.items()]}
-            write_atomically(self.state_dir / STATE_META, json.dumps(meta).encode())
+            if create:
+                d.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    d.mkdir(mode=0o700)
+            st = os.lstat(d)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("staged policy state %s: %s; not kept for a restart", d, e)
+            return None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            log.warning("staged policy state %s is not a directory only this daemon's user "
+                        "may enter; not used", d)
+            return None
+        return d
+
+    def _save(self, s: StagedPolicy) -> None:
+        d = self._trusted_dir(create=True)
+        if d is None:
+            return
+        meta = {"source": s.loaded.source, "since_ns": s.since_ns,
+                "baseline": [[v, dif, n] for (v, dif), n in s.baseline.items()]}
+        try:
+            _write_private(d / STATE_POLICY, s.loaded.data)
+            _write_private(d / STATE_META, json.dumps(meta).encode())
         except OSError as e:
             log.warning("staged policy not kept for a restart: %s", e)
 
     def _forget(self) -> None:
-        if self.state_dir is None:
+        d = self._trusted_dir(create=False)
+        if d is None:
             return
         for name in (STATE_POLICY, STATE_META):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.state_dir / name)
+                os.unlink(d / name)
+
+    def _read_state(self) -> tuple[LoadedPolicy, int, dict | None] | None:
+        """The candidate an earlier daemon kept: (policy, since, baseline).
+        Anything wrong with it is logged and it is dropped."""
+        d = self._trusted_dir(create=False)
+        if d is None:
+            return None
+        try:
+            with open_policy_file(d / STATE_POLICY) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            with open_policy_file(d / STATE_META) as f:
+                meta = json.loads(f.read(1 << 20))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as e:
+            log.warning("staged policy of an earlier daemon not read: %s", e)
+            return None
+        try:
+            source, since = meta["source"], meta["since_ns"]
+            if not isinstance(source, str) or not isinstance(since, int) \
+                    or not 0 < since < 1 << 62:
+                raise ValueError("source or since_ns out of shape")
+            baseline = {(abi.Verdict(v), bool(dif)): int(n) for v, dif, n in meta["baseline"]}
+            return parse_policy(data, source), since, baseline
+        except (PolicyError, KeyError, TypeError, ValueError) as e:
+            log.warning("staged policy of an earlier daemon dropped: %s", e)
+            return None
 
     async def restore(self) -> None:
         """At start, after the first policy applied: the candidate an earlier
         daemon staged is staged again; without one, a staged generation
         left in the pins is switched off (its rules cannot be named)."""
         m = self.manager
-        found = None
-        if self.state_dir is not None:
-            try:
-                data = (self.state_dir / STATE_POLICY).read_bytes()
-                meta = json.loads((self.state_dir / STATE_META).read_text())
-                found = (data, meta)
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as e:
-                log.warning("staged policy of an earlier daemon not read: %s", e)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self._read_state)
         async with m.lock:
             if found is None:
                 if m.datapath.staged_generation():
                     m.datapath.clear_staged()
+                self._forget()
                 return
-            data, meta = found
+            loaded, since, baseline = found
+            # Pins that still carry the stage kept its counters; new pins
+            # (a clean stop removes them) count from zero.
+            kept = bool(m.datapath.staged_generation())
             try:
-                loaded = parse_policy(data, meta["source"])
-                # Pins that still carry the stage kept its counters; new pins
-                # (a clean stop removes them) count from zero.
-                kept = bool(m.datapath.staged_generation())
-                baseline = {(abi.Verdict(v), bool(d)): n for v, d, n in meta["baseline"]} \
-                    if kept else None
-                await self._load(loaded, int(meta["since_ns"]), baseline, reset=not kept)
-            except (PolicyError, KeyError, TypeError, ValueError) as e:
+                await self._load(loaded, since, baseline if kept else None, reset=not kept)
+            except PolicyError as e:
                 log.warning("staged policy of an earlier daemon dropped: %s", e)
                 m.datapath.clear_staged()
                 self._forget()
                 return
-        log.info("staged policy restored: %s, staged generation %#x", meta["source"],
+        log.info("staged policy restored: %s, staged generation %#x", loaded.source,
                  self.staged.generation if self.staged else 0)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace path with data, mode 0600, in one rename (in a directory only
+    we may write: no one can plant a link there)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

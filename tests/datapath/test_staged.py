@@ -117,3 +117,24 @@ def test_a_lost_sessions_reply_is_still_picked_up(dp: Harness) -> None:
     assert (s.src_ip, s.dst_ip) == (WEB, DB)          # the originator is web
     out = dp.send(tcp(OTHER, DB, 40041, 5432, "A"))   # neither way: dropped
     assert out.dropped
+
+
+def test_counters_agree_with_the_events(dp: Harness) -> None:
+    """staged_stats_map counts what the events say, packet for packet: a
+    GSO denial counts its segments (the event's count), and a lost
+    session's reply picked up by the reply stage is no staged judgment
+    (its event carries none)."""
+    enforce = Policy(workloads=WORKLOADS, rules=ACTIVE.rules)
+    dp.install(enforce)
+    _stage(dp, Policy(workloads=WORKLOADS))  # deny everything
+    # A reply whose session was lost: passes, judged as web -> db's reply.
+    out = dp.send(tcp(DB, WEB, 5432, 40050, "A"))
+    assert out.passed and all(e.staged_verdict == 0 for e in out.of_type(
+        abi.EventType.VERDICT))
+    assert dp.dp.read_staged_stats() == {}
+    # A denied GSO super-packet of 4 segments: the event counts 4, so do
+    # the staged counters.
+    out = dp.send(tcp(OTHER, WEB, 40051, 22, "S"), gso_segs=4)
+    v = out.verdict
+    assert out.dropped and v.count == 4 and v.staged_verdict - 1 == Verdict.DENIED
+    assert dp.dp.read_staged_stats() == {(Verdict.DENIED, False): 4}

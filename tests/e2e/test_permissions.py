@@ -227,6 +227,31 @@ def test_socket_group_lets_its_members_in_and_no_one_else(
     assert_refused(cli_as(out, d, "watch", "--json", "--last", "1", "--no-follow"))
 
 
+def test_only_root_stages_promotes_or_clears(group_daemon: DaemonProcess,
+                                             accounts: dict[str, Account],
+                                             workdirs: Callable[[], Path]) -> None:
+    """A staged candidate decides what will be enforced, and a promote
+    writes root's policy file: a --socket-group member may read `stage
+    status`, never stage, promote or clear (exit 3, one line)."""
+    group, d = accounts["group"], group_daemon
+    member = accounts["member"]
+    before = policy_state(d)
+    cand = workdirs() / "allow-all.yaml"  # a file the member may read
+    cand.write_text("version: 1\ndefault: allow\n")
+    cand.chmod(0o644)
+    r = cli_as(member, d, "policy", "stage", str(cand), extra_groups=[group.gid])
+    assert r.returncode == 3 and "only root may stage a policy" in r.stderr, r
+    r = cli_as(member, d, "policy", "stage", "status", "--json", extra_groups=[group.gid])
+    assert r.returncode == 0 and json.loads(r.stdout) == {"staged": None}, r
+    assert d.cli("policy", "stage", str(cand)).returncode == 0  # root stages
+    for action in ("promote", "clear"):
+        r = cli_as(member, d, "policy", "stage", action, extra_groups=[group.gid])
+        assert r.returncode == 3 and "only root may" in r.stderr, (action, r)
+    assert policy_state(d) == before
+    assert json.loads(d.cli("policy", "stage", "status", "--json").stdout)["staged"]
+    assert d.cli("policy", "stage", "clear").returncode == 0
+
+
 # -- the metrics listener --------------------------------------------------
 
 def tcp_listeners(pid: int) -> list[tuple[str, int]]:

@@ -55,7 +55,7 @@ def make_app(*, staged: bool = True, **kw) -> TopApp:
     return TopApp(src, **kw)
 
 
-async def until(pilot, cond: Callable[[], object], timeout: float = 6.0,
+async def until(pilot, cond: Callable[[], object], timeout: float = 20.0,
                 what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
