@@ -211,11 +211,13 @@ def validated(text: str, filename: str) -> LoadedPolicy:
     return parse_policy(text.encode(), filename)
 
 
-def write_atomically(path: str | Path, data: bytes) -> None:
+def write_atomically(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Replace path's content in one rename (readers see old or new, never
-    half), keeping its mode; a symlinked path has its target replaced."""
+    half), keeping its mode (or giving it `mode`); a symlinked path has its
+    target replaced."""
     target = Path(os.path.realpath(path))
-    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o644
+    if mode is None:
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -280,8 +279,9 @@ class Stager:
         meta = {"source": s.loaded.source, "since_ns": s.since_ns,
                 "baseline": [[v, dif, n] for (v, dif), n in s.baseline.items()]}
         try:
-            _write_private(d / STATE_POLICY, s.loaded.data)
-            _write_private(d / STATE_META, json.dumps(meta).encode())
+            # 0600, in a directory only we may write: no one plants a link.
+            write_atomically(d / STATE_POLICY, s.loaded.data, mode=0o600)
+            write_atomically(d / STATE_META, json.dumps(meta).encode(), mode=0o600)
         except OSError as e:
             log.warning("staged policy not kept for a restart: %s", e)
 
@@ -347,18 +347,3 @@ class Stager:
         log.info("staged policy restored: %s, staged generation %#x", loaded.source,
                  self.staged.generation if self.staged else 0)
 
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace path with data, mode 0600, in one rename (in a directory only
-    we may write: no one can plant a link there)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

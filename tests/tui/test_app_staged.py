@@ -14,7 +14,6 @@ import gc
 import itertools
 import re
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from microseg.tui.source import STAGED_RULES, DaemonSource, SyntheticSource
 from microseg.tui.table import Cell, SyncedTable
 
 from ..e2e.harness import DaemonProcess, Daemons, LabSpec
-from .test_app_synthetic import live_objects
+from .test_app_synthetic import live_objects, tbl, until
 
 SIZE = (140, 40)
 BURST = 1000
@@ -53,19 +52,6 @@ def make_app(*, staged: bool = True, **kw) -> TopApp:
     if staged:
         src.stage(CANDIDATE)
     return TopApp(src, **kw)
-
-
-async def until(pilot, cond: Callable[[], object], timeout: float = 20.0,
-                what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{screen_text(pilot.app)}")
-        await pilot.pause(0.05)
-
-
-def tbl(app: TopApp, name: str) -> SyncedTable:
-    return app.query_one(f"#{name}-table", SyncedTable)
 
 
 def rows(table: SyncedTable, cols: tuple[str, ...]) -> list[dict[str, Cell]]:

@@ -47,12 +47,14 @@ async def fed_app_started(pilot, app: TopApp) -> None:
     app.render_model()
 
 
-async def until(pilot, cond: Callable[[], object], timeout: float = 5.0,
+async def until(pilot, cond: Callable[[], object], timeout: float = 20.0,
                 what: str = "condition") -> None:
+    """Wait (bounded: a loaded machine is slow, never wrong) for cond; the
+    screen says what was there instead."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}:\n{screen_text(pilot.app)}")
         await pilot.pause(0.05)
 
 
