@@ -69,7 +69,7 @@ rules:
 
 VERDICT_KEYS = {"time", "seq", "type", "verdict", "reason", "rule", "policy_generation",
                 "direction", "interface", "family", "protocol", "src", "dst", "tcp_flags",
-                "bytes", "count"}
+                "bytes", "count", "staged"}
 SESSION_KEYS = {"time", "seq", "type", "state", "prev_state", "rule", "policy_generation",
                 "direction", "interface", "family", "protocol", "src", "dst", "packets",
                 "bytes", "duration_s"}
