@@ -60,7 +60,7 @@ EVENT_MODES = {
 SESSION_SIZES = {"full": (100_000, 1_000_000), "quick": (5_000,)}
 TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
-SOAK_SECONDS = {"full": 600, "quick": 8}
+SOAK_SECONDS = {"full": 600, "quick": 4}
 DISCOVERY_MODES = {"full": {"starts": 60, "racers": 50}, "quick": {"starts": 3, "racers": 2}}
 LIFECYCLE_LINES = {"full": 1_000_000, "quick": 20_000}
 TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},

@@ -38,7 +38,7 @@ def _start(src: str, dst: str, proto: int, sport: int, dport: int):
     return ping(src, dst, ident=sport)
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(policy=policies(), data=st.data())
 def test_trace_agrees_with_the_kernel(dp: Harness, policy: Policy, data: st.DataObject) -> None:

@@ -155,10 +155,11 @@ def test_workload_events_name_discovered_workloads(tmp_path: Path) -> None:
     ]
 
 
-def test_a_million_lines_stream_in_flat_memory(tmp_path: Path) -> None:
-    """1,000,000 lines (360 MB; a quarter of them verdicts, as in a log of
+def test_a_large_log_streams_in_flat_memory(tmp_path: Path) -> None:
+    """400,000 lines (144 MB; a quarter of them verdicts, as in a log of
     TCP sessions) read into the aggregate: the reader holds a chunk, never
-    the file. Peak Python allocation measured with tracemalloc."""
+    the file — peak Python allocation (tracemalloc) a tenth of the file.
+    `make bench` reads 1,000,000 lines (peak RSS in the README)."""
     block = []
     for i in range(10_000):
         if i % 4 == 0:
@@ -169,9 +170,9 @@ def test_a_million_lines_stream_in_flat_memory(tmp_path: Path) -> None:
     data = lines(*block)
     f = tmp_path / "flows.json"
     with f.open("wb") as out:
-        for _ in range(100):
+        for _ in range(40):
             out.write(data)
-    assert f.stat().st_size > 300 << 20
+    assert f.stat().st_size > 120 << 20
     st = ReadStats()
     agg = FlowAggregate()
     tracemalloc.start()
@@ -181,7 +182,7 @@ def test_a_million_lines_stream_in_flat_memory(tmp_path: Path) -> None:
         _now, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert (st.lines, st.verdicts, st.other) == (1_000_000, 250_000, 750_000)
+    assert (st.lines, st.verdicts, st.other) == (400_000, 100_000, 300_000)
     assert len(agg) == len({(i % 40, i % 50, i % 7) for i in range(0, 10_000, 4)})
-    assert sum(r["sessions"] for r in agg.records()) == 250_000
+    assert sum(r["sessions"] for r in agg.records()) == 100_000
     assert peak < 16 << 20, f"peak {peak / 1e6:.1f} MB"
