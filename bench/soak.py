@@ -57,7 +57,9 @@ def _slope_per_min(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 60
 
 
-def measure(seconds: float, sample_every: float = 5.0) -> dict:
+def measure(seconds: float, sample_every: float | None = None) -> dict:
+    if sample_every is None:  # every 5 s; at least four samples in a short run
+        sample_every = min(5.0, seconds / 4)
     lab = Lab([WorkloadSpec("cli", 10), WorkloadSpec("srv", 20)], prefix="msbk",
               subnet4="10.215.0.0/24", subnet6="fd00:215::/64")
     work = tempfile.mkdtemp(prefix="microseg-bench-soak-")
