@@ -177,11 +177,15 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
     # The same policy staged as a candidate (docs/policy.md "Staging"): every
     # new flow judged twice. Switched on and off by its one word between
     # interleaved runs; established packets measured with it on too.
+    # An empty candidate too: what the stage itself costs (the tail call,
+    # the counters), apart from the second policy lookup.
+    empty_gen = dp.stage_policy(compile_policy(Policy(default="allow")))
     staged_gen = dp.stage_policy(compile_policy(pol))
     dp.clear_staged()
     nsamples: dict[str, list[int]] = {k: [] for k in (
         "rewrite_floor", "new_flow_v4", "new_flow_v6", "new_flow_staged_v4",
-        "new_flow_staged_v6", "established_staged_v4")}
+        "new_flow_staged_v6", "new_flow_staged_empty_v4", "new_flow_staged_empty_v6",
+        "established_staged_v4")}
     flows = (("new_flow_v4", s4, d4, 34), ("new_flow_v6", s6, d6, 54))
     for _ in range(runs):
         for name, a, b, off in flows:
@@ -189,12 +193,13 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
             pkt = tcp_packet(a, b, 0, port, "S")
             nsamples["rewrite_floor"].append(
                 bpfsys.prog_test_run(rewrite_fd, pkt, repeat=new_flows).duration_ns)
-            for staged in (0, staged_gen):
+            for staged, kind in ((0, ""), (empty_gen, "_staged_empty"),
+                                 (staged_gen, "_staged")):
                 _switch_staged(dp, staged)
                 _arm(ctl, off)
                 r = bpfsys.prog_test_run(newflow_fd, pkt, repeat=new_flows)
                 assert r.retval == 0, "new flows must be allowed"
-                key = name.replace("new_flow", "new_flow_staged") if staged else name
+                key = name.replace("new_flow", "new_flow" + kind)
                 nsamples[key].append(r.duration_ns)
                 ring.drain(1 << 30)
                 _delete_flows(dp, a, b, port, new_flows)
@@ -212,12 +217,14 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
     out["established_staged_v4"]["over_floor_ns"] = \
         out["established_staged_v4"]["median_ns"] - floor
     rf = out["rewrite_floor"]["median_ns"]
-    for k in ("new_flow_v4", "new_flow_v6", "new_flow_staged_v4", "new_flow_staged_v6"):
+    for k in ("new_flow_v4", "new_flow_v6", "new_flow_staged_v4", "new_flow_staged_v6",
+              "new_flow_staged_empty_v4", "new_flow_staged_empty_v6"):
         out[k]["over_floor_ns"] = out[k]["median_ns"] - rf
     for fam in ("v4", "v6"):  # what staging adds to a new flow, run for run
-        out[f"new_flow_staged_{fam}"]["over_unstaged_ns"] = statistics.median(
-            st - un for st, un in zip(out[f"new_flow_staged_{fam}"]["runs_ns"],
-                                      out[f"new_flow_{fam}"]["runs_ns"], strict=True))
+        for kind in ("staged", "staged_empty"):
+            out[f"new_flow_{kind}_{fam}"]["over_unstaged_ns"] = statistics.median(
+                st - un for st, un in zip(out[f"new_flow_{kind}_{fam}"]["runs_ns"],
+                                          out[f"new_flow_{fam}"]["runs_ns"], strict=True))
     return out
 
 
