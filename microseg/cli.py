@@ -359,13 +359,21 @@ def _apply_text(args: argparse.Namespace, data: bytes, label: str) -> int:
     return 0
 
 
-def cmd_policy_apply(args: argparse.Namespace) -> int:
+def _read_policy_arg(path: str) -> bytes:
+    """A policy file named on the command line: a regular file, read up to
+    just past the limit (the parse refuses more, with its line) — a FIFO or
+    /dev/zero is one line, not a hang or a MemoryError."""
+    from microseg.policy.parse import MAX_FILE_BYTES, open_policy_file
+
     try:
-        with open(args.file, "rb") as f:
-            data = f.read()
+        with open_policy_file(path) as f:
+            return f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise CommandError(f"{args.file}: {e.strerror}") from None
-    return _apply_text(args, data, args.file)
+        raise CommandError(f"{path}: {e.strerror or e}") from None
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    return _apply_text(args, _read_policy_arg(args.file), args.file)
 
 
 def _edit(args: argparse.Namespace, change: Callable[[str, str], str]) -> int:
@@ -532,13 +540,9 @@ def cmd_policy_stage(args: argparse.Namespace) -> int:
 
 
 def _stage_file(args: argparse.Namespace, path: str) -> int:
-    from microseg.policy.parse import MAX_FILE_BYTES, PolicyError, open_policy_file, parse_policy
+    from microseg.policy.parse import PolicyError, parse_policy
 
-    try:  # a regular file, read up to just past the limit (the parse says so)
-        with open_policy_file(path) as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise CommandError(f"{path}: {e.strerror or e}") from None
+    data = _read_policy_arg(path)
     try:  # every error here, without a daemon; the daemon checks again
         parse_policy(data, path)
     except PolicyError as e:

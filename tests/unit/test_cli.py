@@ -77,3 +77,19 @@ def test_the_example_policy_is_valid_and_fits_the_starter_lab() -> None:
     for w in policy.workloads:
         assert {lab.ipv4(w.name), lab.ipv6(w.name)} == {str(a.network_address)
                                                          for a in w.addresses}
+
+
+def test_apply_and_stage_refuse_special_files_in_one_line(tmp_path) -> None:
+    """A FIFO would hang the reader, /dev/zero never ends: `policy apply`
+    and `policy stage` say so in one line and exit 1, before any daemon."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        for cmd in (("policy", "apply", path), ("policy", "stage", path)):
+            r = run(*cmd, "--socket", str(tmp_path / "none.sock"))
+            assert r.returncode == 1, (cmd, r.stderr)
+            assert r.stderr.strip().splitlines() == [f"microseg: {path}: " + (
+                "a FIFO, not a regular file" if path == str(fifo)
+                else "a device, not a regular file")], (cmd, r.stderr)
