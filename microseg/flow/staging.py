@@ -5,7 +5,7 @@ Fed with every verdict event: those that carry `staged` (the candidate's
 verdict differs from the active one's) are counted per flow — source and
 destination (workload, else address), protocol, destination port, both
 verdicts and rules. Bounded: past `capacity` flows, further ones are only
-counted (`overflow`), never dropped from the totals.
+counted (`overflow`). The totals are the kernel's (staged_stats_map).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ class _Seen:
 class StagedChanges:
     capacity: int = DEFAULT_CAPACITY
     flows: dict[_Key, _Seen] = field(default_factory=dict)
-    differing: int = 0    # verdicts (Σ count) that would change
-    overflow: int = 0     # of those, in flows past the capacity
+    overflow: int = 0     # changes (Σ count) in flows past the capacity
 
     def clear(self) -> None:
         self.flows.clear()
-        self.differing = self.overflow = 0
+        self.overflow = 0
 
     def observe(self, events: Iterable[dict]) -> None:
         flows = self.flows
@@ -46,7 +45,6 @@ class StagedChanges:
             key = (src["workload"] or src["ip"], dst["workload"] or dst["ip"], e["protocol"],
                    dst["port"], e["verdict"], e["rule"], staged["verdict"], staged["rule"])
             n = e["count"]
-            self.differing += n
             seen = flows.get(key)
             if seen is not None:
                 seen.count += n

@@ -33,6 +33,10 @@ def policy_slot(generation: int) -> int:
     return ((generation >> 30) & 2) | (generation & 1)
 
 
+# The slots staged generations live in (0 and 1 are the active ones').
+STAGED_SLOTS = tuple(sorted({policy_slot(STAGED_GENERATION | n) for n in (0, 1)}))
+
+
 def port_class_index(slot: int, udp: bool, port: int) -> int:
     """Index into port_class_map, as PORT_CLASS_INDEX() in the header."""
     return ((slot * 2 + int(udp)) << 16) | port

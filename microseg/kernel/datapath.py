@@ -32,12 +32,13 @@ from microseg.kernel.loader import (
 from microseg.kernel.loader import PROG_FLUSH as PROG_FLUSH
 from microseg.kernel.loader import PROG_REPLY as PROG_REPLY
 from microseg.kernel.loader import PROG_STAGED as PROG_STAGED
+from microseg.kernel.maps import U64
 from microseg.kernel.records import SessionEntry, decode_sessions
 
 log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
-_U64_LAYOUT = abi.Layout("u64", (("value", "Q"),))
+_PORTS_PER_SLOT = abi.PORT_CLASS_SLOTS // abi.POLICY_SLOTS  # tcp and udp, every port
 
 
 class CounterKey(NamedTuple):
@@ -260,8 +261,8 @@ class Datapath:
         the active policy), once no run can still read them. Nothing may be
         staged meanwhile (the caller serialises)."""
         self._wait_for_runs()
-        empty = ({name: {} for name in self._POLICY_MAPS}, bytes(2 * 65536 * 4))
-        for slot in (2, 3):
+        empty = ({name: {} for name in self._POLICY_MAPS}, bytes(_PORTS_PER_SLOT * 4))
+        for slot in abi.STAGED_SLOTS:
             self._write_slot(slot, *empty)
 
     def reset_staged_rule_stats(self) -> None:
@@ -275,7 +276,7 @@ class Datapath:
     def read_staged_stats(self) -> dict[tuple[abi.Verdict, bool], int]:
         """(staged verdict, differs from the active one) -> judgments."""
         out = {}
-        for idx, (n,) in self._percpu_sums("staged_stats_map", _U64_LAYOUT).items():
+        for idx, (n,) in self._percpu_sums("staged_stats_map", U64).items():
             verdict, differs = divmod(idx, 2)
             if verdict < len(abi.Verdict):
                 out[(abi.Verdict(verdict), bool(differs))] = n
@@ -347,7 +348,7 @@ class Datapath:
         whole = b"".join(values for _k, values, _n in
                          self.maps["port_class_map"].lookup_batch_raw(chunk=65536))
         first = abi.port_class_index(slot, False, 0)
-        return contents, whole[first * 4:(first + 2 * 65536) * 4]
+        return contents, whole[first * 4:(first + _PORTS_PER_SLOT) * 4]
 
     @staticmethod
     def _all_items(m: bpfsys.BpfMap) -> Iterator[tuple[bytes, bytes]]:

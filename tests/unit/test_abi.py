@@ -82,6 +82,7 @@ def test_bounds_and_constants() -> None:
     # POLICY_SLOT(): active generations alternate 0/1, staged ones 2/3.
     assert [abi.policy_slot(g) for g in (1, 2, 7)] == [1, 0, 1]
     assert [abi.policy_slot(abi.STAGED_GENERATION | g) for g in (1, 2)] == [3, 2]
+    assert abi.STAGED_SLOTS == (2, 3)
     assert enums["mseg_active"]["ACTIVE_MAX"] == len(abi.Active)
     assert {k.removeprefix("TCP_FLAG_"): v for k, v in defines.items()
             if k.startswith("TCP_FLAG_")} == {f.name: f.value for f in abi.TcpFlag}
