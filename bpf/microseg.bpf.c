@@ -240,27 +240,34 @@ static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir, int l
 	return finish_packet(skb, sc, dir, &d, act);
 }
 
-/* Links with an Ethernet header (veth, bridges, tap, physical NICs). */
-int mseg_ingress(struct __sk_buff *skb)
+/* Which hook a copy of mseg_entry serves: bit 0 the direction (enum
+ * mseg_direction), bit 1 a link without a link-layer header (tun,
+ * WireGuard, ipip, gre, sit: the packet starts with its IP header). */
+#define ENTRY_L3 2
+/* The immediate the loader replaces in each copy it loads (ENTRY_MAGIC in
+ * microseg/kernel/loader.py): the high word marks it, the low word is the
+ * kind once replaced. */
+#define ENTRY_MAGIC 0x6d73656700000000ULL
+
+static __always_inline __u32 entry_kind(void)
 {
-	return handle_packet(skb, DIR_INGRESS, 0);
+	__u64 k;
+
+	/* An immediate the compiler cannot see through: the body is
+	 * compiled once, not once per hook; the verifier sees each loaded
+	 * copy's constant and checks only that copy's paths. */
+	asm volatile("%0 = %1 ll" : "=r"(k) : "i"(ENTRY_MAGIC));
+	return (__u32)k;
 }
 
-int mseg_egress(struct __sk_buff *skb)
+/* Every hook's entry point: loaded once per kind (mseg_ingress,
+ * mseg_egress, and their _l3 twins), docs/how-it-works.md "Start and
+ * restart". */
+int mseg_entry(struct __sk_buff *skb)
 {
-	return handle_packet(skb, DIR_EGRESS, 0);
-}
+	__u32 kind = entry_kind();
 
-/* Links without one (tun, WireGuard, ipip, gre, sit): the packet starts
- * with its IP header. */
-int mseg_ingress_l3(struct __sk_buff *skb)
-{
-	return handle_packet(skb, DIR_INGRESS, 1);
-}
-
-int mseg_egress_l3(struct __sk_buff *skb)
-{
-	return handle_packet(skb, DIR_EGRESS, 1);
+	return handle_packet(skb, kind & 1, !!(kind & ENTRY_L3));
 }
 
 /* Never attached: userspace runs it (BPF_PROG_TEST_RUN) to sample the

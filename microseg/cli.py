@@ -12,11 +12,14 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
 from microseg import __version__
-from microseg.control.client import Client, DaemonError, default_socket
+
+if TYPE_CHECKING:
+    from microseg.control.client import Client
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -63,29 +66,43 @@ def _size(text: str) -> int:
 # -- microseg run -----------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from microseg.control.config import RunConfig
-    from microseg.control.daemon import run
-
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
-    from microseg.exporters.prometheus import parse_listen
-    from microseg.flow.sweeper import parse_timeouts
+    # A cold start's compile begins now, while the daemon's modules import
+    # and its configuration is checked (docs/how-it-works.md "Start and
+    # restart"); a start refused meanwhile undoes it.
+    from microseg.kernel.loader import DatapathConfig, Preload
 
+    preload = Preload.begin(DatapathConfig(
+        pin_dir=args.pin_dir, session_capacity=args.session_capacity,
+        ringbuf_bytes=args.ringbuf_bytes)) if os.geteuid() == 0 else None
     try:
-        timeouts = parse_timeouts(args.timeout)
-        metrics = parse_listen(args.metrics)
-    except ValueError as e:
-        raise CommandError(str(e), EXIT_USAGE) from None
-    return run(RunConfig(
-        interfaces=args.interface, policy_path=args.policy,
-        policy_default_audit=args.policy_default == "audit",
-        insecure_policy_permissions=args.insecure_policy_permissions,
-        socket_path=args.socket or default_socket(), socket_group=args.socket_group,
-        pin_dir=args.pin_dir, keep_on_exit=args.keep_on_exit,
-        session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes,
-        flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
-        flow_log_keep=args.flow_log_keep, timeouts=timeouts,
-        sweep_interval=args.sweep_interval, metrics=metrics, event_window=args.event_window))
+        from microseg.control.client import default_socket
+        from microseg.control.config import RunConfig
+        from microseg.control.daemon import run
+        from microseg.exporters.prometheus import parse_listen
+        from microseg.flow.sweeper import parse_timeouts
+
+        try:
+            timeouts = parse_timeouts(args.timeout)
+            metrics = parse_listen(args.metrics)
+        except ValueError as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        return run(RunConfig(
+            interfaces=args.interface, policy_path=args.policy,
+            policy_default_audit=args.policy_default == "audit",
+            insecure_policy_permissions=args.insecure_policy_permissions,
+            socket_path=args.socket or default_socket(), socket_group=args.socket_group,
+            pin_dir=args.pin_dir, keep_on_exit=args.keep_on_exit,
+            session_capacity=args.session_capacity, ringbuf_bytes=args.ringbuf_bytes,
+            flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
+            flow_log_keep=args.flow_log_keep, timeouts=timeouts,
+            sweep_interval=args.sweep_interval, metrics=metrics,
+            event_window=args.event_window),
+            preload=preload)
+    finally:
+        if preload is not None:
+            preload.discard()  # nothing, once the daemon took it
 
 
 # -- microseg watch / sessions / stats ---------------------------------------
@@ -193,6 +210,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     dp = st["datapath"]
     avg = f"{dp['avg_ns_per_packet']:.0f} ns/packet over {dp['runs']} runs" \
         if dp["avg_ns_per_packet"] is not None else "no packets yet"
+    load = dp.get("load")
+    if load and load["programs"] == "reused":
+        avg += "; programs reused from pins (no compile)"
+    elif load:
+        avg += f"; programs compiled in {load['compile_s']:.1f} s, verified in " \
+               f"{load['load_s']:.1f} s"
     print(f"datapath {avg}")
     fl = st.get("flow_log")
     if fl:
@@ -226,6 +249,10 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace, coro: Callable[[Client], object]) -> object:
+    # Imported here: aiohttp is a tenth of a second that `microseg run`
+    # spends compiling instead (cmd_run).
+    from microseg.control.client import Client, DaemonError
+
     async def go() -> object:
         async with Client(args.socket) as c:
             return await coro(c)

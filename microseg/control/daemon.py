@@ -34,7 +34,7 @@ from microseg.kernel.clock import SessionClock
 from microseg.kernel.datapath import Datapath
 from microseg.kernel.interfaces import InterfaceManager
 from microseg.kernel.journal import Journal
-from microseg.kernel.loader import DatapathConfig
+from microseg.kernel.loader import DatapathConfig, Preload
 from microseg.kernel.netlink import LinkWatcher
 from microseg.policy.manager import PolicyManager
 from microseg.policy.model import Discovery
@@ -81,12 +81,12 @@ class Daemon:
     policy file and signals, sweep, stop cleanly. What it shows lives in
     microseg/control/views.py."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, preload: Preload | None = None) -> None:
         self.cfg = cfg
         self.hub = EventHub()
         self.datapath = Datapath(DatapathConfig(
             pin_dir=cfg.pin_dir, session_capacity=cfg.session_capacity,
-            ringbuf_bytes=cfg.ringbuf_bytes))
+            ringbuf_bytes=cfg.ringbuf_bytes), preload)
         self.policy = PolicyManager(self.datapath, cfg.policy_path, publish=self.hub.publish,
                                     builtin_fallback=cfg.policy_default_audit,
                                     insecure_permissions=cfg.insecure_policy_permissions,
@@ -157,8 +157,10 @@ class Daemon:
         report = await loop.run_in_executor(None, self.datapath.load)
         for w in report.warnings:
             log.warning("%s", w)
-        log.info("datapath loaded compile_s=%.2f load_s=%.2f pin_dir=%s reused_pins=%d",
-                 report.compile_s, report.load_s, self.cfg.pin_dir, len(report.reused_pins))
+        log.info("datapath %s compile_s=%.2f load_s=%.2f pin_dir=%s reused_pins=%d "
+                 "identity=%s", "reused" if report.reused_programs else "loaded",
+                 report.compile_s, report.load_s, self.cfg.pin_dir, len(report.reused_pins),
+                 report.identity)
         try:  # kernel run-time stats (ns per packet), for as long as we hold the fd
             self._stats_fd = bpfsys.enable_run_time_stats()
         except OSError as e:
@@ -340,7 +342,7 @@ class Daemon:
                 os.unlink(self.cfg.socket_path)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
-        if self.datapath.bpf is None:
+        if not self.datapath.loaded:
             return  # never loaded: nothing to undo
         await self.policy.converge_now()
         if not self.cfg.keep_on_exit:
@@ -379,15 +381,15 @@ def state_dir(socket_path: str) -> str:
     return os.path.join(head, f".{name}.state")
 
 
-def run(cfg: RunConfig) -> int:
-    """Entry point of `microseg run`."""
+def run(cfg: RunConfig, preload: Preload | None = None) -> int:
+    """Entry point of `microseg run`; preload: the datapath's load, begun."""
     setup_logging()
     steady_malloc()
     if os.geteuid() != 0:
         print("microseg: run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
               file=sys.stderr)
         return 3
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, preload)
     try:
         return asyncio.run(daemon.run())
     except StartupError as e:

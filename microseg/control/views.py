@@ -176,6 +176,16 @@ class Views:
                 None, lambda: dp.verifier_figures(measure=True))
         return dp.verifier_figures()
 
+    def _load(self) -> dict | None:
+        """How this daemon got its programs: compiled and verified, or the
+        pinned ones of an earlier daemon reused (same source: no compile)."""
+        rep = self.parts.datapath.load_report
+        if rep is None:
+            return None
+        return {"programs": "reused" if rep.reused_programs else "compiled",
+                "identity": rep.identity, "compile_s": round(rep.compile_s, 3),
+                "load_s": round(rep.load_s, 3)}
+
     async def stats(self) -> dict:
         r = await self.report()
         base = self._baseline
@@ -229,7 +239,8 @@ class Views:
                        "reload_failures_total": r.policy_reload_failures},
             "datapath": {"runs": runs, "run_time_ns": run_ns,
                          "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None,
-                         "programs": self._programs()},
+                         "programs": self._programs(),
+                         "load": self._load()},
             "flow_log": r.flow_log,
             # The observed flows `policy suggest` learns from (GET /v1/flows).
             "flows": self.parts.flows.stats(),
@@ -286,6 +297,7 @@ class Views:
                 "pending_capacity": p.datapath.config.pending_capacity,
                 "ringbuf_bytes": cfg.ringbuf_bytes,
                 "keep_on_exit": cfg.keep_on_exit,
+                "load": self._load(),
             },
         }
 

@@ -105,6 +105,8 @@ class _TestRunOpts(ctypes.Structure):
 # struct bpf_prog_info: only the fields we read, at their fixed offsets.
 _PROG_INFO_LEN = 232
 _PROG_INFO_ID = 4
+_PROG_INFO_NR_MAP_IDS = 52
+_PROG_INFO_MAP_IDS = 56
 _PROG_INFO_NAME = 64
 _PROG_INFO_RUN_TIME_NS = 192
 _PROG_INFO_RUN_CNT = 200
@@ -185,6 +187,24 @@ def prog_info(fd: int) -> ProgInfo:
             raw[_PROG_INFO_VERIFIED_INSNS:_PROG_INFO_VERIFIED_INSNS + 4], "little")
         if size.value >= _PROG_INFO_VERIFIED_INSNS + 4 else 0,
     )
+
+
+def prog_map_ids(fd: int) -> set[int]:
+    """The ids of the maps a loaded program uses (bpf_prog_info.map_ids)."""
+    raw = ctypes.create_string_buffer(_PROG_INFO_LEN)
+    size = ctypes.c_uint32(_PROG_INFO_LEN)
+    _check(LIB.bpf_obj_get_info_by_fd(fd, raw, ctypes.byref(size)),
+           "bpf_obj_get_info_by_fd(prog)")
+    n = int.from_bytes(raw.raw[_PROG_INFO_NR_MAP_IDS:_PROG_INFO_NR_MAP_IDS + 4], "little")
+    ids = (ctypes.c_uint32 * max(n, 1))()
+    query = ctypes.create_string_buffer(_PROG_INFO_LEN)
+    query[_PROG_INFO_NR_MAP_IDS:_PROG_INFO_NR_MAP_IDS + 4] = n.to_bytes(4, "little")
+    query[_PROG_INFO_MAP_IDS:_PROG_INFO_MAP_IDS + 8] = \
+        ctypes.addressof(ids).to_bytes(8, "little")
+    size = ctypes.c_uint32(_PROG_INFO_LEN)
+    _check(LIB.bpf_obj_get_info_by_fd(fd, query, ctypes.byref(size)),
+           "bpf_obj_get_info_by_fd(prog map ids)")
+    return set(ids[:n])
 
 
 def prog_fd_by_id(prog_id: int) -> int:
@@ -433,6 +453,32 @@ class _ProgLoadAttr(ctypes.Structure):
         ("prog_flags", ctypes.c_uint32),
         ("prog_name", ctypes.c_char * 16),
     ]
+
+
+def prog_load(insns: bytes, name: str, prog_type: int = BPF_PROG_TYPE_SCHED_CLS) -> int:
+    """Load a program from its instructions (map references already fds);
+    its fd. On refusal, the error carries the end of the verifier's log
+    (the load is repeated with the log on: a log costs time when it works)."""
+    nr = _NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf: unknown syscall number on {os.uname().machine}")
+    license_ = ctypes.create_string_buffer(b"GPL")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    for level, size in ((0, 0), (1, 1 << 24)):
+        log = ctypes.create_string_buffer(size or 1)
+        attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
+                             insns=ctypes.addressof(code), license=ctypes.addressof(license_),
+                             log_level=level, log_size=size,
+                             log_buf=ctypes.addressof(log) if size else 0,
+                             prog_name=name.encode()[:15])
+        fd = _libc().syscall(nr, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+        if fd >= 0:
+            return fd
+        e = ctypes.get_errno()
+        if e not in (errno.EACCES, errno.EINVAL) or level:
+            raise OSError(e, f"BPF_PROG_LOAD {name}: {os.strerror(e)}: "
+                             f"{log.value.decode(errors='replace')[-2000:]}")
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

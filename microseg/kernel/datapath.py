@@ -9,7 +9,6 @@ import BCC.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
@@ -27,7 +26,14 @@ from microseg.kernel.loader import (
     PROG_INGRESS_L3,
     DatapathConfig,
     LoadReport,
+    Preload,
+    compile_program,
+    function_insns,
+    load_functions,
     load_program,
+    pin_programs,
+    remove_pins,
+    reuse_programs,
 )
 from microseg.kernel.loader import PROG_FLUSH as PROG_FLUSH
 from microseg.kernel.loader import PROG_REPLY as PROG_REPLY
@@ -64,8 +70,11 @@ SESSION_TABLES = ("session_map", "pending_map")
 class Datapath:
     """One loaded instance of the TC program and its maps."""
 
-    def __init__(self, config: DatapathConfig | None = None) -> None:
+    def __init__(self, config: DatapathConfig | None = None,
+                 preload: Preload | None = None) -> None:
         self.config = config or DatapathConfig()
+        # A load begun before (microseg run: while the daemon imports).
+        self._preload = preload
         self.bpf = None
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.ingress_fd = -1
@@ -84,12 +93,28 @@ class Datapath:
         self._generation = 0
         self._staged = 0  # the last staged generation's number
         self._ipr = None
+        self._report: LoadReport | None = None
+        # Program fds opened from pins (a reuse): ours to close; BCC's module
+        # owns those it loaded.
+        self._owned_fds: list[int] = []
 
     # -- loading -----------------------------------------------------------
 
+    @property
+    def loaded(self) -> bool:
+        return self._report is not None
+
+    @property
+    def load_report(self) -> LoadReport | None:
+        return self._report
+
     def load(self) -> LoadReport:
-        prog = load_program(self.config)
-        self.bpf, self.maps = prog.bpf, prog.maps
+        if self._preload is not None and self._preload.config != self.config:
+            self._preload.discard()
+            self._preload = None
+        prog = self._preload.take() if self._preload is not None else load_program(self.config)
+        self.bpf, self.maps, self._report = prog.bpf, prog.maps, prog.report
+        self._owned_fds = prog.owned_fds
         self.ingress_fd = prog.prog_fds[PROG_INGRESS]
         self.egress_fd = prog.prog_fds[PROG_EGRESS]
         self.clock_fd = prog.prog_fds[PROG_CLOCK]
@@ -103,11 +128,24 @@ class Datapath:
         """(ingress, egress) fds of the entry points for links without a
         link-layer header, loaded the first time a link needs them."""
         if self._l3_fds is None:
-            from bcc import BPF
-
-            assert self.bpf is not None
-            self._l3_fds = (self.bpf.load_func(PROG_INGRESS_L3.encode(), BPF.SCHED_CLS).fd,
-                            self.bpf.load_func(PROG_EGRESS_L3.encode(), BPF.SCHED_CLS).fd)
+            names = (PROG_INGRESS_L3, PROG_EGRESS_L3)
+            assert self._report is not None
+            identity = self._report.identity
+            fds = None
+            if self.bpf is None:  # programs reused from pins: theirs too, or compile now
+                prog = reuse_programs(self.config, identity, names)
+                if prog is not None:
+                    fds = prog.prog_fds
+                    self._owned_fds += fds.values()
+                    for m in prog.maps.values():
+                        m.close()
+                else:
+                    self.bpf = compile_program(self.config)
+            if fds is None:
+                fds = load_functions(self.bpf, names)
+                self._owned_fds += fds.values()
+                pin_programs(self.config, identity, fds)
+            self._l3_fds = (fds[PROG_INGRESS_L3], fds[PROG_EGRESS_L3])
         return self._l3_fds
 
     def program_fds(self) -> dict[str, int]:
@@ -127,7 +165,7 @@ class Datapath:
         out = {}
         for name, fd in self.program_fds().items():
             if measure and name not in self._stack_depths and self.bpf is not None:
-                st = bpfsys.verifier_stats(self.bpf.dump_func(name.encode()), name)
+                st = bpfsys.verifier_stats(function_insns(self.bpf, name), name)
                 self._stack_depths[name] = st.stack_depth
             depth = self._stack_depths.get(name)
             out[name] = {"instructions": bpfsys.prog_info(fd).verified_insns,
@@ -147,6 +185,11 @@ class Datapath:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+        for fd in self._owned_fds:
+            os.close(fd)
+        self._owned_fds = []
+        for m in self.maps.values():
+            m.close()  # only those opened from pins are ours
         self.maps.clear()
 
     def unpin(self) -> list[str]:
@@ -154,21 +197,10 @@ class Datapath:
         then empty; the pins that could not be removed (logged)."""
         if not self.config.pin_dir:
             return []
-        names = list(self.config.map_specs())
-        left: list[str] = []
-        for _attempt in range(2):
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.config.pin_dir, name))
-            # What is still (or again) there: say so, and try once more.
-            left = [n for n in names if os.path.exists(os.path.join(self.config.pin_dir, n))]
-            if not left:
-                break
+        left = remove_pins(self.config)
         if left:
             log.error("pins left in %s after removing them: %s", self.config.pin_dir,
                       ", ".join(left))
-        with contextlib.suppress(OSError):
-            os.rmdir(self.config.pin_dir)
         return left
 
     # -- attaching ---------------------------------------------------------

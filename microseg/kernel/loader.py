@@ -5,14 +5,23 @@ BCC compiles at load time. Its maps are pinned under the pin directory so
 that sessions and the last policy outlive the daemon; check_pins() removes
 any pin whose layout this program must not reuse before BCC reuses it
 blindly.
+
+The loaded programs are pinned too, under a name holding a hash of
+everything that went into them (program_identity): a restart on the same
+pins with the same source reuses them — no compile, no verifier run
+(docs/how-it-works.md "Start and restart") — provided they use exactly the
+pinned maps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import mmap
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,9 +48,19 @@ PROG_REPLY = "mseg_reply"
 # Loaded at start; the L3 entry points only when a link needs them (each
 # program costs its verifier run).
 PROG_STAGED = "mseg_staged"
+# The hooks' programs are copies of one function, mseg_entry, each with its
+# kind written into an immediate (bpf/microseg.bpf.c entry_kind): BCC
+# compiles the packet path once instead of once per hook.
+ENTRY_FUNCTION = "mseg_entry"
+ENTRY_KINDS = {PROG_INGRESS: 0, PROG_EGRESS: 1, PROG_INGRESS_L3: 2, PROG_EGRESS_L3: 3}
+ENTRY_MAGIC = 0x6D736567  # the immediate's high word until replaced
 PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH, PROG_REPLY, PROG_STAGED)
 # stage_map's slots and the programs that fill them (enum mseg_stage).
 STAGES = {abi.Stage.REPLY: PROG_REPLY, abi.Stage.STAGED: PROG_STAGED}
+
+PROG_PIN_PREFIX = "prog_"
+"""Pinned programs: prog_<identity>_<name> in the pin directory (bpffs
+names may not hold a dot)."""
 
 _U32 = struct.Struct("<I")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
@@ -204,6 +223,9 @@ class LoadReport:
     load_s: float
     warnings: list[str] = field(default_factory=list)
     reused_pins: list[str] = field(default_factory=list)
+    # The pinned programs of an earlier daemon, same source: no compile.
+    reused_programs: bool = False
+    identity: str = ""
 
 
 @dataclass
@@ -216,29 +238,277 @@ class LoadedProgram:
     maps: dict[str, bpfsys.BpfMap]
     report: LoadReport
 
+    @property
+    def owned_fds(self) -> list[int]:
+        """The program fds BCC's module does not own (it closes its own)."""
+        return [fd for name, fd in self.prog_fds.items()
+                if self.bpf is None or name in ENTRY_KINDS]
 
-def load_program(config: DatapathConfig, programs: tuple[str, ...] = PROGRAMS) -> LoadedProgram:
-    """Compile, load the programs, open every map (pinned where configured)."""
-    from bcc import BPF  # BCC is imported only where the kernel is touched
 
-    warnings = check_pins(config)
-    reused = []
-    if config.pin_dir:
-        os.makedirs(config.pin_dir, mode=0o700, exist_ok=True)
-        reused = [n for n in config.map_specs()
-                  if os.path.exists(os.path.join(config.pin_dir, n))]
+def program_identity(config: DatapathConfig, text: str | None = None) -> str:
+    """A hash of everything a loaded program depends on: its C text, the
+    -D flags (capacities, pin directory), the ABI, the kernel and BCC."""
+    import bcc
+
+    h = hashlib.sha256()
+    for part in (text if text is not None else program_source(config.source),
+                 "\0".join(config.cflags()), str(abi.ABI_VERSION), os.uname().release,
+                 getattr(bcc, "__version__", "")):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def program_pin(config: DatapathConfig, identity: str, name: str) -> str:
+    assert config.pin_dir
+    return os.path.join(config.pin_dir, f"{PROG_PIN_PREFIX}{identity}_{name}")
+
+
+def program_pins(pin_dir: str | None) -> list[str]:
+    """Every pinned program in the pin directory, of any identity."""
+    if not pin_dir or not os.path.isdir(pin_dir):
+        return []
+    return [os.path.join(pin_dir, n) for n in os.listdir(pin_dir)
+            if n.startswith(PROG_PIN_PREFIX)]
+
+
+def _open_pinned_maps(config: DatapathConfig) -> dict[str, bpfsys.BpfMap] | None:
+    maps: dict[str, bpfsys.BpfMap] = {}
+    try:
+        for name in config.map_specs():
+            maps[name] = bpfsys.BpfMap.from_pin(os.path.join(config.pin_dir, name), name)
+    except OSError:
+        for m in maps.values():
+            m.close()
+        return None
+    return maps
+
+
+def reuse_programs(config: DatapathConfig, identity: str,
+                   programs: tuple[str, ...]) -> LoadedProgram | None:
+    """The pinned programs of this identity and the pinned maps, if every
+    one is there and the programs use no map but these; else None.
+
+    The map check matters: a map pin replaced since (check_pins, an
+    operator) would leave the programs writing to a map nobody reads."""
+    if not config.pin_dir:
+        return None
     t0 = time.perf_counter()
-    bpf = BPF(text=program_source(config.source).encode(), cflags=config.cflags())
-    t1 = time.perf_counter()
-    fds = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS).fd for name in programs}
-    t2 = time.perf_counter()
-    maps = {name: bpfsys.BpfMap(bpf.get_table(name.encode()).map_fd, name)
-            for name in config.map_specs()}
-    maps["meta_map"].update(_U32.pack(0), _U32.pack(abi.ABI_VERSION))
+    paths = {name: program_pin(config, identity, name) for name in programs}
+    if not all(os.path.exists(p) for p in paths.values()):
+        return None
+    maps = _open_pinned_maps(config)
+    if maps is None:
+        return None
+    fds: dict[str, int] = {}
+    try:
+        for name, path in paths.items():
+            fds[name] = bpfsys.obj_get(path)
+        ids = {bpfsys.map_info(m.fd).id for m in maps.values()}
+        if any(not bpfsys.prog_map_ids(fd) <= ids for fd in fds.values()):
+            raise OSError("pinned programs use maps that are not the pinned ones")
+    except OSError:
+        for fd in fds.values():
+            os.close(fd)
+        for m in maps.values():
+            m.close()
+        return None
+    _install_stages(maps, fds)
+    return LoadedProgram(None, fds, maps, LoadReport(
+        0.0, time.perf_counter() - t0, reused_pins=list(config.map_specs()),
+        reused_programs=True, identity=identity))
+
+
+def pin_programs(config: DatapathConfig, identity: str, fds: dict[str, int]) -> None:
+    """Pin these programs under this identity; pins of other identities go
+    (a program attached somewhere lives on as long as its filter does)."""
+    if not config.pin_dir:
+        return
+    for path in program_pins(config.pin_dir):
+        if not os.path.basename(path).startswith(f"{PROG_PIN_PREFIX}{identity}_"):
+            os.unlink(path)
+    for name, fd in fds.items():
+        path = program_pin(config, identity, name)
+        if os.path.exists(path):
+            os.unlink(path)
+        bpfsys.obj_pin(fd, path)
+
+
+def _install_stages(maps: dict[str, bpfsys.BpfMap], fds: dict[str, int]) -> None:
     # The stages the entry points tail-call: this load's programs (also for
     # entry points an earlier daemon left attached: same ABI, same maps).
     for stage, name in STAGES.items():
         if name in fds:
             maps["stage_map"].update(_U32.pack(stage), _U32.pack(fds[name]))
-    return LoadedProgram(bpf, fds, maps, LoadReport(t1 - t0, t2 - t1, warnings, reused))
 
+
+def compile_program(config: DatapathConfig, text: str | None = None):
+    """BCC's module for this configuration (creates or reuses the maps)."""
+    from bcc import BPF  # BCC is imported only where the kernel is touched
+
+    if config.pin_dir:
+        os.makedirs(config.pin_dir, mode=0o700, exist_ok=True)
+    return BPF(text=(text if text is not None else program_source(config.source)).encode(),
+               cflags=config.cflags())
+
+
+_LD_IMM64 = 0x18
+
+
+def entry_program(insns: bytes, kind: int) -> bytes:
+    """mseg_entry's instructions with its kind in place of the marked
+    immediate (a 16-byte ld_imm64: low word in the first half, high word in
+    the second); exactly one such immediate must be there."""
+    found = [i for i in range(0, len(insns) - 15, 8)
+             if insns[i] == _LD_IMM64 and insns[i + 1] >> 4 == 0
+             and insns[i + 4:i + 8] == b"\0\0\0\0"
+             and insns[i + 12:i + 16] == _U32.pack(ENTRY_MAGIC)]
+    if len(found) != 1:
+        raise RuntimeError(f"{ENTRY_FUNCTION}: {len(found)} entry-kind immediates, expected 1")
+    out = bytearray(insns)
+    out[found[0] + 4:found[0] + 8] = _U32.pack(kind)
+    out[found[0] + 12:found[0] + 16] = bytes(4)
+    return bytes(out)
+
+
+def function_insns(bpf, name: str) -> bytes:
+    """A program's instructions as loaded (an entry point's with its kind)."""
+    if name in ENTRY_KINDS:
+        return entry_program(bpf.dump_func(ENTRY_FUNCTION.encode()), ENTRY_KINDS[name])
+    return bpf.dump_func(name.encode())
+
+
+def load_functions(bpf, names: tuple[str, ...]) -> dict[str, int]:
+    """Load programs of a compiled module, the two entry points side by
+    side: the verifier runs in the syscall, which releases the GIL, and
+    each entry point takes it about half a second."""
+    from bcc import BPF
+
+    fds: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def one(name: str) -> None:
+        try:
+            if name in ENTRY_KINDS:
+                fds[name] = bpfsys.prog_load(function_insns(bpf, name), name)
+            else:
+                fds[name] = bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
+        except BaseException as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names if n in ENTRY_KINDS]
+    for t in threads:
+        t.start()
+    for n in names:
+        if n not in ENTRY_KINDS:
+            one(n)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {n: fds[n] for n in names}
+
+
+def load_program(config: DatapathConfig, programs: tuple[str, ...] = PROGRAMS) -> LoadedProgram:
+    """Reuse the pinned programs of the same source, or compile and load
+    them (and pin them); open every map (pinned where configured)."""
+    warnings = check_pins(config)
+    text = program_source(config.source)
+    identity = program_identity(config, text)
+    if not warnings:
+        reused = reuse_programs(config, identity, programs)
+        if reused is not None:
+            return reused
+    pinned = [n for n in config.map_specs()
+              if config.pin_dir and os.path.exists(os.path.join(config.pin_dir, n))]
+    t0 = time.perf_counter()
+    bpf = compile_program(config, text)
+    t1 = time.perf_counter()
+    fds = load_functions(bpf, programs)
+    t2 = time.perf_counter()
+    maps = {name: bpfsys.BpfMap(bpf.get_table(name.encode()).map_fd, name)
+            for name in config.map_specs()}
+    maps["meta_map"].update(_U32.pack(0), _U32.pack(abi.ABI_VERSION))
+    _install_stages(maps, fds)
+    pin_programs(config, identity, fds)
+    return LoadedProgram(bpf, fds, maps, LoadReport(t1 - t0, t2 - t1, warnings, pinned,
+                                                    identity=identity))
+
+
+def remove_pins(config: DatapathConfig) -> list[str]:
+    """Remove every pin this program owns (maps and programs), and the pin
+    directory if it is then empty; the pins that could not be removed."""
+    if not config.pin_dir:
+        return []
+    names = list(config.map_specs())
+    names += [os.path.basename(p) for p in program_pins(config.pin_dir)]
+    left: list[str] = []
+    for _attempt in range(2):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(config.pin_dir, name))
+        # What is still (or again) there: try once more.
+        left = [n for n in names if os.path.exists(os.path.join(config.pin_dir, n))]
+        if not left:
+            break
+    with contextlib.suppress(OSError):
+        os.rmdir(config.pin_dir)
+    return left
+
+
+class Preload:
+    """A cold start's compile and load, begun in a thread while the daemon
+    imports its modules and checks its configuration (BCC's compile and
+    the verifier run in C, without the GIL).
+
+    Only when nothing is pinned yet: then everything the load creates is
+    its own, and a start that fails before taking it (a usage error, an
+    invalid policy) removes it all again — a refused start changes nothing.
+    A restart on pins loads in its turn, as before: reusing the pinned
+    programs takes milliseconds."""
+
+    def __init__(self, config: DatapathConfig) -> None:
+        self.config = config
+        self._result: LoadedProgram | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._run, name="microseg-load", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def begin(cls, config: DatapathConfig) -> Preload | None:
+        if config.pin_dir and os.path.isdir(config.pin_dir) and os.listdir(config.pin_dir):
+            return None
+        return cls(config)
+
+    def _run(self) -> None:
+        try:
+            self._result = load_program(self.config)
+        except BaseException as e:  # handed to whoever takes it
+            self._error = e
+
+    def take(self) -> LoadedProgram:
+        self._thread.join()
+        self._taken = True
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def discard(self) -> None:
+        """Undo the load unless it was taken."""
+        if self._taken:
+            return
+        self._taken = True
+        self._thread.join()
+        prog = self._result
+        if prog is None:
+            remove_pins(self.config)
+            return
+        for fd in prog.owned_fds:
+            os.close(fd)
+        for m in prog.maps.values():
+            m.close()
+        if prog.bpf is not None:
+            prog.bpf.cleanup()
+        remove_pins(self.config)

@@ -1,6 +1,8 @@
 """The loader: pinned maps created with BTF, reused across loads (sessions
 survive), checked before reuse, replaced with a warning when their layout
-or ABI no longer matches, removed by unpin; kernel run-time stats."""
+or ABI no longer matches, removed by unpin; pinned programs reused when
+their source is the same and they use exactly the pinned maps; kernel
+run-time stats."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from microseg.kernel import abi, bpfsys
+from microseg.kernel import abi, bpfsys, loader
 from microseg.kernel.datapath import Datapath, DatapathConfig
 from microseg.policy.compile import compile_policy
 
@@ -55,7 +57,9 @@ def test_pins_are_created_checked_and_reused(pin_dir: str) -> None:
     dp, report = _loaded(cfg)
     try:
         assert report.reused_pins == [] and report.warnings == []
-        assert sorted(os.listdir(pin_dir)) == sorted(cfg.map_specs())
+        assert not report.reused_programs
+        assert sorted(n for n in os.listdir(pin_dir) if not n.startswith("prog_")) \
+            == sorted(cfg.map_specs())
         for name, spec in cfg.map_specs().items():
             info = bpfsys.map_info(dp.maps[name].fd)
             assert (info.type, info.key_size, info.value_size, info.max_entries,
@@ -152,6 +156,125 @@ def test_unpin_removes_everything(pin_dir: str) -> None:
     dp.close()
     dp.unpin()
     assert not os.path.exists(pin_dir)
+
+
+def _prog_ids(dp: Datapath) -> dict[str, int]:
+    return {name: bpfsys.prog_info(fd).id for name, fd in dp.program_fds().items()}
+
+
+def _program_pins(pin_dir: str) -> set[str]:
+    return {n for n in os.listdir(pin_dir) if n.startswith(loader.PROG_PIN_PREFIX)}
+
+
+def test_restart_reuses_the_pinned_programs(pin_dir: str) -> None:
+    cfg = _config(pin_dir)
+    dp, first = _loaded(cfg)
+    try:
+        assert not first.reused_programs and first.compile_s > 0
+        assert _program_pins(pin_dir) == {f"prog_{first.identity}_{n}" for n in loader.PROGRAMS}
+        ids = _prog_ids(dp)
+        _open_session(dp)
+    finally:
+        dp.close()
+
+    dp, again = _loaded(cfg)
+    try:
+        assert again.reused_programs and again.compile_s == 0
+        assert again.identity == first.identity
+        assert dp.bpf is None  # no compile at all
+        assert _prog_ids(dp) == ids  # the very programs, not new ones
+        (s,) = list(dp.sessions())
+        assert (s.src_ip, s.dst_ip, s.dport) == (WEB4, DB4, 5432)
+        # They enforce through the maps this load opened: a policy applied
+        # now decides.
+        assert dp.test_run(bytes(tcp(WEB4, DB4, 77, 5432))).retval == 0
+        assert dp.test_run(bytes(tcp(WEB4, DB4, 78, 9999))).retval == 2
+        dp.apply_policy(compile_policy(shop(default="allow")))
+        assert dp.test_run(bytes(tcp(WEB4, DB4, 79, 9999))).retval == 0
+        # The egress copy is the egress hook's: the reply of that session
+        # leaving the database is its own, not a new flow.
+        assert dp.test_run(bytes(tcp(DB4, WEB4, 5432, 1234, "A")),
+                           abi.Direction.EGRESS).retval == 0
+    finally:
+        dp.close()
+
+
+def test_other_source_is_compiled_and_its_pins_replace_the_old(pin_dir: str) -> None:
+    dp, first = _loaded(_config(pin_dir, capacity=4096))
+    dp.close()
+    dp, other = _loaded(_config(pin_dir, capacity=8192))  # other -D flags
+    try:
+        assert not other.reused_programs and other.identity != first.identity
+        assert _program_pins(pin_dir) == {f"prog_{other.identity}_{n}" for n in loader.PROGRAMS}
+    finally:
+        dp.close()
+
+
+def test_programs_are_not_reused_over_a_replaced_map(pin_dir: str) -> None:
+    """A map pin replaced by one of the same layout (an operator, a tool):
+    the pinned programs still write to the old map, so they are compiled
+    anew rather than reused."""
+    from bcc import BPF
+
+    cfg = _config(pin_dir)
+    dp, _ = _loaded(cfg)
+    dp.close()
+    size = abi.SETTINGS.size
+    os.unlink(f"{pin_dir}/settings_map")
+    other = BPF(text=f"struct v {{ char b[{size}]; }};\n"
+                     f'BPF_TABLE_PINNED("array", u32, struct v, settings_map, 1, '
+                     f'"{pin_dir}/settings_map");'.encode())
+    other.cleanup()
+    dp, report = _loaded(cfg)
+    try:
+        assert report.warnings == [] and "settings_map" in report.reused_pins
+        assert not report.reused_programs
+        fd = dp.program_fds()["mseg_ingress"]
+        assert bpfsys.map_info(dp.maps["settings_map"].fd).id in bpfsys.prog_map_ids(fd)
+    finally:
+        dp.close()
+
+
+def test_l3_programs_after_a_reuse_are_compiled_then_reused(pin_dir: str) -> None:
+    cfg = _config(pin_dir)
+    dp, _ = _loaded(cfg)
+    dp.close()
+    dp, report = _loaded(cfg)
+    try:
+        assert report.reused_programs
+        ingress, egress = dp.l3_programs()  # not pinned yet: compiled now
+        assert dp.bpf is not None
+        l3_ids = (bpfsys.prog_info(ingress).id, bpfsys.prog_info(egress).id)
+    finally:
+        dp.close()
+    dp, report = _loaded(cfg)
+    try:
+        ingress, egress = dp.l3_programs()
+        assert dp.bpf is None  # pinned since: reused
+        assert (bpfsys.prog_info(ingress).id, bpfsys.prog_info(egress).id) == l3_ids
+    finally:
+        dp.close()
+    dp.unpin()
+    assert not os.path.exists(pin_dir)
+
+
+def test_each_hook_is_its_own_copy_of_the_entry_point() -> None:
+    """One compiled entry function, loaded once per hook kind with the kind
+    in its immediate: exactly one immediate is replaced."""
+    dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1024, ringbuf_bytes=1 << 16))
+    dp.load()
+    try:
+        raw = dp.bpf.dump_func(loader.ENTRY_FUNCTION.encode())
+        copies = {name: loader.entry_program(raw, kind)
+                  for name, kind in loader.ENTRY_KINDS.items()}
+        assert len(set(copies.values())) == 4
+        assert all(len(c) == len(raw) for c in copies.values())
+        assert all(sum(a != b for a, b in zip(c, raw, strict=True)) <= 5
+                   for c in copies.values())
+        with pytest.raises(RuntimeError, match="entry-kind immediates"):
+            loader.entry_program(copies["mseg_egress"], 0)  # already replaced
+    finally:
+        dp.close()
 
 
 def test_kernel_run_time_stats() -> None:

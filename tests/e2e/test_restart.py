@@ -185,6 +185,7 @@ def test_clean_stop_leaves_nothing_behind(lab: Lab, daemons: Daemons) -> None:
 
 def test_keep_on_exit_leaves_everything_enforcing(lab: Lab, daemons: Daemons) -> None:
     d = daemons.start(lab, POLICY, "--keep-on-exit")
+    assert d.status()["datapath"]["load"]["programs"] == "compiled"
     attached = tc_state(lab)
     pins = sorted(os.listdir(d.pin_dir))
     assert d.stop(check=False) == 0
@@ -193,10 +194,14 @@ def test_keep_on_exit_leaves_everything_enforcing(lab: Lab, daemons: Daemons) ->
     ok = lab.run("client", [sys.executable, "-m", "microseg.lab.traffic", "probe", "tcp",
                             lab.ipv4("server"), "7000"])
     assert ok.returncode == 0, "and still allows what it allowed"
-    # The next daemon takes over the same pins and filters; its clean stop
-    # removes everything.
+    # The next daemon takes over the same pins and filters — and the pinned
+    # programs themselves: same source, no compile; its clean stop removes
+    # everything.
     d.extra.remove("--keep-on-exit")
     d.start()
+    assert d.status()["datapath"]["load"]["programs"] == "reused"
+    assert tc_state(lab) == attached  # the very programs: the filters did not change
+    assert "programs reused from pins" in d.cli("stats").stdout
     assert denied(lab)
     d.stop()  # checks: exit 0, no pins, no socket
     assert not any("bpf" in s for s in tc_state(lab).values())
@@ -231,4 +236,16 @@ def test_upgrade_with_a_changed_map_layout_replaces_the_pins_and_keeps_enforcing
     assert "timeout" not in held and held.count("ok ") > 100, held[-300:]
     assert retransmits(lab) == retrans0
     assert d.status()["datapath"]["session_capacity"] == 65536
+    assert d.status()["datapath"]["load"]["programs"] == "compiled"  # other -D flags
     assert denied(lab)
+
+
+def test_a_refused_start_changes_nothing(lab: Lab, daemons: Daemons) -> None:
+    """The compile of a cold start begins before the policy is checked; a
+    start refused for an invalid policy undoes it: no pins, no filters."""
+    before = tc_state(lab)
+    d = daemons.new(lab, POLICY.replace("default: deny", "default: maybe"))
+    r = subprocess.run(d.argv(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "invalid policy" in r.stderr, r.stderr
+    assert not os.path.exists(d.pin_dir)
+    assert tc_state(lab) == before
