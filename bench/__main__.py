@@ -24,6 +24,7 @@ from . import (
     readme,
     sessions,
     soak,
+    start,
     traffic,
     tui,
 )
@@ -62,6 +63,7 @@ TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
 SOAK_SECONDS = {"full": 600, "quick": 4}
 DISCOVERY_MODES = {"full": {"starts": 60, "racers": 50}, "quick": {"starts": 3, "racers": 2}}
+START_ROUNDS = {"full": 7, "quick": 1}
 LIFECYCLE_LINES = {"full": 1_000_000, "quick": 20_000}
 TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},
              "quick": {"rates": (50_000,), "rounds": 1}}
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     res = datapath.measure(**params)
     res["params"] = params
+    began = start.measure(START_ROUNDS[args.mode])
     pp = POLICY_MODES[args.mode]
     pol = policy.measure(pp["sizes"], pp["workloads"], pp["samples"], pp["latency"])
     ev = events.measure(**EVENT_MODES[args.mode])
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     found = discovery.measure(**DISCOVERY_MODES[args.mode])
     learned = lifecycle.measure(LIFECYCLE_LINES[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
-           "machine": machine(), "datapath": res, "policy": pol, "events": ev,
+           "machine": machine(), "datapath": res, "start": began, "policy": pol, "events": ev,
            "sessions": sess, "tui": top, "traffic": real, "soak": soaked,
            "discovery": found, "lifecycle": learned}
     m = out["machine"]
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
     print()
     print("\n".join(datapath_table(res)))
+    print()
+    print(start.table(began))
     print()
     print("\n".join(traffic_table(real)))
     print()
