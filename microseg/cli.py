@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_option(p)
     p.set_defaults(func=cmd_watch)
 
-    from microseg.lab.demo import DEFAULT_POLICY
+    from microseg.lab import DEMO_POLICY
 
     p = sub.add_parser("demo", help="a microsegmented lab, live: workloads, traffic, the "
                        "daemon and `top`",
@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="run this long, then print a summary instead of opening `top` "
                    "(default without a terminal: 30)")
-    p.add_argument("--policy", default=str(DEFAULT_POLICY), metavar="FILE",
+    p.add_argument("--policy", default=DEMO_POLICY, metavar="FILE",
                    help="where to write the demo policy (default: %(default)s)")
     p.add_argument("--socket", metavar="PATH",
                    help="the demo daemon's socket (default: /run/microseg/microseg.sock, so "

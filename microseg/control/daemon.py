@@ -166,11 +166,9 @@ class Daemon:
         except OSError as e:
             log.warning("kernel BPF run-time stats unavailable: %s", e)
         parts = self.parts
-        parts.clock = await loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
-        # The aggregation window, and how long a hook waits before taking a
-        # session's direction over from one that stopped seeing it (1 s).
-        self.datapath.write_settings(int(self.cfg.event_window * 1e9), int(parts.clock.hz))
-        parts.sweeper = Sweeper(self.datapath, parts.clock, self.cfg.timeouts)
+        # The kernel's tick rate takes a tenth of a second to measure: beside
+        # the rest of the start, needed only before the links are attached.
+        clock = loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
         parts.journal = journal = Journal(self.datapath.maps["daemon_map"])
         if journal.inherited:
             log.info("continuing an earlier daemon's events after seq %d", journal.last_seq)
@@ -193,6 +191,11 @@ class Daemon:
         if res.result != "applied":
             raise StartupError("invalid policy:\n" + "\n".join(res.errors))
         await self.policy.stager.restore()  # a candidate staged before a restart
+        parts.clock = await clock
+        # The aggregation window, and how long a hook waits before taking a
+        # session's direction over from one that stopped seeing it (1 s).
+        self.datapath.write_settings(int(self.cfg.event_window * 1e9), int(parts.clock.hz))
+        parts.sweeper = Sweeper(self.datapath, parts.clock, self.cfg.timeouts)
         # After the policy: what an earlier daemon left in the ring is named
         # with it (microseg/enrich.py Names.workload).
         self.pipeline.start(loop)

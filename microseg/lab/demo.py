@@ -24,12 +24,13 @@ from collections import Counter
 from pathlib import Path
 
 from microseg.control.client import DEFAULT_SOCKET, Client, DaemonError
+from microseg.lab import DEMO_POLICY
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 PREFIX = "msd"
 PIN_DIR = "/sys/fs/bpf/microseg-demo"
 STATE_DIR = Path("/run/microseg-demo")      # pidfile, socket
-DEFAULT_POLICY = Path("/tmp/microseg-demo/policy.yaml")
+DEFAULT_POLICY = Path(DEMO_POLICY)
 
 WORKLOADS = [WorkloadSpec("client", 10, {"role": "client"}),
              WorkloadSpec("web", 20, {"app": "shop", "tier": "web"}),
