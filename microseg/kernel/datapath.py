@@ -14,7 +14,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from microseg.kernel import abi, bpfsys, tc
 from microseg.kernel.clock import ClockSample
@@ -40,6 +40,9 @@ from microseg.kernel.loader import PROG_REPLY as PROG_REPLY
 from microseg.kernel.loader import PROG_STAGED as PROG_STAGED
 from microseg.kernel.maps import U64
 from microseg.kernel.records import SessionEntry, decode_sessions
+
+if TYPE_CHECKING:
+    from microseg.policy.compile import CompiledPolicy
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,12 @@ class Datapath:
         # (verifier_figures(measure=True)): bytes per subprogram.
         self._stack_depths: dict[str, tuple[int, ...]] = {}
         # What each generation slot holds (None until read or written).
-        self._slots: dict[int, tuple[dict[str, dict[bytes, bytes]], bytes]] = {}
-        self._converge: tuple[int, dict[str, dict[bytes, bytes]], bytes] | None = None
+        # (the contents, or the CompiledPolicy that has them; the port classes)
+        self._slots: dict[int, tuple[dict[str, dict[bytes, bytes]] | CompiledPolicy,
+                                     bytes]] = {}
+        # The serial of the CompiledPolicy each slot holds, when written from one.
+        self._slot_serial: dict[int, int] = {}
+        self._converge: tuple[int, CompiledPolicy] | None = None
         self._generation = 0
         self._staged = 0  # the last staged generation's number
         self._ipr = None
@@ -253,14 +260,13 @@ class Datapath:
         """
         if self._converge is not None:
             self.converge()
-        contents, ports = compiled.map_contents(), compiled.port_class_values()
         gen = max(self.active_generation(), self._generation) + 1
         slot = abi.policy_slot(gen)
-        self._write_slot(slot, contents, ports)
+        self._write_compiled(slot, compiled)
         self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
         self.maps["active_map"].update(_U32.pack(abi.Active.POLICY), _U32.pack(gen))  # switch
         self._generation = gen
-        self._converge = (slot ^ 1, contents, ports)
+        self._converge = (slot ^ 1, compiled)
         if converge:
             self.converge()
         return gen
@@ -278,7 +284,7 @@ class Datapath:
         # The slot was live two stages ago: no run that read it may still
         # be going when it is rewritten.
         self._wait_for_runs()
-        self._write_slot(slot, compiled.map_contents(), compiled.port_class_values())
+        self._write_compiled(slot, compiled)
         self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
         self.maps["active_map"].update(_U32.pack(abi.Active.STAGED), _U32.pack(gen))
         self._staged = number
@@ -331,8 +337,8 @@ class Datapath:
         takes."""
         if self._converge is not None:
             self._wait_for_runs()
-            slot, contents, ports = self._converge
-            self._write_slot(slot, contents, ports)
+            slot, compiled = self._converge
+            self._write_compiled(slot, compiled)
             self._converge = None
 
     def _slot_key(self, name: str, slot: int, rest: bytes) -> bytes:
@@ -340,9 +346,40 @@ class Datapath:
             return rest[:4] + _U32.pack(slot) + rest[4:]
         return _U32.pack(slot) + rest
 
+    def _write_compiled(self, slot: int, compiled: CompiledPolicy) -> None:
+        """Write a compiled policy into a slot. A compile that edited the
+        one the slot holds carries the entries that changed (its delta):
+        only those are written, without comparing the hundreds of thousands
+        that did not (docs/performance.md "Reloads"). Otherwise what differs
+        from the slot's contents."""
+        ports = compiled.port_class_values()
+        delta = compiled.delta
+        if (delta is None or slot not in self._slots
+                or self._slot_serial.get(slot) != delta[0]):
+            self._write_slot(slot, compiled.map_contents(), ports)
+            self._slot_serial[slot] = compiled.serial
+            return
+        # Forgotten while written: after a failure the slot is read back.
+        _contents, cur_ports = self._slots.pop(slot)
+        del self._slot_serial[slot]
+        for name, changes in delta[1].items():
+            m = self.maps[name]
+            gone = [self._slot_key(name, slot, k) for k, v in changes.items() if v is None]
+            m.delete_batch(b"".join(gone), len(gone))
+            keys = [k for k, v in changes.items() if v is not None]
+            m.update_batch(b"".join(self._slot_key(name, slot, k) for k in keys),
+                           b"".join(changes[k] for k in keys), len(keys))  # type: ignore[misc]
+        self._write_port_classes(slot, cur_ports, ports)
+        # Its contents are made only if ever needed (a full comparison).
+        self._slots[slot] = (compiled, ports)
+        self._slot_serial[slot] = compiled.serial
+
     def _write_slot(self, slot: int, contents: dict[str, dict[bytes, bytes]],
                     ports: bytes) -> None:
+        self._slot_serial.pop(slot, None)
         cur, cur_ports = self._slots.get(slot) or self._read_slot(slot)
+        if not isinstance(cur, dict):
+            cur = cur.map_contents()
         for name in self._POLICY_MAPS:
             m, old, new = self.maps[name], cur.get(name, {}), contents[name]
             gone = [self._slot_key(name, slot, k) for k in old if k not in new]
