@@ -77,8 +77,9 @@ MSEG_MAP("lpm_trie", struct ident6_key, struct ident_value, ident6_map,
 /* (slot, src class, dst class, proto, port class) -> group decision. */
 MSEG_MAP("hash", struct policy_key, struct policy_value, policy_map,
 	 MSEG_POLICY_CAPACITY, BPF_F_NO_PREALLOC);
-/* (slot, tcp/udp, port) -> port class. */
-MSEG_MAP("array", u32, u32, port_class_map, PORT_CLASS_SLOTS, 0);
+/* (slot, tcp/udp, port) -> port class. Mappable: the daemon reads and
+ * writes a slot's 131,072 classes as memory (microseg/kernel/datapath.py). */
+MSEG_MAP("array", u32, u32, port_class_map, PORT_CLASS_SLOTS, BPF_F_MMAPABLE);
 
 /* config_map[slot]: default action and flags of the generation in slot. */
 MSEG_MAP("array", u32, struct policy_config, config_map, POLICY_SLOTS, 0);

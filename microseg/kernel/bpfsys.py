@@ -8,9 +8,11 @@ flat buffers), and they work on pinned objects BCC never opened.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 
 BPF_F_NO_PREALLOC = 1
+BPF_F_MMAPABLE = 1 << 10
 
 BPF_STATS_RUN_TIME = 0
 
@@ -239,15 +242,32 @@ class BpfMap:
         self.full_value_size = (self.value_stride * possible_cpus() if self.percpu
                                 else info.value_size)
         self._owned = owned
+        self._mmap: mmap.mmap | None = None
 
     @classmethod
     def from_pin(cls, path: str, name: str = "") -> BpfMap:
         return cls(obj_get(path), name, owned=True)
 
     def close(self) -> None:
+        if self._mmap is not None:
+            with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
+                self._mmap.close()
+            self._mmap = None
         if self._owned and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def array_u32(self) -> memoryview:
+        """A BPF_F_MMAPABLE array of u32 as memory: element i at [2 * i]
+        (the kernel lays elements out 8 bytes apart). Reads and writes
+        touch the map itself, without a syscall per batch."""
+        assert self.type == BPF_MAP_TYPE_ARRAY and self.flags & BPF_F_MMAPABLE
+        assert self.value_size == 4
+        if self._mmap is None:
+            size = -(-self.max_entries * 8 // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        return memoryview(self._mmap).cast("I")[:2 * self.max_entries]
 
     # -- single elements -------------------------------------------------
 

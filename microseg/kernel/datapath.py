@@ -391,17 +391,18 @@ class Datapath:
         self._slots[slot] = (contents, ports)
 
     def _write_port_classes(self, slot: int, old: bytes, new: bytes) -> None:
-        """Write the 4 KiB stretches of the slot's port classes that differ."""
+        """Write the 4 KiB stretches of the slot's port classes that differ,
+        into the mapped array (aligned 4-byte stores: a program reading a
+        class sees the old or the new one — and it reads no idle slot)."""
         base = abi.port_class_index(slot, False, 0)
-        chunk = 1024  # ports per write
-        m = self.maps["port_class_map"]
+        chunk = 1024  # ports per comparison
+        classes = self.maps["port_class_map"].array_u32()
         for start in range(0, len(new) // 4, chunk):
             part = new[start * 4:(start + chunk) * 4]
             if old[start * 4:(start + chunk) * 4] == part:
                 continue
-            n = len(part) // 4
-            keys = b"".join(_U32.pack(base + start + i) for i in range(n))
-            m.update_batch(keys, part, n)
+            at = 2 * (base + start)
+            classes[at:at + 2 * (len(part) // 4):2] = memoryview(part).cast("I")
 
     def _read_slot(self, slot: int) -> tuple[dict[str, dict[bytes, bytes]], bytes]:
         """What a slot holds in the kernel (after a restart, or a crash in
@@ -413,11 +414,11 @@ class Datapath:
             for key, value in self._all_items(m):
                 if _U32.unpack_from(key, off)[0] == slot:
                     mine[key[:off] + key[off + 4:]] = value
-        # The array in index order: batch lookups walk it from index 0.
-        whole = b"".join(values for _k, values, _n in
-                         self.maps["port_class_map"].lookup_batch_raw(chunk=65536))
+        # This slot's stretch of the array, read as memory (a batch lookup
+        # of the whole took most of a restart's first apply).
         first = abi.port_class_index(slot, False, 0)
-        return contents, whole[first * 4:(first + _PORTS_PER_SLOT) * 4]
+        classes = self.maps["port_class_map"].array_u32()
+        return contents, classes[2 * first:2 * (first + _PORTS_PER_SLOT):2].tobytes()
 
     @staticmethod
     def _all_items(m: bpfsys.BpfMap) -> Iterator[tuple[bytes, bytes]]:

@@ -22,7 +22,8 @@ KINDS = {
     "ringbuf": bpfsys.BPF_MAP_TYPE_RINGBUF,
     "prog": bpfsys.BPF_MAP_TYPE_PROG_ARRAY,
 }
-FLAGS = {"0": 0, "BPF_F_NO_PREALLOC": bpfsys.BPF_F_NO_PREALLOC}
+FLAGS = {"0": 0, "BPF_F_NO_PREALLOC": bpfsys.BPF_F_NO_PREALLOC,
+         "BPF_F_MMAPABLE": bpfsys.BPF_F_MMAPABLE}
 
 U32 = abi.Layout("u32", (("value", "I"),))
 U64 = abi.Layout("u64", (("value", "Q"),))
@@ -68,7 +69,7 @@ MAPS: tuple[MapDef, ...] = (
            "BPF_F_NO_PREALLOC"),
     MapDef("policy_map", "hash", abi.POLICY_KEY, abi.POLICY_VALUE, "MSEG_POLICY_CAPACITY",
            "BPF_F_NO_PREALLOC"),
-    MapDef("port_class_map", "array", U32, U32, "PORT_CLASS_SLOTS"),
+    MapDef("port_class_map", "array", U32, U32, "PORT_CLASS_SLOTS", "BPF_F_MMAPABLE"),
     MapDef("config_map", "array", U32, abi.POLICY_CONFIG, "POLICY_SLOTS"),
     MapDef("active_map", "array", U32, U32, "ACTIVE_MAX"),
     MapDef("stats_map", "percpu_array", U32, abi.STATS_VALUE, "STATS_SLOTS"),

@@ -293,3 +293,24 @@ def test_kernel_run_time_stats() -> None:
     finally:
         os.close(stats_fd)
         dp.close()
+
+
+def test_port_classes_read_and_written_as_memory() -> None:
+    """port_class_map is mappable: the daemon's view of it as memory is the
+    map itself (what a batch lookup returns), and its stores are what the
+    program reads."""
+    dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1024, ringbuf_bytes=1 << 16))
+    dp.load()
+    try:
+        dp.apply_policy(compile_policy(shop()))
+        m = dp.maps["port_class_map"]
+        whole = b"".join(v for _k, v, _n in m.lookup_batch_raw(chunk=65536))
+        assert whole.strip(b"\0")  # the policy's classes are in there
+        mem = m.array_u32()
+        assert mem[::2].tobytes() == whole
+        mem[2 * 7] = 0xABCD  # a store through memory is the map's value
+        assert m.lookup((7).to_bytes(4, "little")) == (0xABCD).to_bytes(4, "little")
+        mem[2 * 7] = 0
+        del mem
+    finally:
+        dp.close()
