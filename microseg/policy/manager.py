@@ -32,6 +32,7 @@ from microseg.policy.parse import (
     open_policy_file,
 )
 from microseg.policy.permissions import UntrustedPath, check_trusted
+from microseg.policy.reparse import Reparser
 from microseg.policy.result import ReloadResult, compile_quietly
 from microseg.policy.staging import Stager
 
@@ -92,6 +93,8 @@ class PolicyManager:
         self.known: dict[str, Known] = {}   # every workload by name, as last applied
         self._on_discover = on_discover     # the policy's `discover` section changed
         self._shadowed: tuple[str, ...] = ()
+        # Re-reads of the policy file parse only the rules an edit changed.
+        self._reparser = Reparser()
         # A candidate judged beside the active policy (`policy stage`).
         self.stager = Stager(self, state_dir)
 
@@ -188,7 +191,7 @@ class PolicyManager:
         try:
             with gc_paused():
                 self.check_permissions()
-                return load_policy_file(self.path)
+                return load_policy_file(self.path, self._reparser.parse)
         except PolicyError as e:
             missing = not Path(self.path).exists()
             if missing and self.builtin_fallback and self.active is None:

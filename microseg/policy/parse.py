@@ -20,6 +20,8 @@ import itertools
 import os
 import re
 import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -124,8 +126,10 @@ def open_policy_file(path: str | Path) -> BinaryIO:
         raise
 
 
-def load_policy_file(path: str | Path) -> LoadedPolicy:
-    """Read, size-check and validate a policy file."""
+def load_policy_file(path: str | Path,
+                     parse: Callable[[bytes, str], LoadedPolicy] | None = None) -> LoadedPolicy:
+    """Read, size-check and validate a policy file (with `parse`: a
+    Reparser's, which parses again only what an edit changed)."""
     name = str(path)
     try:
         with open_policy_file(path) as f:
@@ -136,11 +140,28 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise PolicyError(name, [Issue(1, 1, f"cannot read: {e.strerror or e}")]) from None
-    return parse_policy(data, name)
+    return (parse or parse_policy)(data, name)
 
 
 def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
     """Validate policy text; raise PolicyError with every problem found."""
+    return parse_tree(data, filename).loaded
+
+
+@dataclass
+class ParsedTree:
+    """A valid policy with what its parse saw, for re-reading an edited
+    version of the same file (microseg/policy/reparse.py)."""
+
+    loaded: LoadedPolicy
+    text: str
+    root: Node
+    validator: _Validator
+    nodes: int
+
+
+def parse_tree(data: bytes, filename: str = "<policy>") -> ParsedTree:
+    """parse_policy, keeping the node tree and the validator."""
     if len(data) > MAX_FILE_BYTES:
         raise PolicyError(filename, [Issue(1, 1, f"file is {len(data)} bytes, "
                                                  "over the 16 MiB limit")])
@@ -158,7 +179,7 @@ def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
         # libyaml's parser (ruamel.yaml.clib) when present: 10x faster, and
         # nodes keep their marks; nesting is bounded above, so its recursive
         # composer stays far from the C stack's limit.
-        root = _yaml().compose(text)
+        root, nodes = compose(text)
     except _TooManyNodes:
         raise PolicyError(filename, [Issue(1, 1, f"more than {MAX_NODES:,} YAML nodes; "
                                                  "no policy needs that many")]) from None
@@ -190,8 +211,9 @@ def parse_policy(data: bytes, filename: str = "<policy>") -> LoadedPolicy:
             v.issues.append(Issue(*v.hidden[0], f"too many errors: {v.hidden[1]} more after "
                                                  f"the first {MAX_ERRORS} not shown"))
         raise PolicyError(filename, v.issues, v.hidden[1] if v.hidden else 0)
-    return LoadedPolicy(policy, filename, hashlib.sha256(data).hexdigest(),
-                        [i for i in v.issues if i.severity == "warning"], data=data)
+    loaded = LoadedPolicy(policy, filename, hashlib.sha256(data).hexdigest(),
+                          [i for i in v.issues if i.severity == "warning"], data=data)
+    return ParsedTree(loaded, text, root, v, nodes)
 
 
 class _TooManyNodes(Exception):
@@ -205,6 +227,7 @@ class _TextResolver(BaseResolver):
     def __init__(self, version: object = None, loadumper: object = None) -> None:
         super().__init__(loadumper)
         self.nodes = 0
+        _composing.resolver = self  # compose() reads the count
 
     def descend_resolver(self, current_node: object, current_index: object) -> None:
         """The composer calls this once per node (tagged or not, aliases
@@ -230,6 +253,18 @@ def _yaml() -> YAML:
     y = YAML(typ="safe", pure=False)
     y.Resolver = _TextResolver
     return y
+
+
+_composing = threading.local()
+
+
+def compose(text: str) -> tuple[Node | None, int]:
+    """The node tree of a YAML text, and how many nodes it has. Raises
+    _TooManyNodes past MAX_NODES, and the YAML errors parse_tree reports."""
+    _composing.resolver = None
+    root = _yaml().compose(text)
+    resolver = _composing.resolver
+    return root, resolver.nodes if resolver is not None else 0
 
 
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
@@ -276,7 +311,9 @@ class _Validator:
         self._seen: set[int] = set()
         self._workload_names: set[str] = set()
         self._label_sets: list[frozenset[tuple[str, str]]] = []
-        self._references: list[tuple[Node, str, Selector]] = []
+        # (line, col) of each selector naming a workload or labels, its path,
+        # the selector: judged once every workload is known.
+        self._references: list[tuple[tuple[int, int], str, Selector]] = []
         self._error_count = 0
         self.hidden: tuple[tuple[int, int], int] | None = None  # (first position, count)
 
@@ -285,15 +322,21 @@ class _Validator:
         return [i for i in self.issues if i.severity == "error"]
 
     def error(self, node: Node | None, message: str) -> None:
+        self.error_at(_pos(node), message)
+
+    def error_at(self, pos: tuple[int, int], message: str) -> None:
         self._error_count += 1
         if self._error_count <= MAX_ERRORS:
-            self.issues.append(Issue(*_pos(node), _clip(message)))
+            self.issues.append(Issue(*pos, _clip(message)))
         else:
-            self.hidden = (self.hidden[0] if self.hidden else _pos(node),
+            self.hidden = (self.hidden[0] if self.hidden else pos,
                            self._error_count - MAX_ERRORS)
 
     def warn(self, node: Node | None, message: str) -> None:
-        self.issues.append(Issue(*_pos(node), _clip(message), "warning"))
+        self.warn_at(_pos(node), message)
+
+    def warn_at(self, pos: tuple[int, int], message: str) -> None:
+        self.issues.append(Issue(*pos, _clip(message), "warning"))
 
     # -- generic node access --------------------------------------------------
 
@@ -672,35 +715,61 @@ class _Validator:
             name = self.scalar(vnode, where, "a workload name")
             if name is None:
                 return None
-            self._references.append((vnode, where, Selector.of_workload(name)))
+            self._references.append((_pos(vnode), where, Selector.of_workload(name)))
             return self._references[-1][2]
         if kind == "labels":
             labels = self._labels(vnode, where)
             if labels is None:
                 return None
-            self._references.append((vnode, where, Selector.of_labels(labels)))
+            self._references.append((_pos(vnode), where, Selector.of_labels(labels)))
             return self._references[-1][2]
         net = self._network(vnode, where)
         return None if net is None else Selector("cidr", cidr=net)
 
     def _check_references(self, discover: Discovery) -> None:
         """Workload references and label matches, once every workload is
-        known (rules may come before workloads in a file). With discovery, a
-        name or labels no static workload has may be a container's: said,
-        not refused."""
-        discovering = bool(discover.sources)
-        for node, path, sel in self._references:
-            if sel.kind == "workload" and sel.workload not in self._workload_names:
-                close = difflib.get_close_matches(sel.workload or "", self._workload_names, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                if discovering:
-                    self.warn(node, f"{path}: no static workload '{sel.workload}'{hint}; it "
-                                    "matches once a discovered container of that name runs")
+        known (rules may come before workloads in a file)."""
+        check = ReferenceCheck(self._workload_names, self._label_sets, discover)
+        for pos, path, sel in self._references:
+            if not check.fine(sel):
+                severity, message = check.issue(path, sel)
+                if severity == "error":
+                    self.error_at(pos, message)
                 else:
-                    self.error(node, f"{path}: undefined workload '{sel.workload}'{hint}")
-            elif discovering:
-                continue  # labels: containers carry their own
-            elif sel.kind == "labels" and not any(set(sel.labels) <= ls
-                                                 for ls in self._label_sets):
-                shown = ", ".join(f"{k}={v}" for k, v in sel.labels) or "{}"
-                self.warn(node, f"{path}: no workload has labels {shown}")
+                    self.warn_at(pos, message)
+
+
+class ReferenceCheck:
+    """Whether a rule's selector names what the policy has. With discovery,
+    a name or labels no static workload has may be a container's: said, not
+    refused."""
+
+    def __init__(self, workload_names: set[str], label_sets: list[frozenset[tuple[str, str]]],
+                 discover: Discovery) -> None:
+        self.names = workload_names
+        self.label_sets = label_sets
+        self.discovering = bool(discover.sources)
+        self._labels_fine: dict[tuple[tuple[str, str], ...], bool] = {}
+
+    def fine(self, sel: Selector) -> bool:
+        if sel.kind == "workload":
+            return sel.workload in self.names
+        if self.discovering or sel.kind != "labels":
+            return True  # labels: containers carry their own
+        ok = self._labels_fine.get(sel.labels)
+        if ok is None:
+            want = set(sel.labels)
+            ok = self._labels_fine[sel.labels] = any(want <= ls for ls in self.label_sets)
+        return ok
+
+    def issue(self, path: str, sel: Selector) -> tuple[str, str]:
+        """(severity, message) of a selector that is not fine."""
+        if sel.kind == "workload":
+            close = difflib.get_close_matches(sel.workload or "", self.names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            if self.discovering:
+                return "warning", (f"{path}: no static workload '{sel.workload}'{hint}; it "
+                                   "matches once a discovered container of that name runs")
+            return "error", f"{path}: undefined workload '{sel.workload}'{hint}"
+        shown = ", ".join(f"{k}={v}" for k, v in sel.labels) or "{}"
+        return "warning", f"{path}: no workload has labels {shown}"
