@@ -68,15 +68,17 @@ def _ready(sock: str) -> bool:
 
 
 def _start(lab: Lab, policy: str, sock: str, pin: str, log: str, keep: bool,
-           timeout: float = 60.0) -> tuple[float, dict]:
-    """Exec the daemon, time it to ready, stop it; (seconds, its breakdown)."""
+           timeout: float = 60.0, tree: str | None = None) -> tuple[float, dict]:
+    """Exec the daemon (of another source tree: tree), time it to ready, stop
+    it; (seconds, its breakdown)."""
     argv = [sys.executable, "-m", "microseg", "run", "--metrics", "off", "-i", lab.glob,
             "--policy", policy, "--socket", sock, "--pin-dir", pin]
     if keep:
         argv.append("--keep-on-exit")
+    env = dict(os.environ, PYTHONPATH=tree) if tree else None
     with open(log, "w") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tree, env=env)
         try:
             while not _ready(sock):
                 if proc.poll() is not None:
@@ -104,8 +106,10 @@ def _summary(values: list[float]) -> dict:
             "max": round(max(values), 3)}
 
 
-def measure(rounds: int = 5) -> dict:
-    """`rounds` cold starts and as many restarts on their pins, interleaved."""
+def measure(rounds: int = 5, baseline: str | None = None) -> dict:
+    """`rounds` cold starts and as many restarts on their pins, interleaved;
+    with baseline (a source tree of another version), its starts too, in
+    the same rounds (not part of `make bench`: a before/after for a note)."""
     lab = Lab([WorkloadSpec("a", 10), WorkloadSpec("b", 20)], prefix="msbs")
     work = tempfile.mkdtemp(prefix="microseg-bench-start-")
     pin = f"/sys/fs/bpf/microseg-bench-start-{os.getpid()}"
@@ -119,6 +123,7 @@ def measure(rounds: int = 5) -> dict:
             f.write(POLICY.format(a=lab.ipv4("a"), b=lab.ipv4("b")))
         sock = os.path.join(work, "ms.sock")
         log = os.path.join(work, "daemon.log")
+        base: dict[str, list[float]] = {"cold": [], "restart": []}
         for _ in range(rounds):
             # Cold: nothing pinned; stopped with --keep-on-exit so that the
             # restart finds its pins, then stopped without: it cleans up.
@@ -128,11 +133,18 @@ def measure(rounds: int = 5) -> dict:
             took, d = _start(lab, policy, sock, pin, log, keep=False)
             warm.append(took)
             details["restart"].append(d)
+            if baseline:
+                for kind, keep in (("cold", True), ("restart", False)):
+                    took, _d = _start(lab, policy, sock, pin + "-base", log, keep, tree=baseline)
+                    base[kind].append(took)
     finally:
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(pin, ignore_errors=True)
-    return {"rounds": rounds, "cold_s": _summary(cold), "restart_s": _summary(warm),
+        shutil.rmtree(pin + "-base", ignore_errors=True)
+    extra = {"baseline": {"tree": baseline, "cold_s": _summary(base["cold"]),
+                          "restart_s": _summary(base["restart"])}} if baseline else {}
+    return {**extra, "rounds": rounds, "cold_s": _summary(cold), "restart_s": _summary(warm),
             "cold_runs_s": [round(x, 3) for x in cold],
             "restart_runs_s": [round(x, 3) for x in warm],
             "cold_compile_s": _summary([d.get("compile_s", 0.0) for d in details["cold"]]),
@@ -154,4 +166,6 @@ def table(res: dict | None) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 3), indent=2))
+    # python -m bench.start [ROUNDS [BASELINE_TREE]]
+    print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 3,
+                             sys.argv[2] if len(sys.argv) > 2 else None), indent=2))
