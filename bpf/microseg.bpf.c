@@ -187,8 +187,9 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 	return after_judgment(skb, p, dir, gen, &key, is_lo, flags, d);
 }
 
-/* After the verdict: counters and events, the new session's "new" event,
- * a first fragment remembered for the rest. */
+/* After the verdict: counters and events (a session the packet opened has
+ * its "new" event in the verdict's record), a first fragment remembered
+ * for the rest. */
 static __always_inline int finish_packet(struct __sk_buff *skb, struct scratch *sc,
 					 __u32 dir, struct decision *d, int act)
 {
@@ -200,9 +201,10 @@ static __always_inline int finish_packet(struct __sk_buff *skb, struct scratch *
 									      : p->daddr,
 					   active_generation()) ? AUDIT_YES : AUDIT_NO;
 		/* A new session's verdict and "new" event share its clock read. */
-		__u64 now = sc->opened ? sc->session.created_ns : precise_now();
-		act = apply_verdict(skb, p, dir, d, now);
-		report_new_session(skb, p, dir); /* after its verdict, if any */
+		__u32 opened = sc->opened;
+		__u64 now = opened ? sc->session.created_ns : precise_now();
+		act = apply_verdict(skb, p, dir, d, now, opened, sc->session.state);
+		sc->opened = 0;
 	}
 	if (p->frag == FRAG_FIRST)
 		remember_first_fragment(p, d);

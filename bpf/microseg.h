@@ -15,7 +15,7 @@
 
 #include <linux/types.h>
 
-#define MSEG_ABI_VERSION 3
+#define MSEG_ABI_VERSION 4
 
 /* Hook the program runs at. Also part of the per-direction owner id. */
 enum mseg_direction {
@@ -120,6 +120,12 @@ enum mseg_session_flags {
 /* event.flags */
 enum mseg_event_flags {
 	EVENT_F_AUDIT = 1,      /* a would-be drop that audit mode let pass */
+	/* An allowed (or audit) verdict whose packet opened a session: the
+	 * one record stands for the verdict and then the session's "new"
+	 * event, which the daemon makes of it (microseg/kernel/records.py
+	 * opened_session): state holds the new session's state. */
+	EVENT_F_OPENED = 2,
+	EVENT_F_OPENED_REPLY = 4, /* ... its originator is the packet's destination */
 };
 
 /* Ring buffers. Denied verdicts and drops have a ring of their own, so a

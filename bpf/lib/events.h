@@ -14,29 +14,44 @@
 #include "maps.h"
 #include "parse.h"
 
-/* ring: RING_EVENTS or RING_DENIALS (a constant at every call site). */
-static __always_inline struct event *reserve_event(__u32 type, __u32 ring)
-{
-	struct event *e;
-	__u32 slot = ring * EVENT_TYPE_MAX + type;
+/* Every field of a record is written before it is submitted: reserved
+ * ring memory is not zeroed (no stale bytes may reach userspace). */
+_Static_assert(sizeof(struct event) == 128, "fill_verdict_record() writes every field");
 
-	/* bpf_ringbuf_reserve: space in the ring, no copy; NULL when full. */
+/* A record's space in a ring (a constant at every call site); NULL when
+ * the ring is full. Its contents are stale: the caller fills all of it. */
+static __always_inline struct event *reserve_record(__u32 ring)
+{
+	/* bpf_ringbuf_reserve: space in the ring, no copy. */
 	if (ring == RING_DENIALS)
-		e = denials.ringbuf_reserve(sizeof(struct event));
-	else
-		e = events.ringbuf_reserve(sizeof(struct event));
+		return denials.ringbuf_reserve(sizeof(struct event));
+	return events.ringbuf_reserve(sizeof(struct event));
+}
+
+/* One event of a type counted as submitted or lost (ring full). */
+static __always_inline void count_record(__u32 ring, __u32 type, int submitted)
+{
+	__u32 slot = ring * EVENT_TYPE_MAX + type;
 	/* bpf_map_lookup_elem: this CPU's submitted/lost counters. */
 	struct event_stats *st = event_stats_map.lookup(&slot);
 
-	if (!e) {
-		if (st)
-			st->lost++;
-		return NULL;
-	}
-	if (st)
+	if (!st)
+		return;
+	if (submitted)
 		st->submitted++;
-	/* Reserved ring memory is not zeroed: clear it so no stale bytes
-	 * (or kernel memory the verifier would reject) reach userspace. */
+	else
+		st->lost++;
+}
+
+/* A zeroed record of a type (drops and session events: they fill some
+ * fields only). ring: RING_EVENTS or RING_DENIALS. */
+static __always_inline struct event *reserve_event(__u32 type, __u32 ring)
+{
+	struct event *e = reserve_record(ring);
+
+	count_record(ring, type, e != NULL);
+	if (!e)
+		return NULL;
 	__builtin_memset(e, 0, sizeof(*e));
 	e->type = type;
 	return e;

@@ -341,8 +341,8 @@ static __always_inline int revalidate_session(struct __sk_buff *skb,
  * decision for it. as_reply: the packet is a reply whose session was lost
  * (the policy allowed the other direction), so its destination is the
  * originator. reuse: a closed entry of the same tuple is in session_map.
- * The new entry stays in the per-CPU scratch for the caller: its verdict
- * event comes first, then report_new_session(). */
+ * The new entry stays in the per-CPU scratch for the caller: its "new"
+ * event rides on the packet's verdict record (apply_verdict). */
 static __always_inline int open_session(struct __sk_buff *skb,
 					const struct packet *p, __u32 dir,
 					struct session_key *key, int is_lo,
@@ -415,20 +415,6 @@ static __always_inline int open_session(struct __sk_buff *skb,
 
 	sc->opened = side + 1;
 	return NEED_VERDICT;
-}
-
-/* The "new" event of the session open_session() left in the scratch. */
-static __always_inline void report_new_session(struct __sk_buff *skb,
-					       const struct packet *p, __u32 dir)
-{
-	struct scratch *sc = scratch();
-
-	if (!sc || !sc->opened)
-		return;
-	struct session_value *nv = &sc->session;
-	emit_session_event(skb, p, dir, sc->opened - 1, nv, nv->state, STATE_NONE,
-			   nv->created_ns);
-	sc->opened = 0;
 }
 
 #endif /* MSEG_SESSION_H */

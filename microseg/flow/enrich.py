@@ -36,6 +36,8 @@ _TYPE_VERDICT, _TYPE_DROP, _TYPE_SESSION = (int(abi.EventType.VERDICT),
                                              int(abi.EventType.SESSION))
 _CLOSED = int(abi.State.CLOSED)
 _AUDIT = int(abi.EventFlag.AUDIT)
+_OPENED = int(abi.EventFlag.OPENED)
+_OPENED_REPLY = int(abi.EventFlag.OPENED_REPLY)
 # Byte-indexed tables for the hot loop (a u8 field indexes them directly).
 _STATES = tuple(STATE_NAMES.get(i) for i in range(256))
 _VERDICTS = tuple(VERDICT_NAMES.get(i) for i in range(256))
@@ -262,7 +264,36 @@ class Enricher:
                     if staged and staged - 1 != verdict:
                         event["staged"] = self._staged(staged - 1, staged_rule, staged_gen)
                     append(event)
+                    if eflags & _OPENED:
+                        # The record stands for the session the packet
+                        # opened too: its "new" event, as records.py's
+                        # opened_session() decodes it.
+                        append(self._opened(event, eflags, state, p0, b0, family,
+                                            saddr, daddr, sport, dport, sid, did))
         return out
+
+    def _opened(self, verdict: dict, eflags: int, state: int, count: int, nbytes: int,
+                family: int, saddr: bytes, daddr: bytes, sport: int | None,
+                dport: int | None, sid: int, did: int) -> dict:
+        """The "new" session event of a verdict record flagged OPENED: the
+        verdict's fields, endpoints in the session's original direction."""
+        gen = verdict["policy_generation"]
+        if eflags & _OPENED_REPLY:
+            src = self._endpoint(gen, family, daddr, dport, sid)
+            dst = self._endpoint(gen, family, saddr, sport, did)
+            p, b = (0, count), (0, nbytes)
+        else:
+            src, dst = verdict["src"], verdict["dst"]
+            p, b = (count, 0), (nbytes, 0)
+        final = state == _CLOSED  # never for a new session; as session records
+        return {"time": verdict["time"], "seq": 0, "type": "session", "state": _STATES[state],
+                "prev_state": None, "rule": verdict["rule"], "policy_generation": gen,
+                "direction": verdict["direction"], "interface": verdict["interface"],
+                "family": verdict["family"], "protocol": verdict["protocol"],
+                "src": src, "dst": dst,
+                "packets": {"orig": p[0], "reply": p[1]} if final else None,
+                "bytes": {"orig": b[0], "reply": b[1]} if final else None,
+                "duration_s": 0.0 if final else None}
 
     def _staged(self, verdict: int, rule_id: int, generation: int) -> dict:
         rule = None

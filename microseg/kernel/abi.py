@@ -15,7 +15,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 MAX_RULES = 32768
 CLASS_ANY = 0
@@ -145,6 +145,10 @@ class SessionFlag(enum.IntFlag):
 
 class EventFlag(enum.IntFlag):
     AUDIT = 1
+    # A verdict record that stands for the session its packet opened too:
+    # expanded into the verdict and the session's "new" event.
+    OPENED = 2
+    OPENED_REPLY = 4  # ... whose originator is the packet's destination
 
 
 class Ring(enum.IntEnum):

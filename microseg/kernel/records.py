@@ -125,15 +125,43 @@ assert RawEvent._fields == EVENT_FIELDS, "RawEvent must follow struct event"
 
 
 
+_OPENED = int(abi.EventFlag.OPENED)
+_OPENED_REPLY = int(abi.EventFlag.OPENED_REPLY)
+
+
+def opened_session(e: RawEvent) -> tuple[RawEvent, RawEvent]:
+    """A verdict record flagged OPENED as the two events it stands for: the
+    verdict, then the "new" event of the session its packet opened — each
+    as the datapath wrote it when they were two records (bpf/lib/verdict.h).
+    The session's endpoints are in its original direction; its counters are
+    the packet's, on its side."""
+    verdict = e._replace(flags=e.flags & ~(_OPENED | _OPENED_REPLY), state=0)
+    n, b = e.packets[0], e.bytes[0]
+    if e.flags & _OPENED_REPLY:
+        ends = {"saddr": e.daddr, "daddr": e.saddr, "sport": e.dport, "dport": e.sport}
+        packets, nbytes = (0, n), (0, b)
+    else:
+        ends, packets, nbytes = {}, (n, 0), (b, 0)
+    session = e._replace(type=int(abi.EventType.SESSION), created_ns=e.ts_ns,
+                         packets=packets, bytes=nbytes, flags=0, prev_state=0,
+                         staged_verdict=0, staged_rule=0, staged_generation=0, **ends)
+    return verdict, session
+
+
 def decode_events(runs: Iterable[bytes]) -> Iterator[RawEvent]:
-    """Events from ring-buffer runs (records with headers, back to back)."""
+    """Events from ring-buffer runs (records with headers, back to back); a
+    record that stands for two events gives both."""
     for run in runs:
         for t in EVENT_IN_RING.iter_unpack(run):
-            yield RawEvent(*_grouped(abi.EVENT, t))
+            e = RawEvent(*_grouped(abi.EVENT, t))
+            if e.flags & _OPENED:
+                yield from opened_session(e)
+            else:
+                yield e
 
 
 def decode_event(record: bytes) -> RawEvent:
-    """One bare struct event (no ring header)."""
+    """One bare struct event (no ring header), as the datapath wrote it."""
     return RawEvent(*_grouped(abi.EVENT, abi.EVENT.struct.unpack(record)))
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from microseg.flow.enrich import Enricher, Names, TimeFormatter
+from microseg.kernel import abi
 from microseg.kernel.abi import Direction, EventType, Reason, Ring, State, TcpFlag, Verdict
 from microseg.kernel.datapath import Datapath, DatapathConfig
-from microseg.kernel.records import decode_events
+from microseg.kernel.records import decode_event, decode_events
 from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import compile_policy
+from microseg.policy.model import Rule
+from microseg.policy.model import Selector as S
 
 from .harness import Harness, ping, tcp, udp
 from .policies import API4, DB4, DB6, ROGUE4, ROGUE6, WEB4, WEB6, shop
@@ -135,3 +139,51 @@ def test_ring_overflow_is_counted_exactly() -> None:
         ring.close()
     finally:
         dp.close()
+
+
+def _as_ring_run(events: list) -> bytes:
+    """Records as the ring holds them (8-byte header each), one per event."""
+    return b"".join(bytes(8) + abi.EVENT.pack(**e._asdict()) for e in events)
+
+
+def test_a_new_session_rides_on_its_verdict_record(dp: Harness) -> None:
+    """A packet that opens a session writes one ring record (docs/events.md
+    numbers its two events): decoded, it is the verdict and the session's
+    "new" event exactly as two records were; enriched, the same two events
+    as those two records give."""
+    compiled = dp.install(shop(Rule.make("ping-db", S.of_workload("web"), S.of_workload("db"),
+                                         "allow", "icmp")))
+    flows = [  # (packet, direction, the session's originator is its source)
+        (tcp(WEB4, DB4, 1000, 5432, "S"), Direction.INGRESS, True),
+        (tcp(WEB6, DB6, 1001, 5432, "S"), Direction.EGRESS, True),
+        # A reply whose session was lost: the session's originator is its
+        # destination (the reply stage opens it).
+        (tcp(DB4, WEB4, 5432, 1002, "A"), Direction.INGRESS, False),
+        (ping(WEB4, DB4), Direction.INGRESS, True),
+    ]
+    for pkt, direction, forward in flows:
+        assert dp.dp.test_run(bytes(pkt), direction).retval == 0
+        ring = dp.rings[Ring.EVENTS]
+        runs = ring.drain(1 << 20).runs
+        raw = [decode_event(r[8:]) for run in runs
+               for r in (run[i:i + ring.stride] for i in range(0, len(run), ring.stride))]
+        assert len(raw) == 1 and raw[0].flags & abi.EventFlag.OPENED, raw
+        verdict, session = decode_events(runs)
+        assert (verdict.type, session.type) == (EventType.VERDICT, EventType.SESSION)
+        assert (verdict.flags, verdict.state, verdict.created_ns) == (0, 0, 0)
+        assert (session.state, session.prev_state) == (raw[0].state, State.NONE)
+        assert session.created_ns == session.ts_ns == verdict.ts_ns
+        assert (session.rule_id, session.generation) == (verdict.rule_id, verdict.generation)
+        ends = (verdict.saddr, verdict.sport, verdict.daddr, verdict.dport)
+        if forward:
+            assert (session.saddr, session.sport, session.daddr, session.dport) == ends
+            assert session.packets == (1, 0) and session.bytes == (verdict.pkt_len, 0)
+        else:
+            assert (session.daddr, session.dport, session.saddr, session.sport) == ends
+            assert session.packets == (0, 1) and session.bytes == (0, verdict.pkt_len)
+        names = Names(lambda g: compiled, lambda i: "lo", lambda: compiled)
+        combined = Enricher(names, TimeFormatter(0), lambda: dp.generation).events(runs)
+        two = Enricher(names, TimeFormatter(0), lambda: dp.generation).events(
+            [_as_ring_run([verdict, session])])
+        assert combined == two
+        assert [e["type"] for e in combined] == ["verdict", "session"]
