@@ -106,7 +106,9 @@ class _Item:
     """One rule of the list, as the file-wide checks need it."""
 
     rule: Rule
-    # (line after the item's first line, column, path after "rules[i]", selector)
+    # Its references that are warnings (the workloads, hence which they
+    # are, stay as they were while re-reading): (line after the item's first
+    # line, column, path after "rules[i]", selector).
     refs: list[tuple[int, int, str, Selector]]
     depth: int   # flow depth where the item's text starts
     peak: int    # deepest flow depth within it
@@ -210,8 +212,9 @@ class Reparser:
             nxt = starts[j + 1] if j + 1 < len(starts) else hi
             seg = "\n".join(chunk[starts[j] - lo:nxt - lo])
             end_depth, peak = _walk(seg, depth)
-            new_items.append(_Item(rule, _relative(v._references[seen:], idx, starts[j]),
-                                   depth, peak, _indent(seg)))
+            refs = [r for r in v._references[seen:] if not st.check.fine(r[2])]
+            new_items.append(_Item(rule, _relative(refs, idx, starts[j]), depth, peak,
+                                   _indent(seg)))
             depth = end_depth
         old_depth = st.items[k1].depth if k1 < len(st.items) else st.tail_depth
         if depth != old_depth:
@@ -285,11 +288,8 @@ def _reference_issues(check: ReferenceCheck, items: list[_Item], starts: list[in
     """The warnings of the rules' references, in file order, as the full
     parse gives them; None if one is an error (the full parse reports it)."""
     out = []
-    fine = check.fine
     for idx, item in enumerate(items):
         for rel, col, tail, sel in item.refs:
-            if fine(sel):
-                continue
             severity, message = check.issue(f"rules[{idx}]{tail}", sel)
             if severity == "error":
                 return None
@@ -332,10 +332,14 @@ def _state_of(tree: ParsedTree, data: bytes) -> _State | None:
         nxt = starts[j + 1] if j + 1 < len(starts) else end
         if not starts[j] <= node.start_mark.line < nxt:
             return None
+    policy = tree.loaded.policy
+    check = ReferenceCheck(v._workload_names, v._label_sets, policy.discover)
     by_item: list[list[tuple[int, int, str, Selector]]] = [[] for _ in starts]
     for (line, col), path, sel in refs:
         if not path.startswith("rules["):
             return None
+        if check.fine(sel):
+            continue
         idx = int(path[6:path.index("]")])
         by_item[idx].append((line - 1 - starts[idx], col, path[path.index("]") + 1:], sel))
     head_text = "\n".join(lines[:starts[0]])
@@ -349,8 +353,6 @@ def _state_of(tree: ParsedTree, data: bytes) -> _State | None:
     tail_text = "\n".join(lines[end:])
     t_peak0 = _walk(tail_text, 0)[1]
     t_max = _walk(tail_text, 1 << 30)[1] - (1 << 30)  # the unclamped highest prefix
-    policy = tree.loaded.policy
-    check = ReferenceCheck(v._workload_names, v._label_sets, policy.discover)
     return _State(data, lines, tree.loaded, column, starts, end, items,
                   (head_peak, _indent(head_text)), (t_max, t_peak0, _indent(tail_text)),
                   depth, tree.nodes, check)
