@@ -18,10 +18,11 @@ ARCH=$(dpkg --print-architecture)
 # linux-headers-$ARCH: BCC's helpers need a kernel header tree (see below).
 # The rest: tc/ip, bpftool, the tools the tests and benchmarks drive (the
 # discovery tests run private docker and podman engines, busybox-static is
-# their image), and jq for the README's `watch --json | jq` examples.
+# their image), jq for the README's `watch --json | jq` examples, and
+# netsniff-ng for trafgen, the stress benchmark's packet generator.
 PACKAGES="python3-bpfcc python3-venv python3-pip bpftool iproute2 iputils-ping
   libbpf1 linux-headers-$ARCH tmux iperf3 nftables hping3 sockperf prometheus
-  procps psmisc jq docker.io busybox-static podman"
+  procps psmisc jq docker.io busybox-static podman netsniff-ng"
 
 missing=""
 for p in $PACKAGES; do
