@@ -50,13 +50,18 @@ static __always_inline void emit_denial(const struct agg_key *k,
 					const struct agg_value *v, __u64 count,
 					__u64 bytes, __u32 pkt_len, __u64 now)
 {
-	struct event *e = reserve_event(k->type, RING_DENIALS);
+	struct event *e = reserve_record(RING_DENIALS);
 
+	count_record(RING_DENIALS, k->type, e != NULL);
 	if (!e)
 		return;
+	/* Every field written (see reserve_record). */
 	e->ts_ns = now;
+	e->created_ns = 0;
 	e->packets[0] = count;
+	e->packets[1] = 0;
 	e->bytes[0] = bytes;
+	e->bytes[1] = 0;
 	__builtin_memcpy(e->saddr, k->saddr, 16);
 	__builtin_memcpy(e->daddr, k->daddr, 16);
 	e->ifindex = k->hook >> 1;
@@ -68,13 +73,17 @@ static __always_inline void emit_denial(const struct agg_key *k,
 	e->dst_identity = v->dst_identity;
 	e->sport = v->sport;
 	e->dport = k->dport;
+	e->type = k->type;
 	e->family = k->family;
 	e->proto = k->proto;
 	e->tcp_flags = v->tcp_flags;
 	e->verdict = k->verdict;
 	e->reason = k->reason;
+	e->state = STATE_NONE;
+	e->prev_state = STATE_NONE;
 	e->flags = k->audit ? EVENT_F_AUDIT : 0;
 	e->staged_verdict = v->staged_verdict;
+	e->pad = 0;
 	e->staged_rule = v->staged_rule;
 	e->staged_generation = v->staged_generation;
 	submit_event(e, RING_DENIALS);

@@ -16,7 +16,8 @@
 
 /* Every field of a record is written before it is submitted: reserved
  * ring memory is not zeroed (no stale bytes may reach userspace). */
-_Static_assert(sizeof(struct event) == 128, "fill_verdict_record() writes every field");
+_Static_assert(sizeof(struct event) == 128,
+	       "fill_verdict_record(), emit_session_event() and emit_denial() write every field");
 
 /* A record's space in a ring (a constant at every call site); NULL when
  * the ring is full. Its contents are stale: the caller fills all of it. */
@@ -41,20 +42,6 @@ static __always_inline void count_record(__u32 ring, __u32 type, int submitted)
 		st->submitted++;
 	else
 		st->lost++;
-}
-
-/* A zeroed record of a type (drops and session events: they fill some
- * fields only). ring: RING_EVENTS or RING_DENIALS. */
-static __always_inline struct event *reserve_event(__u32 type, __u32 ring)
-{
-	struct event *e = reserve_record(ring);
-
-	count_record(ring, type, e != NULL);
-	if (!e)
-		return NULL;
-	__builtin_memset(e, 0, sizeof(*e));
-	e->type = type;
-	return e;
 }
 
 static __always_inline void fill_endpoints(struct event *e, const __u8 *saddr,

@@ -172,11 +172,14 @@ static __always_inline void emit_session_event(struct __sk_buff *skb,
 					       __u8 state, __u8 prev_state,
 					       __u64 now)
 {
-	struct event *e = reserve_event(EVENT_SESSION, RING_EVENTS);
+	struct event *e = reserve_record(RING_EVENTS);
 
+	count_record(RING_EVENTS, EVENT_SESSION, e != NULL);
 	if (!e)
 		return;
+	/* Every field written (see reserve_record). */
 	fill_packet_fields(e, skb, p, dir, now);
+	e->type = EVENT_SESSION;
 	e->created_ns = s->created_ns;
 	e->packets[0] = s->packets[0];
 	e->packets[1] = s->packets[1];
@@ -194,6 +197,11 @@ static __always_inline void emit_session_event(struct __sk_buff *skb,
 	e->reason = s->reason;
 	e->state = state;
 	e->prev_state = prev_state;
+	e->flags = 0;
+	e->staged_verdict = 0;
+	e->pad = 0;
+	e->staged_rule = 0;
+	e->staged_generation = 0;
 	submit_event(e, RING_EVENTS);
 }
 

@@ -187,3 +187,48 @@ def test_a_new_session_rides_on_its_verdict_record(dp: Harness) -> None:
             [_as_ring_run([verdict, session])])
         assert combined == two
         assert [e["type"] for e in combined] == ["verdict", "session"]
+
+
+def test_records_carry_no_stale_bytes() -> None:
+    """Records are written field by field, not zeroed first (bpf/lib/events.h):
+    in a ring that wraps, a record written where one of another kind was
+    has zeros in every field its kind leaves empty."""
+    dp = Datapath(DatapathConfig(pin_dir=None, session_capacity=1024, ringbuf_bytes=4096))
+    dp.load()
+    try:
+        dp.apply_policy(compile_policy(shop()))
+        # A candidate that decides otherwise: verdicts carry staged fields.
+        dp.stage_policy(compile_policy(shop(default="allow")))
+        rings = {r: RingBuffer(dp.maps[name].fd, abi.EVENT.size)
+                 for r, name in ((Ring.EVENTS, "events"), (Ring.DENIALS, "denials"))}
+        pad_at = abi.EVENT.offsets()["_pad"]
+        seen: Counter = Counter()
+        for i in range(60):  # each ring (30 records) wraps twice
+            sport = 2000 + i
+            for pkt in (tcp(WEB4, DB4, sport, 5432, "S"), tcp(DB4, WEB4, 5432, sport, "SA"),
+                        tcp(WEB4, DB4, sport, 5432, "A"), tcp(WEB4, DB4, sport, 5432, "R"),
+                        tcp(WEB4, DB4, sport + 1000, 5432, "R"),  # allowed, opens nothing
+                        tcp(ROGUE4, DB4, sport, 5432, "S"), tcp(ROGUE4, DB4, 1, 22, "SF")):
+                dp.test_run(bytes(pkt))
+            for ring, rb in rings.items():
+                for run in rb.drain(1 << 20).runs:
+                    for off in range(0, len(run), rb.stride):
+                        raw = run[off + 8:off + 8 + abi.EVENT.size]
+                        e = decode_event(raw)
+                        kind = EventType(e.type)
+                        seen[ring, kind] += 1
+                        assert raw[pad_at] == 0, e
+                        if kind == EventType.SESSION:
+                            assert (e.flags, e.staged_verdict, e.staged_rule,
+                                    e.staged_generation) == (0, 0, 0, 0), e
+                        elif not e.flags & abi.EventFlag.OPENED:
+                            assert (e.created_ns, e.packets[1], e.bytes[1], e.state,
+                                    e.prev_state) == (0, 0, 0, 0, 0), e
+        assert all(seen[k] >= 60 for k in ((Ring.EVENTS, EventType.VERDICT),
+                                           (Ring.EVENTS, EventType.SESSION),
+                                           (Ring.DENIALS, EventType.VERDICT),
+                                           (Ring.DENIALS, EventType.DROP))), seen
+        for rb in rings.values():
+            rb.close()
+    finally:
+        dp.close()
