@@ -406,19 +406,28 @@ class Datapath:
 
     def _read_slot(self, slot: int) -> tuple[dict[str, dict[bytes, bytes]], bytes]:
         """What a slot holds in the kernel (after a restart, or a crash in
-        the middle of an apply), without the slot fields."""
-        contents: dict[str, dict[bytes, bytes]] = {}
+        the middle of an apply), without the slot fields. The maps are read
+        whole, so the other slots not known yet are noted too: at start the
+        converge after the first apply would otherwise read back the
+        hundreds of thousands of entries that apply just wrote."""
+        every: dict[int, dict[str, dict[bytes, bytes]]] = {
+            s: {name: {} for name in self._POLICY_MAPS} for s in range(abi.POLICY_SLOTS)}
         for name in self._POLICY_MAPS:
             m, off = self.maps[name], 4 if name in self._LPM_MAPS else 0
-            mine = contents[name] = {}
             for key, value in self._all_items(m):
-                if _U32.unpack_from(key, off)[0] == slot:
-                    mine[key[:off] + key[off + 4:]] = value
-        # This slot's stretch of the array, read as memory (a batch lookup
+                s = _U32.unpack_from(key, off)[0]
+                if s in every:
+                    every[s][name][key[:off] + key[off + 4:]] = value
+        # Each slot's stretch of the array, read as memory (a batch lookup
         # of the whole took most of a restart's first apply).
-        first = abi.port_class_index(slot, False, 0)
         classes = self.maps["port_class_map"].array_u32()
-        return contents, classes[2 * first:2 * (first + _PORTS_PER_SLOT):2].tobytes()
+        read = {}
+        for s, contents in every.items():
+            first = abi.port_class_index(s, False, 0)
+            read[s] = (contents, classes[2 * first:2 * (first + _PORTS_PER_SLOT):2].tobytes())
+            if s != slot and s not in self._slots and s not in self._slot_serial:
+                self._slots[s] = read[s]
+        return read[slot]
 
     @staticmethod
     def _all_items(m: bpfsys.BpfMap) -> Iterator[tuple[bytes, bytes]]:

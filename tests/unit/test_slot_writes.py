@@ -21,10 +21,17 @@ POLICY_MAPS = Datapath._POLICY_MAPS
 
 
 class FakeMap:
+    type = 1  # a hash map: read back with batch lookups
+
     def __init__(self, key_size: int, value_size: int) -> None:
         self.key_size, self.value_size = key_size, value_size
         self.data: dict[bytes, bytes] = {}
         self.writes = 0
+        self.reads = 0
+
+    def lookup_batch(self) -> list[tuple[bytes, bytes]]:
+        self.reads += len(self.data)
+        return list(self.data.items())
 
     def update(self, key: bytes, value: bytes) -> None:
         self.data[key] = value
@@ -116,3 +123,21 @@ def test_a_slot_not_holding_the_edited_compile_is_compared_in_full(dp: Datapath)
     gen = dp.apply_policy(edit)
     assert _slot(dp, abi.policy_slot(gen)) == edit.map_contents()
     assert _slot(dp, abi.policy_slot(gen) ^ 1) == edit.map_contents()
+
+
+def test_a_restart_on_pins_reads_the_slots_back_once(dp: Datapath,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon restarted on existing pins knows nothing of what the slots
+    hold: it reads the maps back once (all slots), and the converge after
+    its first apply does not read back what that apply wrote."""
+    first = compile_policy(_big())
+    dp.apply_policy(first)  # both slots hold it
+    again = Datapath()
+    again.maps = dp.maps
+    edited = compile_policy(dataclasses.replace(_big(), default="allow",
+                                                rules=_big().rules[5:]))
+    gen = again.apply_policy(edited)
+    held = sum(len(m) for m in first.map_contents().values())
+    assert sum(again.maps[name].reads for name in POLICY_MAPS) == 2 * held  # read once
+    assert _slot(again, abi.policy_slot(gen)) == edited.map_contents()
+    assert _slot(again, abi.policy_slot(gen) ^ 1) == edited.map_contents()
