@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ _OTHER_BREAKS = (b"\r", "\x85".encode(), "\u2028".encode(), "\u2029".encode())
 _BRACKETS = re.compile(r"[\[\]{}]")
 _INDENT = re.compile(r"^[ \t-]*", re.M)
 _BLOCK = 64 * 1024  # bytes compared at a time when looking for the first difference
+
+log = logging.getLogger("microseg.policy")
 
 
 def _walk(text: str, depth: int) -> tuple[int, int]:
@@ -146,11 +149,18 @@ class Reparser:
                 fast = self._edit(st, data, filename)
             except (YAMLError, ValueError, RecursionError, _TooManyNodes):
                 fast = None  # whatever it is, the full parse says it exactly
+            except Exception:  # a shortcut's bug must not cost a reload
+                log.exception("policy re-read: parsing the whole file instead")
+                fast = None
             if fast is not None:
                 self.shortcuts += 1
                 return fast
         tree = parse_tree(data, filename)  # raises PolicyError: the state stays
-        self._state = _state_of(tree, data)
+        try:
+            self._state = _state_of(tree, data)
+        except Exception:
+            log.exception("policy re-read: the next read parses the whole file")
+            self._state = None
         return tree.loaded
 
     # -- an edit -------------------------------------------------------------
