@@ -65,6 +65,16 @@ def _size(text: str) -> int:
 
 # -- microseg run -----------------------------------------------------------
 
+def _run_time_stats(text: str) -> str:
+    from microseg.control.runstats import parse_mode
+
+    try:
+        parse_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
@@ -98,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
             flow_log_keep=args.flow_log_keep, timeouts=timeouts,
             sweep_interval=args.sweep_interval, metrics=metrics,
-            event_window=args.event_window),
+            event_window=args.event_window, run_time_stats=args.run_time_stats),
             preload=preload)
     finally:
         if preload is not None:
@@ -655,6 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeated denials and drops of one flow within this window are "
                    "reported as one event with a count; 0: every packet its own event "
                    "(default: %(default)s)")
+    p.add_argument("--run-time-stats", type=_run_time_stats, default="1/15",
+                   metavar="WINDOW/PERIOD|on|off",
+                   help="the kernel's BPF run-time statistics (datapath ns/packet) cost "
+                   "every packet while on: on for WINDOW seconds every PERIOD, or for the "
+                   "whole run, or never (default: %(default)s)")
     p.add_argument("--metrics", default="127.0.0.1:9750", metavar="ADDR",
                    help="Prometheus listener, HOST:PORT or [IPV6]:PORT (port 0: any free "
                    "port, shown by /v1/status), or 'off' (default: %(default)s)")

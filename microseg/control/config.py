@@ -31,4 +31,7 @@ class RunConfig:
     # Repeated denials/drops of one flow within this window are one event
     # (bpf/lib/aggregate.h); 0 turns aggregation off.
     event_window: float = 1.0
+    # The kernel's BPF run-time statistics: WINDOW/PERIOD seconds (sampled),
+    # "on" or "off" (microseg/control/runstats.py).
+    run_time_stats: str = "1/15"
     metrics: tuple[str, int] | None = ("127.0.0.1", 9750)  # None: no metrics listener

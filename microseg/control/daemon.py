@@ -23,13 +23,13 @@ from microseg.control import api
 from microseg.control.config import RunConfig
 from microseg.control.discovery import Sources
 from microseg.control.report import Report
+from microseg.control.runstats import RunTimeStats
 from microseg.control.views import Parts, Views
 from microseg.flow.aggregates import Flusher
 from microseg.flow.enrich import Names
 from microseg.flow.hub import EventHub, rfc3339
 from microseg.flow.pipeline import Pipeline
 from microseg.flow.sweeper import Sweeper
-from microseg.kernel import bpfsys
 from microseg.kernel.clock import SessionClock
 from microseg.kernel.datapath import Datapath
 from microseg.kernel.interfaces import InterfaceManager
@@ -106,7 +106,10 @@ class Daemon:
         self.flusher = Flusher(self.datapath, cfg.event_window)
         self.links = LinkWatcher(self._on_links_changed)
         self._metrics_runner: web.AppRunner | None = None
-        self._stats_fd = -1
+        # The kernel's run-time statistics cost every packet while on: sampled
+        # (microseg/control/runstats.py).
+        self.run_stats = RunTimeStats(cfg.run_time_stats)
+        self.parts.run_stats = self.run_stats
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
@@ -161,10 +164,6 @@ class Daemon:
                  "identity=%s", "reused" if report.reused_programs else "loaded",
                  report.compile_s, report.load_s, self.cfg.pin_dir, len(report.reused_pins),
                  report.identity)
-        try:  # kernel run-time stats (ns per packet), for as long as we hold the fd
-            self._stats_fd = bpfsys.enable_run_time_stats()
-        except OSError as e:
-            log.warning("kernel BPF run-time stats unavailable: %s", e)
         parts = self.parts
         # The kernel's tick rate takes a tenth of a second to measure: beside
         # the rest of the start, needed only before the links are attached.
@@ -213,6 +212,7 @@ class Daemon:
             name="policy-watch"))
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
         self._tasks.append(asyncio.create_task(self._flush_forever(), name="aggregates"))
+        self._tasks.append(asyncio.create_task(self.run_stats.run(), name="run-time-stats"))
         parts.ready = True
         log.info("ready in %.2fs socket=%s interfaces=%s generation=%d", time.perf_counter() - t0,
                  self.cfg.socket_path, ",".join(a.name for a in self.interfaces.attached.values())
@@ -336,9 +336,7 @@ class Daemon:
         if self.parts.flowlog is not None:
             await self.parts.flowlog.stop()
         self.hub.close()  # open `watch` streams end
-        if self._stats_fd >= 0:
-            os.close(self._stats_fd)
-            self._stats_fd = -1
+        self.run_stats.close()
         if self._runner is not None:
             await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):

@@ -32,6 +32,7 @@ from microseg.policy.model import PROTOCOL_NAMES
 
 if TYPE_CHECKING:
     from microseg.control.discovery import Sources
+    from microseg.control.runstats import RunTimeStats
     from microseg.exporters.flowlog import FlowLog
     from microseg.flow.pipeline import Pipeline
     from microseg.flow.sweeper import Sweeper
@@ -61,6 +62,7 @@ class Parts:
     flowlog: FlowLog | None = None
     last_sweep: dict | None = None
     metrics_listen: str | None = None
+    run_stats: RunTimeStats | None = None
     ready: bool = False
     # Every verdict event's flow (`policy suggest`/`diff` read it) and the
     # flows a staged candidate would judge otherwise: fed by the hub.
@@ -237,8 +239,12 @@ class Views:
             "policy": {"generation": r.policy_generation,
                        "reloads_total": r.policy_reloads,
                        "reload_failures_total": r.policy_reload_failures},
+            # Counted while the kernel's run-time statistics were on: sampled
+            # windows by default (microseg/control/runstats.py).
             "datapath": {"runs": runs, "run_time_ns": run_ns,
                          "avg_ns_per_packet": round(run_ns / runs, 1) if runs else None,
+                         "run_time_stats": self.parts.run_stats.describe()
+                         if self.parts.run_stats else None,
                          "programs": self._programs(),
                          "load": self._load()},
             "flow_log": r.flow_log,

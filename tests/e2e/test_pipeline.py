@@ -32,7 +32,10 @@ LAB = LabSpec([WorkloadSpec("client", 10), WorkloadSpec("web", 20), WorkloadSpec
 # the pipeline with floods of them (aggregation: tests/e2e/test_hardening.py).
 DAEMON_ARGS = ("--flow-log-max-bytes", "64KiB", "--flow-log-keep", "2",
                "--timeout", "udp_new=2", "--timeout", "udp_established=2",
-               "--sweep-interval", "0.5", "--event-window", "0")
+               "--sweep-interval", "0.5", "--event-window", "0",
+               # test_stats reads the ns/packet of packets sent at any time
+               # (sampled by default: docs/metrics.md).
+               "--run-time-stats", "on")
 
 POLICY = """\
 version: 1
