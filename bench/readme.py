@@ -170,6 +170,34 @@ def _traffic(res: dict | None) -> list[str]:
             "|---|---|---|"]
     out += [f"| {what} | {measured} | {_met(ok)} |" for what, measured, ok in
             traffic_verdicts(res)]
+    return out + _traffic_breakdown(res)
+
+
+def _traffic_breakdown(res: dict) -> list[str]:
+    """Where microseg's request/response overhead goes: configurations
+    measured with sockperf alone, interleaved with the ones above."""
+    b = res.get("breakdown")
+    if not b:
+        return []
+    c = res["configs"]
+    base = c["none"]["p50_us"]["median"]
+    rows = [("no firewall", c["none"]), ("a TC program returning `TC_ACT_OK` at once, "
+                                         "where microseg attaches", b.get("tc_ok")),
+            ("microseg's programs and policy, the daemon stopped (`--keep-on-exit`)",
+             b.get("microseg_kept")),
+            ("the same, the kernel's BPF run-time statistics on",
+             b.get("microseg_kept_stats")),
+            ("microseg, the daemon running", c["microseg"])]
+    out = ["", "Where the request/response overhead goes (p50, medians over the same rounds; "
+           "each packet passes two hooks, ingress of one veth and egress of the other; "
+           "[docs/performance.md](docs/performance.md#real-traffic) has the analysis):", "",
+           "| request/response | p50 µs | over no firewall |", "|---|---|---|"]
+    for label, r in rows:
+        if r is None:
+            continue
+        p50 = r["p50_us"]["median"]
+        out.append(f"| {label} | {p50:.2f} | "
+                   f"{'' if r is c['none'] else f'{p50 - base:+.2f}'} |")
     return out
 
 

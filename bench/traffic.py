@@ -16,6 +16,11 @@ their order rotated every round:
 - UDP, 64-byte datagrams as fast as the sender can (iperf3): datagrams/s
   received;
 - TCP stream (iperf3): bits/s received.
+
+And, interleaved with them, request/response alone for the breakdown of
+microseg's overhead (BREAKDOWN): a trivial TC program where microseg
+attaches, and microseg's programs with the daemon stopped, with the kernel's
+BPF run-time statistics off and on.
 """
 
 from __future__ import annotations
@@ -35,8 +40,18 @@ from collections.abc import Callable
 from microseg.lab.topology import Lab, WorkloadSpec, wait_for
 
 CONFIGS = ("none", "microseg", "nft_linear", "nft_sets")
+# Where microseg's request/response overhead goes (README, "Real traffic"):
+# measured with sockperf only, interleaved with the configurations above.
+# "microseg_kept" measures "microseg_kept_stats" too, on the same attached
+# programs (one daemon start less per round), in either order by turns.
+BREAKDOWN = ("tc_ok", "microseg_kept", "microseg_kept_stats")
 LABELS = {"none": "no firewall", "microseg": "microseg",
-          "nft_linear": "nftables, linear rules", "nft_sets": "nftables, a set"}
+          "nft_linear": "nftables, linear rules", "nft_sets": "nftables, a set",
+          "tc_ok": "a TC program returning TC_ACT_OK",
+          "tc_ok_ingress": "a TC program returning TC_ACT_OK, ingress only",
+          "microseg_kept": "microseg's programs, daemon stopped",
+          "microseg_kept_stats": "microseg's programs, daemon stopped, run-time stats on",
+          "microseg_kept_ingress": "microseg's programs, daemon stopped, ingress only"}
 RR_PORT, IPERF_PORT = 11111, 5201
 PIN_DIR = "/sys/fs/bpf/microseg-bench-traffic"
 NFT_TABLE = "msbench"
@@ -100,47 +115,159 @@ def nft_ruleset(lab: Lab, rules: int, sets: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Firewall:
-    """One configuration, set up and torn down around each round's tests."""
+# A TC program that returns TC_ACT_OK at once: what any TC program costs
+# on this path (the kernel's clsact and cls_bpf, the program's call).
+TRIVIAL_C = "int tc_ok(struct __sk_buff *skb) { return 0; }"
 
-    def __init__(self, kind: str, lab: Lab, rules: int, work: str) -> None:
+
+class TrivialProgram:
+    """The trivial program, compiled once per run, attached where microseg
+    attaches (both hooks of both host-side veths, or ingress only)."""
+
+    def __init__(self) -> None:
+        from bcc import BPF
+
+        self.bpf = BPF(text=TRIVIAL_C)
+        self.fd = self.bpf.load_func("tc_ok", BPF.SCHED_CLS).fd
+
+    def attach(self, lab: Lab, hooks: str = "both") -> None:
+        _attach_all(lab, self.fd, self.fd, hooks)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def _attach_all(lab: Lab, ingress_fd: int, egress_fd: int, hooks: str) -> None:
+    from pyroute2 import IPRoute
+
+    from microseg.kernel import tc
+
+    with IPRoute() as ipr:
+        for w in lab.workloads:
+            idx = lab.ifindex(w.name)
+            tc.attach(ipr, idx, ingress_fd, egress_fd)
+            if hooks == "ingress":
+                _del_filter(ipr, idx, tc.PARENT_EGRESS)
+
+
+def _del_filter(ipr, idx: int, parent: str) -> None:
+    from microseg.kernel import tc
+
+    ipr.tc("del-filter", "bpf", idx, tc.FILTER_HANDLE, parent=parent, prio=tc.FILTER_PRIO,
+           protocol=tc.ETH_P_ALL)
+
+
+def _detach_all(lab: Lab, hooks: str = "both") -> None:
+    """Remove whatever TC programs a configuration left on the lab's veths."""
+    from pyroute2 import IPRoute
+
+    from microseg.kernel import tc
+
+    with IPRoute() as ipr:
+        for w in lab.workloads:
+            try:
+                idx = lab.ifindex(w.name)
+            except OSError:
+                continue
+            if hooks == "egress":
+                _del_filter(ipr, idx, tc.PARENT_EGRESS)
+            else:
+                tc.detach(ipr, idx)
+
+
+def _set_bpf_stats(on: bool) -> None:
+    with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+        f.write("1" if on else "0")
+
+
+class Firewall:
+    """One configuration, set up and torn down around each round's tests.
+
+    Besides the compared firewalls, the breakdown of microseg's cost:
+    - "tc_ok": the trivial program where microseg attaches;
+    - "microseg_kept": microseg's programs and maps, attached and enforcing
+      the same policy, the daemon stopped (`--keep-on-exit`): no daemon
+      wake-ups, no kernel run-time statistics;
+    - "microseg_kept_stats": the same with the kernel's BPF run-time
+      statistics on (`kernel.bpf_stats_enabled`, what a daemon's stats fd
+      turns on);
+    - "microseg_kept_ingress": microseg_kept with the egress hooks removed
+      (one program per packet instead of two).
+    """
+
+    def __init__(self, kind: str, lab: Lab, rules: int, work: str,
+                 trivial: TrivialProgram | None = None,
+                 daemon_argv: list[str] | None = None) -> None:
         self.kind, self.lab, self.rules, self.work = kind, lab, rules, work
+        self.trivial = trivial
+        self.daemon_argv = daemon_argv or [sys.executable, "-m", "microseg"]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Firewall:
+        try:
+            self._enter()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _enter(self) -> None:
         if self.kind == "microseg":
             self._start_microseg()
+        elif self.kind.startswith("microseg_kept"):
+            self._start_microseg(keep=True)
+            self.proc.send_signal(signal.SIGTERM)
+            if self.proc.wait(timeout=30) != 0:
+                raise RuntimeError("bench traffic: the microseg daemon did not stop cleanly")
+            self.proc = None
+            if self.kind.endswith("_ingress"):
+                _detach_all(self.lab, hooks="egress")
+            if self.kind.endswith("_stats"):
+                _set_bpf_stats(True)
+        elif self.kind.startswith("tc_ok"):
+            assert self.trivial is not None
+            self.trivial.attach(self.lab, "ingress" if self.kind.endswith("_ingress")
+                                else "both")
         elif self.kind.startswith("nft"):
             path = os.path.join(self.work, f"{self.kind}.nft")
             with open(path, "w") as f:
                 f.write(nft_ruleset(self.lab, self.rules, sets=self.kind == "nft_sets"))
             subprocess.run(["nft", "-f", path], check=True, capture_output=True)
             _bridge_nf(self.lab, True)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
             self.proc = None
+        if self.kind.startswith(("microseg_kept", "tc_ok")):
+            _set_bpf_stats(False)
+            _detach_all(self.lab)
+            shutil.rmtree(PIN_DIR, ignore_errors=True)
         if self.kind.startswith("nft"):
             _bridge_nf(self.lab, False)
             subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
 
-    def _start_microseg(self) -> None:
+    def _start_microseg(self, keep: bool = False) -> None:
         from .policy import _status
 
         path = os.path.join(self.work, "policy.yaml")
         with open(path, "w") as f:
             f.write(policy_yaml(self.lab, self.rules))
         sock = os.path.join(self.work, "ms.sock")
+        log = os.path.join(self.work, "daemon.log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "microseg", "run", "--metrics", "off", "-i", self.lab.glob,
-             "--policy", path, "--socket", sock, "--pin-dir", PIN_DIR],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ok = wait_for(lambda: os.path.exists(sock) and _status(sock).get("ready"), timeout=120)
+            [*self.daemon_argv, "run", "--metrics", "off", "-i", self.lab.glob,
+             "--policy", path, "--socket", sock, "--pin-dir", PIN_DIR,
+             *(["--keep-on-exit"] if keep else [])],
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115 (the child's)
+        ok = wait_for(lambda: self.proc.poll() is None and os.path.exists(sock)
+                      and _status(sock).get("ready"), timeout=120)
         if not ok:
-            raise RuntimeError("bench traffic: the microseg daemon did not become ready")
+            with open(log, errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f"bench traffic: the microseg daemon did not become ready:\n"
+                               f"{tail}")
 
 
 def _bridge_nf(lab: Lab, on: bool) -> None:
@@ -208,7 +335,7 @@ def _check_enforced(lab: Lab, kind: str) -> None:
     with no firewall, refused by the server's kernel)."""
     got = lab.run("cli", [sys.executable, "-c", _CONNECT, lab.ipv4("srv")],
                   timeout=30).stdout.strip()
-    want = "refused" if kind == "none" else "dropped"
+    want = "refused" if kind == "none" or kind.startswith("tc_ok") else "dropped"
     if got != want:
         raise RuntimeError(f"bench traffic: {LABELS[kind]}: tcp to port 22 {got}, "
                            f"expected {want}")
@@ -226,7 +353,9 @@ def measure(rounds: int, seconds: float, rules: int,
     lab = Lab([WorkloadSpec("cli", 10), WorkloadSpec("srv", 20)], prefix="msbt",
               subnet4="10.210.0.0/24", subnet6="fd00:210::/64")
     work = tempfile.mkdtemp(prefix="microseg-bench-traffic-")
-    samples: dict[str, list[dict]] = {k: [] for k in CONFIGS}
+    kinds = CONFIGS + BREAKDOWN[:-1]
+    samples: dict[str, list[dict]] = {k: [] for k in CONFIGS + BREAKDOWN}
+    trivial = None
     try:
         lab.up()
         lab.spawn("srv", [*PIN, "sockperf", "server", "--tcp", "-i", "0.0.0.0",
@@ -235,21 +364,34 @@ def measure(rounds: int, seconds: float, rules: int,
         lab.spawn("srv", [*PIN, "iperf3", "-s", "-p", str(IPERF_PORT)],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
+        trivial = TrivialProgram()
         for r in range(rounds):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
             for kind in order:
                 progress(f"traffic round {r + 1}/{rounds}: {LABELS[kind]}")
-                with Firewall(kind, lab, rules, work):
+                with Firewall(kind, lab, rules, work, trivial=trivial):
                     _check_enforced(lab, kind)
-                    samples[kind].append(_run_tests(lab, seconds))
+                    if kind in CONFIGS:
+                        samples[kind].append(_run_tests(lab, seconds))
+                    elif kind == "microseg_kept":
+                        for stats in (False, True) if r % 2 == 0 else (True, False):
+                            _set_bpf_stats(stats)
+                            samples[kind + "_stats" * stats].append(
+                                _sockperf_rr(lab, seconds))
+                    else:
+                        samples[kind].append(_sockperf_rr(lab, seconds))
     finally:
+        if trivial is not None:
+            trivial.close()
+        _set_bpf_stats(False)
         lab.down()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
         shutil.rmtree(PIN_DIR, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     out: dict = {"params": {"rounds": rounds, "seconds": seconds, "rules": rules},
-                 "configs": {}}
+                 "configs": {}, "breakdown": {}}
     for kind, runs in samples.items():
-        out["configs"][kind] = {"label": LABELS[kind], "runs": runs,
-                                **{m: summarize([x[m] for x in runs]) for m in runs[0]}}
+        out["configs" if kind in CONFIGS else "breakdown"][kind] = {
+            "label": LABELS[kind], "runs": runs,
+            **{m: summarize([x[m] for x in runs]) for m in runs[0]}}
     return out

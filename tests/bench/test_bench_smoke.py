@@ -73,8 +73,12 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
         for key in ("rr_per_s", "p50_us", "p99_us", "udp_pps", "stream_gbps"):
             assert run[key]["median"] > 0, (kind, key)
     assert "Real traffic between two lab namespaces" in r.stdout
+    breakdown = res["traffic"]["breakdown"]
+    assert set(breakdown) == {"tc_ok", "microseg_kept", "microseg_kept_stats"}
+    assert all(run["p50_us"]["median"] > 0 for run in breakdown.values())
     section = readme.render(res)  # the README generator reads every figure it needs
     assert "**Real traffic**" in section and "**TUI**" in section
+    assert "Where the request/response overhead goes" in section
     soak = res["soak"]
     assert soak["cycles"] > 0 and len(soak["samples"]) >= 2
     assert "Soak:" in r.stdout
