@@ -420,7 +420,8 @@ struct event {
 	__u8 family;          /* 4 or 6 */
 	__u8 proto;           /* IP protocol number */
 	__u8 tcp_flags;
-	__u8 state;           /* session events: enum mseg_state */
+	__u8 state;           /* session events: enum mseg_state; verdict events
+			       * with EVENT_F_OPENED: the new session's */
 	__u8 prev_state;
 	__u8 flags;           /* enum mseg_event_flags */
 	__u8 staged_verdict;  /* verdict events: the staged policy's verdict + 1
