@@ -25,6 +25,7 @@ from . import (
     sessions,
     soak,
     start,
+    stress,
     traffic,
     tui,
 )
@@ -59,6 +60,10 @@ EVENT_MODES = {
     "quick": {"records": 50_000, "events": 50_000, "burst": 10_000},
 }
 SESSION_SIZES = {"full": (100_000, 1_000_000), "quick": (5_000,)}
+# The stress section (bench/stress.py): rounds of every configuration and
+# flood, seconds counted after a warm-up; rules as in TRAFFIC_MODES.
+STRESS_MODES = {"full": {"rounds": 5, "seconds": 3, "warmup": 1.0, "rules": 1_000},
+                "quick": {"rounds": 1, "seconds": 0.5, "warmup": 0.3, "rules": 10}}
 TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
 SOAK_SECONDS = {"full": 600, "quick": 4}
@@ -102,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     sess = sessions.measure(SESSION_SIZES[args.mode])
     top = tui.measure(**TUI_MODES[args.mode])
     real = traffic.measure(**TRAFFIC_MODES[args.mode])
+    flood = stress.measure(**STRESS_MODES[args.mode])
     soaked = soak.measure(SOAK_SECONDS[args.mode])
     found = discovery.measure(**DISCOVERY_MODES[args.mode])
     learned = lifecycle.measure(LIFECYCLE_LINES[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
            "machine": machine(), "datapath": res, "start": began, "policy": pol, "events": ev,
-           "sessions": sess, "tui": top, "traffic": real, "soak": soaked,
+           "sessions": sess, "tui": top, "traffic": real, "stress": flood, "soak": soaked,
            "discovery": found, "lifecycle": learned}
     m = out["machine"]
     print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(start.table(began))
     print()
     print("\n".join(traffic_table(real)))
+    print()
+    print(stress.table(flood))
     print()
     print("\n".join(policy_table(pol)))
     print()

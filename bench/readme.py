@@ -417,6 +417,57 @@ def _lifecycle(res: dict | None) -> list[str]:
     return out
 
 
+def _stress(res: dict | None) -> list[str]:
+    """The stress section (bench/stress.py); nothing until a full `make
+    bench` has measured it, so the README always equals results.json."""
+    if res is None:
+        return []
+    from .stress import offered_met, verdicts
+
+    p, g = res["params"], res["generator"]
+
+    def pps(r: dict) -> str:
+        return f"{r['median']:,.0f} ({r['min']:,.0f} to {r['max']:,.0f})"
+
+    out = [f"**Stress** — trafgen (netsniff-ng, an AF_PACKET TX ring) offers "
+           f"{p['frame_bytes']}-byte UDP frames (64 on a wire) as fast as one CPU can into a "
+           "lab veth; they cross microseg's TC programs on the host side of the veths and a "
+           "bridge into a receiver namespace. "
+           f"{p['rounds']} rounds, the configurations interleaved and rotated each round, "
+           f"{p['seconds']} s each after {p['warmup']} s of warm-up; medians (min to max). "
+           "Allowed, established: one UDP flow made a session by a datagram and its answer, "
+           "then flooded; nftables as in the real-traffic table (a set, conntrack). Denied "
+           "flood: the same frames from a workload the policy denies, its events aggregated "
+           "per flow (`--event-window` 1 s). On veth the generator and the whole path share "
+           "one CPU (the softirq runs on the sender's CPU right after each send): offered is "
+           "what that CPU sustains with the path included, and on a shared VM it follows how "
+           "much of the CPU the generator gets. So what is compared is per second of the "
+           "generator's own CPU time (its sends and the path they run inline): packets "
+           "delivered to the receiver, or, for the denied flood, taken in and judged by the "
+           "host (delivered with a firewall: 0). ns/packet: that CPU time per packet; BPF "
+           "ns: microseg's programs, both hooks, from the kernel's run-time statistics.",
+           "",
+           "| configuration | offered/s | delivered/s | per CPU-second (denied: taken) "
+           "| % of no firewall | target ≥ 95 % | ns/packet | BPF ns/packet |",
+           "|---|---|---|---|---|---|---|---|"]
+    rows = verdicts(res)
+    for r in rows:
+        met = "" if r["met"] is None else _met(r["met"])
+        bpf = f"{r['bpf_ns']['median']:,.0f}" if r["bpf_ns"] else ""
+        out.append(f"| {r['label']} | {pps(r['offered'])} | {pps(r['delivered'])} | "
+                   f"{pps(r['compared'])} | {100 * r['share']:.0f} % | {met} | "
+                   f"{r['ns']['median']:,.0f} | {bpf} |")
+    out += ["", f"The generator alone, into a veth whose frames the host drops at once, offers "
+            f"{pps(g['offered_pps'])} frames/s, {g['taken_per_cpu_s']['median']:,.0f} per "
+            f"second of its CPU time ({g['ns_per_packet']['median']:,.0f} ns per packet): "
+            f"≥ 1,000,000/s offered: {_met(offered_met(res))}."]
+    events = [r["events"] for r in rows if r["events"] and r["flood"] == "denied"]
+    if events:
+        out[-1] += (f" During a denied flood's {p['seconds']} s the daemon published "
+                    f"{events[0][0]:,.0f} events (median) and lost {events[0][1]:,.0f} (max).")
+    return out
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     out = [START, "",
@@ -433,8 +484,10 @@ def render(res: dict) -> str:
                  _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
                  _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak")),
-                 _discovery(res.get("discovery")), _lifecycle(res.get("lifecycle"))):
-        out += [*part, ""]
+                 _discovery(res.get("discovery")), _lifecycle(res.get("lifecycle")),
+                 _stress(res.get("stress"))):
+        if part:  # a section not measured yet may render nothing
+            out += [*part, ""]
     out.append(END)
     return "\n".join(out)
 

@@ -76,9 +76,25 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     breakdown = res["traffic"]["breakdown"]
     assert set(breakdown) == {"tc_ok", "microseg_kept", "microseg_kept_stats"}
     assert all(run["p50_us"]["median"] > 0 for run in breakdown.values())
+    stress = res["stress"]
+    assert set(stress["configs"]) == {"none", "microseg", "nft"}
+    assert stress["generator"]["offered_pps"]["median"] > 0
+    for kind, cfg in stress["configs"].items():
+        allowed, denied = cfg["floods"]["allowed"], cfg["floods"]["denied"]
+        for flood in (allowed, denied):
+            assert flood["offered_pps"]["median"] > 0 and flood["taken_pps"]["median"] > 0, kind
+        assert allowed["delivered_pps"]["median"] > 0, kind  # the allowed flow gets through
+        if kind != "none":  # and the denied flood does not (bench/stress.py checks it too)
+            assert denied["delivered_pps"]["max"] <= 0.01 * denied["taken_pps"]["min"], kind
+    ms = stress["configs"]["microseg"]["floods"]
+    for flood in ms.values():  # the kernel's run-time statistics of microseg's programs
+        assert flood["bpf_ns_per_packet"]["median"] > 0
+        assert flood["events_lost"]["max"] == 0  # denials aggregated: nothing lost
+    assert "Stress: trafgen" in r.stdout
     section = readme.render(res)  # the README generator reads every figure it needs
     assert "**Real traffic**" in section and "**TUI**" in section
     assert "Where the request/response overhead goes" in section
+    assert "**Stress**" in section and "| microseg, a denied flood |" in section
     soak = res["soak"]
     assert soak["cycles"] > 0 and len(soak["samples"]) >= 2
     assert "Soak:" in r.stdout
