@@ -76,8 +76,8 @@ def _indent(text: str) -> int:
 def _common_prefix(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     lo = 0
-    while lo < n and a[lo:lo + _BLOCK] == b[lo:lo + _BLOCK]:
-        lo += _BLOCK
+    while lo < n and a[lo:min(lo + _BLOCK, n)] == b[lo:min(lo + _BLOCK, n)]:
+        lo = min(lo + _BLOCK, n)
     hi = min(lo + _BLOCK, n)
     while lo < hi:  # a[:lo] == b[:lo], and they differ before hi (or end there)
         mid = (lo + hi + 1) // 2

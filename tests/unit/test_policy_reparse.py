@@ -206,3 +206,28 @@ def test_brackets_left_open_in_quotes_count_for_the_rules_after() -> None:
     outcome = _outcome(reader.parse, data)
     assert outcome == _outcome(parse_policy, data)
     assert outcome[0] == "error" and "nesting too deep" in outcome[1]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40), st.binary(max_size=40))
+def test_common_prefix_and_suffix(a: bytes, b: bytes) -> None:
+    """The byte comparison that finds the changed lines, blockwise (small
+    blocks here), against the obvious loop."""
+    from microseg.policy import reparse
+
+    old = reparse._BLOCK
+    reparse._BLOCK = 8
+    try:
+        pre = reparse._common_prefix(a, b)
+        post = reparse._common_suffix(a, b, min(len(a), len(b)) - pre)
+    finally:
+        reparse._BLOCK = old
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    assert pre == n
+    m = 0
+    while m < min(len(a), len(b)) - pre and a[-1 - m] == b[-1 - m]:
+        m += 1
+    assert post == m
+    assert reparse._common_prefix(a, a) == len(a)
