@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 from ruamel.yaml.error import YAMLError
-from ruamel.yaml.nodes import MappingNode, SequenceNode
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from microseg.kernel import abi
 from microseg.policy.model import Rule, Selector
@@ -51,6 +51,9 @@ from microseg.policy.parse import (
 # the shortcut numbers lines by LF alone.
 _OTHER_BREAKS = (b"\r", "\x85".encode(), "\u2028".encode(), "\u2029".encode())
 _BRACKETS = re.compile(r"[\[\]{}]")
+# A top-level `mode:` or `default:` line as the shortcut reads it: one plain word.
+_SETTING = re.compile(r"^(mode|default): +([a-z]+) *$")
+_CHOICES = {"mode": ("enforce", "audit"), "default": ("allow", "deny")}
 _INDENT = re.compile(r"^[ \t-]*", re.M)
 _BLOCK = 64 * 1024  # bytes compared at a time when looking for the first difference
 
@@ -130,6 +133,7 @@ class _State:
     head: tuple[int, int]    # flow peak, indentation of the lines before the list
     tail: tuple[int, int, int]  # (flow max prefix, peak from 0, indentation) after it
     tail_depth: int          # flow depth where the text after the list starts
+    settings: dict[int, str]  # lines of the `mode:`/`default:` keys written as _SETTING
     nodes: int               # at least the file's YAML nodes
     check: ReferenceCheck
 
@@ -165,6 +169,22 @@ class Reparser:
 
     # -- an edit -------------------------------------------------------------
 
+    def _settings(self, st: _State, data: bytes, lines: list[str], first: int, after: int,
+                  filename: str) -> LoadedPolicy | None:
+        """Only `mode:` or `default:` lines changed, each still one plain
+        word: the policy with those values, nothing else parsed."""
+        values = {}
+        for i in range(first, after):
+            m = _SETTING.match(lines[i])
+            if m is None or m.group(1) != st.settings[i] or m.group(2) not in _CHOICES[m.group(1)]:
+                return None
+            values[m.group(1)] = m.group(2)
+        policy = dataclasses.replace(st.loaded.policy, **values)
+        loaded = LoadedPolicy(policy, filename, hashlib.sha256(data).hexdigest(),
+                              st.loaded.warnings, data=data)
+        self._state = dataclasses.replace(st, data=data, lines=lines, loaded=loaded)
+        return loaded
+
     def _edit(self, st: _State, data: bytes, filename: str) -> LoadedPolicy | None:
         if len(data) > MAX_FILE_BYTES or any(b in data for b in _OTHER_BREAKS):
             return None
@@ -177,6 +197,8 @@ class Reparser:
         first = st.data.count(b"\n", 0, pre)                     # first line that differs
         after = len(st.lines) - st.data.count(b"\n", len(st.data) - post)  # old lines after
         shift = len(lines) - len(st.lines)
+        if not shift and all(i in st.settings for i in range(first, after)):
+            return self._settings(st, data, lines, first, after, filename)
         # The items around the change: from the last that starts before it
         # (its first line is unchanged) to the first that starts after it.
         k0 = _last_before(st.starts, first)
@@ -315,12 +337,18 @@ def _state_of(tree: ParsedTree, data: bytes) -> _State | None:
         return None
     if any(b in data for b in _OTHER_BREAKS):
         return None
+    lines = tree.text.split("\n")
     rules_key = rules = None
     top_lines = []
+    settings: dict[int, str] = {}
     for k, val in root.value:
         if k.start_mark.column != 0:
             return None
         top_lines.append(k.start_mark.line)
+        if (k.value in _CHOICES and isinstance(val, ScalarNode) and not val.style
+                and val.start_mark.line == k.start_mark.line
+                and _SETTING.match(lines[k.start_mark.line])):
+            settings[k.start_mark.line] = k.value
         if k.value == "rules":
             rules_key, rules = k, val
     if (rules_key is None or not isinstance(rules, SequenceNode) or rules.flow_style
@@ -330,7 +358,6 @@ def _state_of(tree: ParsedTree, data: bytes) -> _State | None:
     # the shortcut makes them again from the references it keeps.
     v = tree.validator
     refs = v._references
-    lines = tree.text.split("\n")
     column = rules.start_mark.column
     first = rules.start_mark.line
     end = min((n for n in top_lines if n > rules_key.start_mark.line), default=len(lines))
@@ -365,4 +392,4 @@ def _state_of(tree: ParsedTree, data: bytes) -> _State | None:
     t_max = _walk(tail_text, 1 << 30)[1] - (1 << 30)  # the unclamped highest prefix
     return _State(data, lines, tree.loaded, column, starts, end, items,
                   (head_peak, _indent(head_text)), (t_max, t_peak0, _indent(tail_text)),
-                  depth, tree.nodes, check)
+                  depth, settings, tree.nodes, check)

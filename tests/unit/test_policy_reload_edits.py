@@ -79,7 +79,8 @@ def test_edits_apply_what_a_full_read_gives(tmp_path: Path) -> None:
         assert await reload() == "applied"
         assert dp.applied[-1].delta is not None
 
-        # The default, then the workloads: read in full; the same maps.
+        # The default (one line: read alone), then the workloads (read and
+        # compiled in full): the same maps.
         path.write_bytes(_text(items, HEAD_ALLOW))
         assert await reload() == "applied"
         fewer = HEAD_ALLOW.replace("  cache: {addresses: [10.0.0.3, 10.0.1.0/24]}\n",

@@ -187,9 +187,29 @@ def test_edits_outside_the_rules_parse_the_whole_file() -> None:
     items = _file(10)
     reader = Reparser()
     reader.parse(_text(items), FILE)
-    for data in (_text(items, HEAD_ALLOW), _text(items, HEAD_ALLOW, "mode: audit\n")):
+    for data in (_text(items, HEAD_DISCOVER), _text(items, HEAD_DISCOVER, "mode: audit\n"),
+                 _text(items[:3], HEAD.replace("web: {", "www: {"))):
         assert _outcome(reader.parse, data) == _outcome(parse_policy, data)
     assert reader.shortcuts == 0
+
+
+def test_a_changed_mode_or_default_line_is_read_alone() -> None:
+    items = _file(10)
+    reader = Reparser()
+    first = reader.parse(_text(items, HEAD, "mode: enforce\n"), FILE)
+    for data in (_text(items, HEAD_ALLOW, "mode: enforce\n"),
+                 _text(items, HEAD_ALLOW, "mode: audit\n"),
+                 _text(items, HEAD, "mode: audit\n")):
+        got = reader.parse(data, FILE)
+        assert _outcome(lambda d, f, got=got: got, data) == _outcome(parse_policy, data)
+        assert got.policy.rules is first.policy.rules
+    assert reader.shortcuts == 3
+    # Not one of its words, or not a plain word: the whole file, its errors.
+    for data in (_text(items, HEAD.replace("default: deny", "default: maybe")),
+                 _text(items, HEAD.replace("default: deny", "default: 'allow'")),
+                 _text(items, HEAD.replace("default: deny", "mode: audit"))):
+        assert _outcome(reader.parse, data) == _outcome(parse_policy, data)
+    assert reader.shortcuts == 3
 
 
 def test_brackets_left_open_in_quotes_count_for_the_rules_after() -> None:
