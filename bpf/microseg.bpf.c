@@ -175,6 +175,8 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 
 	if (reval) {
 		int r = revalidate_session(skb, p, dir, &key, s, side, pending, d);
+		if (side) /* judged in the session's direction: report the packet's */
+			toward_packet(d);
 		if (r == REVAL_REVOKED)
 			return NEED_VERDICT;
 		reported = r == REVAL_REPORTED;
@@ -320,10 +322,13 @@ int mseg_reply(struct __sk_buff *skb)
 	int act = NEED_VERDICT;
 
 	judge_flow(p, 1, sc->generation, &d);
-	if (d.verdict == VERDICT_DENIED)
+	if (d.verdict == VERDICT_DENIED) {
 		d = sc->own; /* neither way: the packet's own outcome */
-	else if (!(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
-		act = open_session(skb, p, dir, &key, is_lo, 1, 0, &d);
+	} else {
+		if (!(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
+			act = open_session(skb, p, dir, &key, is_lo, 1, 0, &d);
+		toward_packet(&d); /* the session took them the other way round */
+	}
 	return finish_packet(skb, sc, dir, &d, act);
 }
 

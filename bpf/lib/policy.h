@@ -250,6 +250,18 @@ static __always_inline void judge_flow(const struct packet *p, int reverse,
 	match_policy(p->family, p->proto, saddr, daddr, dport, gen, d);
 }
 
+/* A decision made the other way round (judge_flow with reverse) names
+ * the session's original source and destination; the packet's verdict
+ * event names the packet's own, so its identities are swapped back once
+ * the session has taken them. */
+static __always_inline void toward_packet(struct decision *d)
+{
+	__u32 src = d->src_identity;
+
+	d->src_identity = d->dst_identity;
+	d->dst_identity = src;
+}
+
 /* A new flow judged by the staged candidate too (the stage program
  * mseg_staged runs it): its verdict and rule go with the active one's. */
 static __always_inline void judge_staged(const struct packet *p, __u32 staged,

@@ -39,7 +39,9 @@ static __always_inline int pass_packet(__u32 dir, __u32 verdict, __u32 reason,
 /* An allowed or audit verdict's record, every field written (no memset:
  * see reserve_record). opened: the session the packet opened, side + 1
  * (0: none), in state `state`. The record's session fields are those of
- * the new session: open_session() copied them from this very decision. */
+ * the new session: open_session() copied them from this very decision
+ * (its identities, for a session opened by a reply, turned toward the
+ * packet since: the daemon turns them back for the session's event). */
 static __always_inline void fill_verdict_record(struct event *e, struct __sk_buff *skb,
 						const struct packet *p, __u32 dir,
 						const struct decision *d, __u8 verdict,

@@ -268,19 +268,16 @@ class Enricher:
                         # The record stands for the session the packet
                         # opened too: its "new" event, as records.py's
                         # opened_session() decodes it.
-                        append(self._opened(event, eflags, state, p0, b0, family,
-                                            saddr, daddr, sport, dport, sid, did))
+                        append(self._opened(event, eflags, state, p0, b0))
         return out
 
-    def _opened(self, verdict: dict, eflags: int, state: int, count: int, nbytes: int,
-                family: int, saddr: bytes, daddr: bytes, sport: int | None,
-                dport: int | None, sid: int, did: int) -> dict:
+    def _opened(self, verdict: dict, eflags: int, state: int, count: int,
+                nbytes: int) -> dict:
         """The "new" session event of a verdict record flagged OPENED: the
         verdict's fields, endpoints in the session's original direction."""
         gen = verdict["policy_generation"]
-        if eflags & _OPENED_REPLY:
-            src = self._endpoint(gen, family, daddr, dport, sid)
-            dst = self._endpoint(gen, family, saddr, sport, did)
+        if eflags & _OPENED_REPLY:  # the packet's ends (and identities), turned round
+            src, dst = verdict["dst"], verdict["src"]
             p, b = (0, count), (0, nbytes)
         else:
             src, dst = verdict["src"], verdict["dst"]

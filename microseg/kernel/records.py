@@ -138,7 +138,8 @@ def opened_session(e: RawEvent) -> tuple[RawEvent, RawEvent]:
     verdict = e._replace(flags=e.flags & ~(_OPENED | _OPENED_REPLY), state=0)
     n, b = e.packets[0], e.bytes[0]
     if e.flags & _OPENED_REPLY:
-        ends = {"saddr": e.daddr, "daddr": e.saddr, "sport": e.dport, "dport": e.sport}
+        ends = {"saddr": e.daddr, "daddr": e.saddr, "sport": e.dport, "dport": e.sport,
+                "src_identity": e.dst_identity, "dst_identity": e.src_identity}
         packets, nbytes = (0, n), (0, b)
     else:
         ends, packets, nbytes = {}, (n, 0), (b, 0)

@@ -10,14 +10,14 @@ from microseg.flow.enrich import Enricher, Names, TimeFormatter
 from microseg.kernel import abi
 from microseg.kernel.abi import Direction, EventType, Reason, Ring, State, TcpFlag, Verdict
 from microseg.kernel.datapath import Datapath, DatapathConfig
-from microseg.kernel.records import decode_event, decode_events
+from microseg.kernel.records import addr16, decode_event, decode_events
 from microseg.kernel.ringbuf import RingBuffer
 from microseg.policy.compile import compile_policy
-from microseg.policy.model import Rule
+from microseg.policy.model import Policy, Rule
 from microseg.policy.model import Selector as S
 
 from .harness import Harness, ping, tcp, udp
-from .policies import API4, DB4, DB6, ROGUE4, ROGUE6, WEB4, WEB6, shop
+from .policies import API4, DB4, DB6, ROGUE4, ROGUE6, WEB4, WEB6, WORKLOADS, shop
 
 
 def test_verdict_event_fields_match_the_packet(dp: Harness) -> None:
@@ -187,6 +187,40 @@ def test_a_new_session_rides_on_its_verdict_record(dp: Harness) -> None:
             [_as_ring_run([verdict, session])])
         assert combined == two
         assert [e["type"] for e in combined] == ["verdict", "session"]
+
+
+def test_a_lost_sessions_reply_names_its_own_endpoints(dp: Harness) -> None:
+    """A reply whose session was lost is judged the other way round (the
+    reply stage): its verdict event still names the packet's own source and
+    destination — the workloads at those addresses, not each other's."""
+    compiled = dp.install(shop())
+    assert dp.dp.test_run(bytes(tcp(DB4, WEB4, 5432, 1003, "A")), Direction.INGRESS).retval == 0
+    ring = dp.rings[Ring.EVENTS]
+    runs = ring.drain(1 << 20).runs
+    names = Names(lambda g: compiled, lambda i: "lo", lambda: compiled)
+    events = Enricher(names, TimeFormatter(0), lambda: dp.generation).events(runs)
+    verdict = next(e for e in events if e["type"] == "verdict")
+    assert (verdict["src"]["ip"], verdict["dst"]["ip"]) == (DB4, WEB4)
+    assert (verdict["src"]["workload"], verdict["dst"]["workload"]) == ("db", "web")
+    session = next(e for e in events if e["type"] == "session")
+    assert (session["src"]["workload"], session["dst"]["workload"]) == ("web", "db")
+
+
+def test_a_revocation_by_a_reply_names_its_own_endpoints(dp: Harness) -> None:
+    """A session revoked by a packet of its reply direction (judged in the
+    session's original direction): the revoking packet's verdict event
+    names the workloads at its own addresses."""
+    compiled = dp.install(shop())
+    assert dp.send(tcp(WEB4, DB4, 1004, 5432, "S")).passed
+    assert dp.send(tcp(DB4, WEB4, 5432, 1004, "SA")).passed
+    dp.drain()
+    compiled = dp.install(Policy(default="deny", mode="enforce", workloads=WORKLOADS, rules=()))
+    out = dp.send(tcp(DB4, WEB4, 5432, 1004, "A"))
+    assert out.dropped
+    v = out.verdict
+    assert (v.reason, v.saddr, v.daddr) == (Reason.REVOKED, addr16(DB4), addr16(WEB4))
+    names = compiled.workload_of_identity
+    assert (names[v.src_identity], names[v.dst_identity]) == ("db", "web")
 
 
 def test_records_carry_no_stale_bytes() -> None:
