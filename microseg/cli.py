@@ -220,6 +220,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     dp = st["datapath"]
     avg = f"{dp['avg_ns_per_packet']:.0f} ns/packet over {dp['runs']} runs" \
         if dp["avg_ns_per_packet"] is not None else "no packets yet"
+    rts = dp.get("run_time_stats")  # the runs counted: docs/metrics.md
+    if rts and rts["mode"] == "sampled":
+        avg += f" (sampled: {rts['window_s']:g} s every {rts['period_s']:g} s)"
+    elif rts and rts["mode"] == "off":
+        avg = "not measured (--run-time-stats off)"
     load = dp.get("load")
     if load and load["programs"] == "reused":
         avg += "; programs reused from pins (no compile)"

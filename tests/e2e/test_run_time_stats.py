@@ -93,3 +93,6 @@ def test_counters_advance_inside_windows_only(daemon: DaemonProcess, pinging: No
     assert after["runs"] > before["runs"]
     assert after["run_time_ns"] > before["run_time_ns"]
     assert after["avg_ns_per_packet"] > 0
+    text = daemon.cli("stats")
+    assert text.returncode == 0 and "ns/packet" in text.stdout
+    assert "(sampled: 1 s every 3 s)" in text.stdout
