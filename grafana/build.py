@@ -85,10 +85,14 @@ OVERVIEW = [
     Panel("Datapath time per packet",
           [(f"sum({rate('microseg_datapath_run_time_seconds_total')}) / "
             f"sum({rate('microseg_datapath_runs_total')})", "per packet")], "s",
-          description="Kernel BPF run-time stats of the TC programs"),
-    Panel("Datapath CPU", [(f"sum({rate('microseg_datapath_run_time_seconds_total')})",
-                            "CPU seconds/s")], "percentunit",
-          description="Share of one CPU spent in the TC programs"),
+          description="Kernel BPF run-time stats of the TC programs, sampled "
+                      "(microseg run --run-time-stats): their ratio is the time per packet"),
+    Panel("Datapath CPU",
+          [(f"sum({rate('microseg_datapath_run_time_seconds_total')}) / "
+            f"sum({rate('microseg_datapath_runs_total')}) * "
+            f"sum({rate('microseg_packets_total')})", "CPU seconds/s")], "percentunit",
+          description="Share of one CPU spent in the TC programs: the sampled time per "
+                      "packet times every packet the datapath counted"),
     Panel("Policy reloads", [(f"sum(increase(microseg_policy_reloads_total{{{SEL}}}"
                               f"[$__rate_interval]))", "applied"),
                              (f"sum(increase(microseg_policy_reload_failures_total{{{SEL}}}"
