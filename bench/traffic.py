@@ -275,6 +275,29 @@ def _bridge_nf(lab: Lab, on: bool) -> None:
                     "1" if on else "0"], check=True, capture_output=True)
 
 
+# The bridge's netfilter hooks, host-wide: a container engine sets them to 1
+# (docker, podman), and then every bridged packet — "no firewall" too —
+# passes iptables and conntrack. Off while measuring (nftables turns them on
+# for its own bridge only: _bridge_nf), restored after.
+BRIDGE_NF = ("/proc/sys/net/bridge/bridge-nf-call-iptables",
+             "/proc/sys/net/bridge/bridge-nf-call-ip6tables")
+
+
+def _host_bridge_nf(values: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the host-wide bridge netfilter switches (off, or back to values);
+    what they were. Absent without br_netfilter: nothing to do."""
+    was = {}
+    for path in BRIDGE_NF:
+        try:
+            with open(path) as f:
+                was[path] = f.read().strip()
+            with open(path, "w") as f:
+                f.write((values or {}).get(path, "0"))
+        except FileNotFoundError:
+            continue
+    return was
+
+
 def _sockperf_rr(lab: Lab, seconds: float) -> dict:
     r = lab.run("cli", [*PIN, "sockperf", "ping-pong", "--tcp", "-i", lab.ipv4("srv"),
                         "-p", str(RR_PORT), "-t", str(seconds), "-m", "64", "--full-rtt"],
@@ -356,6 +379,7 @@ def measure(rounds: int, seconds: float, rules: int,
     kinds = CONFIGS + BREAKDOWN[:-1]
     samples: dict[str, list[dict]] = {k: [] for k in CONFIGS + BREAKDOWN}
     trivial = None
+    bridge_nf = _host_bridge_nf()
     try:
         lab.up()
         lab.spawn("srv", [*PIN, "sockperf", "server", "--tcp", "-i", "0.0.0.0",
@@ -384,6 +408,7 @@ def measure(rounds: int, seconds: float, rules: int,
         if trivial is not None:
             trivial.close()
         _set_bpf_stats(False)
+        _host_bridge_nf(bridge_nf)
         lab.down()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
         shutil.rmtree(PIN_DIR, ignore_errors=True)
