@@ -377,7 +377,10 @@ class Datapath:
     def _write_slot(self, slot: int, contents: dict[str, dict[bytes, bytes]],
                     ports: bytes) -> None:
         self._slot_serial.pop(slot, None)
-        cur, cur_ports = self._slots.get(slot) or self._read_slot(slot)
+        # Forgotten while written, as a delta write does: a write that fails
+        # half way leaves the slot holding neither, so the next one reads it
+        # back instead of comparing against what it held before.
+        cur, cur_ports = self._slots.pop(slot, None) or self._read_slot(slot)
         if not isinstance(cur, dict):
             cur = cur.map_contents()
         for name in self._POLICY_MAPS:
