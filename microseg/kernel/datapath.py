@@ -147,7 +147,9 @@ class Datapath:
                     for m in prog.maps.values():
                         m.close()
                 else:
-                    self.bpf = compile_program(self.config)
+                    # The text the reused programs were made of (their
+                    # identity), not what is on disk now.
+                    self.bpf = compile_program(self.config, self._report.text or None)
             if fds is None:
                 fds = load_functions(self.bpf, names)
                 self._owned_fds += fds.values()

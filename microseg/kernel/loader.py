@@ -226,6 +226,9 @@ class LoadReport:
     # The pinned programs of an earlier daemon, same source: no compile.
     reused_programs: bool = False
     identity: str = ""
+    # The C text the identity hashes: what programs compiled later (the L3
+    # entry points) are made of, whatever is on disk by then.
+    text: str = field(default="", repr=False, compare=False)
 
 
 @dataclass
@@ -285,7 +288,7 @@ def _open_pinned_maps(config: DatapathConfig) -> dict[str, bpfsys.BpfMap] | None
 
 
 def reuse_programs(config: DatapathConfig, identity: str,
-                   programs: tuple[str, ...]) -> LoadedProgram | None:
+                   programs: tuple[str, ...], text: str = "") -> LoadedProgram | None:
     """The pinned programs of this identity and the pinned maps, if every
     one is there and the programs use no map but these; else None.
 
@@ -316,7 +319,7 @@ def reuse_programs(config: DatapathConfig, identity: str,
     _install_stages(maps, fds)
     return LoadedProgram(None, fds, maps, LoadReport(
         0.0, time.perf_counter() - t0, reused_pins=list(config.map_specs()),
-        reused_programs=True, identity=identity))
+        reused_programs=True, identity=identity, text=text))
 
 
 def pin_programs(config: DatapathConfig, identity: str, fds: dict[str, int]) -> None:
@@ -416,7 +419,7 @@ def load_program(config: DatapathConfig, programs: tuple[str, ...] = PROGRAMS) -
     text = program_source(config.source)
     identity = program_identity(config, text)
     if not warnings:
-        reused = reuse_programs(config, identity, programs)
+        reused = reuse_programs(config, identity, programs, text)
         if reused is not None:
             return reused
     pinned = [n for n in config.map_specs()
@@ -432,7 +435,7 @@ def load_program(config: DatapathConfig, programs: tuple[str, ...] = PROGRAMS) -
     _install_stages(maps, fds)
     pin_programs(config, identity, fds)
     return LoadedProgram(bpf, fds, maps, LoadReport(t1 - t0, t2 - t1, warnings, pinned,
-                                                    identity=identity))
+                                                    identity=identity, text=text))
 
 
 def remove_pins(config: DatapathConfig) -> list[str]:
