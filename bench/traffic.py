@@ -175,9 +175,18 @@ def _detach_all(lab: Lab, hooks: str = "both") -> None:
                 tc.detach(ipr, idx)
 
 
-def _set_bpf_stats(on: bool) -> None:
-    with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
-        f.write("1" if on else "0")
+# Host-wide: what a daemon's stats fd turns on, and maybe an operator too.
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def _set_bpf_stats(on: bool | str) -> str:
+    """Set kernel.bpf_stats_enabled (on, off, or back to a value read
+    before); what it was."""
+    with open(BPF_STATS_SYSCTL) as f:
+        was = f.read().strip()
+    with open(BPF_STATS_SYSCTL, "w") as f:
+        f.write(on if isinstance(on, str) else "1" if on else "0")
+    return was
 
 
 class Firewall:
@@ -380,6 +389,7 @@ def measure(rounds: int, seconds: float, rules: int,
     samples: dict[str, list[dict]] = {k: [] for k in CONFIGS + BREAKDOWN}
     trivial = None
     bridge_nf = _host_bridge_nf()
+    bpf_stats = _set_bpf_stats(False)  # restored after, whatever it was
     try:
         lab.up()
         lab.spawn("srv", [*PIN, "sockperf", "server", "--tcp", "-i", "0.0.0.0",
@@ -407,7 +417,7 @@ def measure(rounds: int, seconds: float, rules: int,
     finally:
         if trivial is not None:
             trivial.close()
-        _set_bpf_stats(False)
+        _set_bpf_stats(bpf_stats)
         _host_bridge_nf(bridge_nf)
         lab.down()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
