@@ -169,6 +169,7 @@ def map_info(fd: int) -> MapInfo:
 class ProgInfo:
     id: int
     name: str
+    type: int
     run_time_ns: int
     run_cnt: int
     verified_insns: int  # instructions the verifier processed (kernel >= 5.16; else 0)
@@ -183,6 +184,7 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(
         id=int.from_bytes(raw[_PROG_INFO_ID:_PROG_INFO_ID + 4], "little"),
         name=raw[_PROG_INFO_NAME:_PROG_INFO_NAME + 16].split(b"\0")[0].decode(),
+        type=int.from_bytes(raw[0:4], "little"),
         run_time_ns=int.from_bytes(raw[_PROG_INFO_RUN_TIME_NS:_PROG_INFO_RUN_TIME_NS + 8],
                                    "little"),
         run_cnt=int.from_bytes(raw[_PROG_INFO_RUN_CNT:_PROG_INFO_RUN_CNT + 8], "little"),

@@ -308,8 +308,13 @@ def reuse_programs(config: DatapathConfig, identity: str,
         for name, path in paths.items():
             fds[name] = bpfsys.obj_get(path)
         ids = {bpfsys.map_info(m.fd).id for m in maps.values()}
-        if any(not bpfsys.prog_map_ids(fd) <= ids for fd in fds.values()):
-            raise OSError("pinned programs use maps that are not the pinned ones")
+        for name, fd in fds.items():
+            info, used = bpfsys.prog_info(fd), bpfsys.prog_map_ids(fd)
+            # Ours by kind and name, and using pinned maps only (every one
+            # of ours uses some).
+            if (info.type != bpfsys.BPF_PROG_TYPE_SCHED_CLS or info.name != name[:15]
+                    or not used or not used <= ids):
+                raise OSError(f"pinned program {name} is not this program on these maps")
     except OSError:
         for fd in fds.values():
             os.close(fd)

@@ -314,3 +314,25 @@ def test_port_classes_read_and_written_as_memory() -> None:
         del mem
     finally:
         dp.close()
+
+
+def test_a_foreign_program_under_a_program_pin_is_not_reused(pin_dir: str) -> None:
+    """A pin of our name holding another program (same kind, no maps of
+    ours): the programs are compiled anew, never run as ours."""
+    from bcc import BPF
+
+    cfg = _config(pin_dir)
+    dp, first = _loaded(cfg)
+    dp.close()
+    other = BPF(text=b"int impostor(struct __sk_buff *skb) { return 0; }")
+    fd = other.load_func(b"impostor", BPF.SCHED_CLS).fd
+    path = loader.program_pin(cfg, first.identity, "mseg_clock")
+    os.unlink(path)
+    bpfsys.obj_pin(fd, path)
+    other.cleanup()
+    dp, report = _loaded(cfg)
+    try:
+        assert not report.reused_programs
+        assert bpfsys.prog_info(dp.clock_fd).name == "mseg_clock"
+    finally:
+        dp.close()
