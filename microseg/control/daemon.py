@@ -30,7 +30,7 @@ from microseg.flow.enrich import Names
 from microseg.flow.hub import EventHub, rfc3339
 from microseg.flow.pipeline import Pipeline
 from microseg.flow.sweeper import Sweeper
-from microseg.kernel.clock import SessionClock
+from microseg.kernel.clock import SessionClock, kernel_hz
 from microseg.kernel.datapath import Datapath
 from microseg.kernel.interfaces import InterfaceManager
 from microseg.kernel.journal import Journal
@@ -165,9 +165,11 @@ class Daemon:
                  report.compile_s, report.load_s, self.cfg.pin_dir, len(report.reused_pins),
                  report.identity)
         parts = self.parts
-        # The kernel's tick rate takes a tenth of a second to measure: beside
-        # the rest of the start, needed only before the links are attached.
-        clock = loop.run_in_executor(None, SessionClock, self.datapath.clock_sample)
+        # The kernel's tick rate, from the coarse clock's resolution; measured
+        # (a tenth of a second) only if that is no known HZ: beside the rest
+        # of the start, needed only before the links are attached.
+        clock = loop.run_in_executor(None, lambda: SessionClock(self.datapath.clock_sample,
+                                                                hz=kernel_hz()))
         parts.journal = journal = Journal(self.datapath.maps["daemon_map"])
         if journal.inherited:
             log.info("continuing an earlier daemon's events after seq %d", journal.last_seq)

@@ -16,6 +16,21 @@ from dataclasses import dataclass
 KNOWN_HZ = (100, 250, 300, 1000, 24, 32, 48, 64, 128, 256, 512, 1024)
 
 
+CLOCK_MONOTONIC_COARSE = 6  # linux/time.h (the time module does not name it)
+
+
+def kernel_hz() -> int | None:
+    """The kernel's tick rate without measuring it: the coarse clocks tick
+    with jiffies, so their resolution is one tick (TICK_NSEC). None when
+    that is no known HZ (then SessionClock measures)."""
+    try:
+        res = time.clock_getres(CLOCK_MONOTONIC_COARSE)
+    except OSError:
+        return None
+    hz = round(1 / res) if res > 0 else 0
+    return hz if hz in KNOWN_HZ else None
+
+
 def monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
@@ -48,8 +63,13 @@ def hz_between(a: ClockSample, b: ClockSample) -> float:
 class SessionClock:
     """Converts session_map's jiffies to CLOCK_MONOTONIC nanoseconds."""
 
-    def __init__(self, sample: Callable[[], ClockSample], *, span_s: float = 0.1) -> None:
+    def __init__(self, sample: Callable[[], ClockSample], *, span_s: float = 0.1,
+                 hz: int | None = None) -> None:
         self._sample = sample
+        if hz:  # known (kernel_hz()): one sample for the reference, no wait
+            self.hz = float(hz)
+            self.ref = sample()
+            return
         # Measured between two tick edges at least span_s apart: a sample
         # taken anywhere within a tick would be off by up to a tick (10 %
         # over 10 ticks); at the edges the error is one sample's latency —

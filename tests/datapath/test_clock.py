@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from microseg.kernel.clock import KNOWN_HZ, SessionClock
+from microseg.kernel.clock import KNOWN_HZ, SessionClock, kernel_hz
 
 from .harness import Harness, tcp
 from .policies import DB4, WEB4, shop
@@ -11,6 +11,9 @@ from .policies import DB4, WEB4, shop
 def test_last_seen_converts_to_monotonic_time(dp: Harness) -> None:
     clock = SessionClock(dp.dp.clock_sample)
     assert clock.hz in KNOWN_HZ
+    # What the daemon takes without measuring: the coarse clock's tick.
+    assert kernel_hz() == clock.hz
+    assert SessionClock(dp.dp.clock_sample, hz=kernel_hz()).hz == clock.hz
     dp.install(shop())
     dp.send(tcp(WEB4, DB4, 1, 5432))
     s = dp.session(WEB4, DB4)
