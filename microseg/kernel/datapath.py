@@ -14,7 +14,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 from microseg.kernel import abi, bpfsys, tc
 from microseg.kernel.clock import ClockSample
@@ -41,8 +41,21 @@ from microseg.kernel.loader import PROG_STAGED as PROG_STAGED
 from microseg.kernel.maps import U64
 from microseg.kernel.records import SessionEntry, decode_sessions
 
-if TYPE_CHECKING:
-    from microseg.policy.compile import CompiledPolicy
+
+class CompiledPolicy(Protocol):
+    """What the datapath needs of a compiled policy (microseg/policy/compile.py
+    makes them; the kernel layer does not import the policy layer)."""
+
+    serial: int
+    # (the serial of the compile this one edited, its changed entries; None:
+    # not an edit) — an entry None is one to delete.
+    delta: tuple[int, dict[str, dict[bytes, bytes | None]]] | None
+
+    def map_contents(self) -> dict[str, dict[bytes, bytes]]: ...
+
+    def port_class_values(self) -> bytes: ...
+
+    def config_record(self, generation: int) -> bytes: ...
 
 log = logging.getLogger(__name__)
 
