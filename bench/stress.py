@@ -79,7 +79,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from microseg.lab.topology import wait_for
+from microseg.lab.topology import kill_all, wait_for
 
 from .traffic import IPERF_PORT, NFT_TABLE, nft_ruleset, policy_yaml, summarize
 
@@ -190,13 +190,7 @@ class Topology:
 
     def down(self) -> None:
         """Remove every namespace of the lab and what runs in them; never fails."""
-        for p in self._procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        for p in self._procs:
-            with contextlib.suppress(Exception):
-                p.wait(timeout=5)
-        self._procs.clear()
+        kill_all(self._procs)
         listed = _ip("netns", "list", check=False).stdout.split()
         for ns in (n for n in listed if n.startswith(f"{self.PREFIX}-")):
             for pid in _ip("netns", "pids", ns, check=False).stdout.split():

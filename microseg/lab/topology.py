@@ -126,13 +126,7 @@ class Lab:
 
     def down(self) -> None:
         """Remove everything with this lab's prefix; never fails."""
-        for p in self._procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        for p in self._procs:
-            with contextlib.suppress(Exception):
-                p.wait(timeout=5)
-        self._procs.clear()
+        kill_all(self._procs)
         for ns in self.stale_namespaces():
             pids = _ip("netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
@@ -203,6 +197,18 @@ def _sysctl(key: str, value: str) -> None:
     path = "/proc/sys/" + key.replace(".", "/")
     with contextlib.suppress(OSError), open(path, "w") as f:
         f.write(value)
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """Kill what a lab started (each in a process group of its own), reap
+    it, and forget it; never fails."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.wait(timeout=5)
+    procs.clear()
 
 
 def wait_for(cond, timeout: float = 5.0, interval: float = 0.05) -> bool:
