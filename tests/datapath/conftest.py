@@ -5,6 +5,9 @@ root: each carries the `root` marker (tests/conftest.py skips them for others)."
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,14 @@ def dp(loaded_datapath: Datapath) -> Harness:
     h = Harness(loaded_datapath)
     h.reset()
     return h
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[str]:
+    """A pin directory of the test's own, removed after it."""
+    path = f"/sys/fs/bpf/microseg-test-{uuid.uuid4().hex[:8]}"
+    yield path
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)

@@ -6,12 +6,12 @@ run-time stats."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
-import uuid
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,16 +23,6 @@ from .harness import tcp
 from .policies import DB4, WEB4, shop
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[str]:
-    path = f"/sys/fs/bpf/microseg-test-{uuid.uuid4().hex[:8]}"
-    yield path
-    if os.path.isdir(path):
-        for name in os.listdir(path):
-            os.unlink(os.path.join(path, name))
-        os.rmdir(path)
 
 
 def _config(pin_dir: str, capacity: int = 4096) -> DatapathConfig:
@@ -336,3 +326,34 @@ def test_a_foreign_program_under_a_program_pin_is_not_reused(pin_dir: str) -> No
         assert bpfsys.prog_info(dp.clock_fd).name == "mseg_clock"
     finally:
         dp.close()
+
+
+def test_l3_programs_after_a_reuse_are_made_of_the_loaded_source(
+        pin_dir: str, tmp_path: Path) -> None:
+    """A daemon that reused pinned programs compiles its L3 entry points
+    when a link first needs them: from the source its programs were made
+    of (the identity they are pinned under), not from what is on disk by
+    then (a package upgrade while it runs)."""
+    src = tmp_path / "bpf"
+    shutil.copytree(loader.bpf_source_dir(), src)
+    cfg = dataclasses.replace(DatapathConfig(pin_dir=pin_dir, session_capacity=4096,
+                                             ringbuf_bytes=1 << 16),
+                              source=src / loader.ENTRY)
+    dp = Datapath(cfg)
+    dp.load()
+    dp.close()
+    dp = Datapath(cfg)
+    try:
+        report = dp.load()
+        assert report.reused_programs
+        # The source changes on disk while the daemon runs.
+        with open(src / loader.ENTRY, "a") as f:
+            f.write('\n#error "the source changed after the load"\n')
+        ingress, egress = dp.l3_programs()
+        assert ingress >= 0 and egress >= 0
+        # Pinned under the identity of the source they were made of.
+        names = {os.path.basename(p) for p in loader.program_pins(pin_dir)}
+        assert f"{loader.PROG_PIN_PREFIX}{report.identity}_{loader.PROG_INGRESS_L3}" in names
+    finally:
+        dp.close()
+        dp.unpin()

@@ -251,3 +251,21 @@ def test_common_prefix_and_suffix(a: bytes, b: bytes) -> None:
         m += 1
     assert post == m
     assert reparse._common_prefix(a, a) == len(a)
+
+
+def test_removing_an_anchor_that_an_unchanged_rule_aliases_is_an_error() -> None:
+    # Rule 2 defines an anchor, rule 6 (outside the edit) uses it: the edit
+    # of rule 2 alone no longer defines it, so the file does not parse.
+    items = [_rule(i, 0) for i in range(8)]
+    items[2] = ("  - name: r2\n    from: &src {workload: web}\n    to: {workload: db}\n"
+                "    action: allow\n")
+    items[6] = "  - name: r6\n    from: *src\n    to: any\n    action: deny\n"
+    reader = Reparser()
+    data = (HEAD + "rules:\n" + "".join(items)).encode()
+    assert _outcome(reader.parse, data) == _outcome(parse_policy, data)
+    items[2] = "  - name: r2\n    from: {workload: web}\n    to: {workload: db}\n" \
+               "    action: allow\n"
+    edited = (HEAD + "rules:\n" + "".join(items)).encode()
+    full = _outcome(parse_policy, edited)
+    assert full[0] == "error"
+    assert _outcome(reader.parse, edited) == full

@@ -6,6 +6,7 @@ given (the same as comparing all entries would write)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 
 import pytest
 
@@ -141,3 +142,39 @@ def test_a_restart_on_pins_reads_the_slots_back_once(dp: Datapath,
     assert sum(again.maps[name].reads for name in POLICY_MAPS) == 2 * held  # read once
     assert _slot(again, abi.policy_slot(gen)) == edited.map_contents()
     assert _slot(again, abi.policy_slot(gen) ^ 1) == edited.map_contents()
+
+
+# -- a slot after a failed write --------------------------------------------
+
+
+def _fail_once(m, method: str) -> None:
+    real = getattr(m, method)
+    state = {"armed": True}
+
+    def failing(*args):
+        if state["armed"]:
+            state["armed"] = False
+            raise OSError(errno.ENOSPC, "map full")
+        return real(*args)
+    setattr(m, method, failing)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["full", "delta"])
+def test_a_write_that_failed_half_way_is_not_taken_for_done(dp: Datapath, edit: bool) -> None:
+    """A slot write that fails after some of its batches (a map full) leaves
+    the idle slot half written; the next write into it must not compare
+    against what it held before, or entries the failed write deleted or
+    changed stay so — a policy enforced that nobody applied."""
+    pol = _big()
+    first = compile_policy(pol)
+    dp.apply_policy(first)
+    other = dataclasses.replace(pol, rules=pol.rules[:-40])
+    second = compile_policy(other, first if edit else None)
+    assert (second.delta is not None) == edit
+    _fail_once(dp.maps["policy_map"], "update_batch")
+    with pytest.raises(OSError):
+        dp.apply_policy(second)
+    again = compile_policy(pol)
+    gen = dp.apply_policy(again)
+    assert _slot(dp, abi.policy_slot(gen)) == again.map_contents()
+    assert _slot(dp, abi.policy_slot(gen) ^ 1) == again.map_contents()

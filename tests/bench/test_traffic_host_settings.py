@@ -1,5 +1,5 @@
-"""Review of issue 20's benchmarks: a traffic run leaves the host's
-settings as it found them, also when it fails (docs/performance.md)."""
+"""A traffic run leaves the host's settings as it found them, also when it
+fails (docs/performance.md)."""
 
 from __future__ import annotations
 
