@@ -477,30 +477,36 @@ class _ProgLoadAttr(ctypes.Structure):
     ]
 
 
-def prog_load(insns: bytes, name: str, prog_type: int = BPF_PROG_TYPE_SCHED_CLS) -> int:
-    """Load a program from its instructions (map references already fds);
-    its fd. On refusal, the error carries the end of the verifier's log
-    (the load is repeated with the log on: a log costs time when it works)."""
+def _prog_load(insns: bytes, name: str, prog_type: int, log_level: int,
+               log_size: int) -> tuple[int, str]:
+    """One BPF_PROG_LOAD: (fd, or -errno; the verifier's log)."""
     nr = _NR_BPF.get(os.uname().machine)
     if nr is None:
         raise OSError(errno.ENOSYS, f"bpf: unknown syscall number on {os.uname().machine}")
     license_ = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
-    for level, size in ((0, 0), (1, 1 << 24)):
-        log = ctypes.create_string_buffer(size or 1)
-        attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
-                             insns=ctypes.addressof(code), license=ctypes.addressof(license_),
-                             log_level=level, log_size=size,
-                             log_buf=ctypes.addressof(log) if size else 0,
-                             prog_name=name.encode()[:15])
-        fd = _libc().syscall(nr, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
-        if fd >= 0:
-            return fd
-        e = ctypes.get_errno()
-        if e not in (errno.EACCES, errno.EINVAL) or level:
-            raise OSError(e, f"BPF_PROG_LOAD {name}: {os.strerror(e)}: "
-                             f"{log.value.decode(errors='replace')[-2000:]}")
-    raise AssertionError("unreachable")
+    log = ctypes.create_string_buffer(log_size or 1)
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
+                         insns=ctypes.addressof(code), license=ctypes.addressof(license_),
+                         log_level=log_level, log_size=log_size,
+                         log_buf=ctypes.addressof(log) if log_size else 0,
+                         prog_name=name.encode()[:15])
+    fd = _libc().syscall(nr, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    return (fd if fd >= 0 else -ctypes.get_errno()), log.value.decode(errors="replace")
+
+
+def prog_load(insns: bytes, name: str, prog_type: int = BPF_PROG_TYPE_SCHED_CLS) -> int:
+    """Load a program from its instructions (map references already fds);
+    its fd. On refusal, the error carries the end of the verifier's log
+    (the load is repeated with the log on: a log costs time when it works)."""
+    fd, _ = _prog_load(insns, name, prog_type, 0, 0)
+    if fd in (-errno.EACCES, -errno.EINVAL):
+        fd, log = _prog_load(insns, name, prog_type, 1, 1 << 24)
+        if fd < 0:
+            raise OSError(-fd, f"BPF_PROG_LOAD {name}: {os.strerror(-fd)}: {log[-2000:]}")
+    if fd < 0:
+        raise OSError(-fd, f"BPF_PROG_LOAD {name}: {os.strerror(-fd)}")
+    return fd
 
 
 @dataclass(frozen=True)
@@ -517,23 +523,10 @@ def verifier_stats(insns: bytes, name: str = "",
     hand the verifier's log out; this is the same program, verified alike."""
     import re
 
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"bpf: unknown syscall number on {os.uname().machine}")
-    license_ = ctypes.create_string_buffer(b"GPL")
-    code = ctypes.create_string_buffer(insns, len(insns))
-    log = ctypes.create_string_buffer(1 << 16)
-    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
-                         insns=ctypes.addressof(code), license=ctypes.addressof(license_),
-                         log_level=_BPF_LOG_STATS, log_size=len(log),
-                         log_buf=ctypes.addressof(log), prog_name=name.encode()[:15])
-    fd = _libc().syscall(nr, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    fd, text = _prog_load(insns, name, prog_type, _BPF_LOG_STATS, 1 << 16)
     if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"BPF_PROG_LOAD {name}: {os.strerror(e)}: "
-                         f"{log.value.decode(errors='replace')[-300:]}")
+        raise OSError(-fd, f"BPF_PROG_LOAD {name}: {os.strerror(-fd)}: {text[-300:]}")
     os.close(fd)
-    text = log.value.decode(errors="replace")
     processed = re.search(r"processed (\d+) insns", text)
     depth = re.search(r"stack depth ([\d+]+)", text)
     took = re.search(r"verification time (\d+) usec", text)
