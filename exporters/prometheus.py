@@ -185,6 +185,17 @@ class ReportCollector(Collector):
             for source in sorted(sources):
                 errors.add_metric([source], s.discovery_errors.get(source, 0))
             yield errors
+        if s.etcd is not None:
+            e = s.etcd
+            yield GaugeMetricFamily("microseg_etcd_up", "1 while etcd answers this node "
+                                    "(0: cut off, the last known state enforced)",
+                                    value=1 if e["up"] else 0)
+            yield CounterMetricFamily("microseg_etcd_errors", "Times the connection to etcd "
+                                      "failed (each retried with back-off)", value=e["errors"])
+            yield CounterMetricFamily("microseg_etcd_resyncs", "Times the node listed etcd "
+                                      "afresh (each (re)connection)", value=e["resyncs"])
+            yield GaugeMetricFamily("microseg_cluster_nodes", "Nodes publishing in etcd, as "
+                                    "last known (this one included)", value=e["nodes"])
         yield CounterMetricFamily("microseg_datapath_run_time_seconds", "Time spent in the "
                                   "TC programs (kernel BPF run-time stats)",
                                   value=s.run_time_ns / 1e9)

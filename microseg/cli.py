@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,39 @@ def _run_time_stats(text: str) -> str:
     return text
 
 
+def _etcd_config(args: argparse.Namespace):
+    """--etcd and its companions, checked (ValueError: one line)."""
+    from microseg.control.config import EtcdConfig
+
+    tls = (args.etcd_cacert, args.etcd_cert, args.etcd_key)
+    if args.etcd is None:
+        if args.policy == "etcd":
+            raise ValueError("--policy etcd: the policy comes from etcd: give --etcd ENDPOINT")
+        if args.node or any(tls):
+            raise ValueError("--node and --etcd-* options need --etcd ENDPOINT")
+        return None
+    from microseg.cluster.etcd import check_endpoints, check_prefix
+    from microseg.cluster.node import MIN_TTL, check_node_name
+
+    if bool(args.etcd_cert) != bool(args.etcd_key):
+        raise ValueError("--etcd-cert and --etcd-key go together")
+    for flag, path in zip(("--etcd-cacert", "--etcd-cert", "--etcd-key"), tls, strict=True):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+    if args.etcd_ttl < MIN_TTL:
+        raise ValueError(f"--etcd-ttl {args.etcd_ttl}: at least {MIN_TTL} seconds")
+    endpoints = [e for e in args.etcd.split(",") if e.strip()]
+    cfg = EtcdConfig(endpoints=endpoints, node=args.node or "", prefix=args.etcd_prefix,
+                     ttl=args.etcd_ttl, cacert=args.etcd_cacert, cert=args.etcd_cert,
+                     key=args.etcd_key)
+    from microseg.cluster.etcd import TLSFiles
+
+    cfg.endpoints = check_endpoints(endpoints, TLSFiles(*tls))
+    check_prefix(cfg.prefix)
+    check_node_name(cfg.node_name())
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.interface:
         raise CommandError("run: give at least one -i/--interface (name or glob)", EXIT_USAGE)
@@ -96,6 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             timeouts = parse_timeouts(args.timeout)
             metrics = parse_listen(args.metrics)
+            etcd = _etcd_config(args)
         except ValueError as e:
             raise CommandError(str(e), EXIT_USAGE) from None
         return run(RunConfig(
@@ -108,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             flow_log=args.flow_log, flow_log_max_bytes=args.flow_log_max_bytes,
             flow_log_keep=args.flow_log_keep, timeouts=timeouts,
             sweep_interval=args.sweep_interval, metrics=metrics,
-            event_window=args.event_window, run_time_stats=args.run_time_stats),
+            event_window=args.event_window, run_time_stats=args.run_time_stats, etcd=etcd),
             preload=preload)
     finally:
         if preload is not None:
@@ -374,7 +409,7 @@ def _apply_text(args: argparse.Namespace, data: bytes, label: str) -> int:
 
     async def go(c: Client) -> dict:
         status = await c.get("/v1/status")
-        path = status["policy"]["path"]
+        path = _policy_file(status)
         if os.path.realpath(path) != os.path.realpath(label) or not os.path.exists(label):
             write_atomically(path, data)
         return await c.post("/v1/policy/reload")
@@ -401,6 +436,18 @@ def _apply_text(args: argparse.Namespace, data: bytes, label: str) -> int:
     return 0
 
 
+CLUSTER_POLICY = "etcd"  # `run --policy etcd`: the daemon's policy path
+
+
+def _policy_file(status: dict) -> str:
+    """The daemon's policy file; a daemon enforcing the cluster policy has none."""
+    path = status["policy"]["path"]
+    if path == CLUSTER_POLICY:
+        raise CommandError("the daemon enforces the cluster policy (run --policy etcd): "
+                           "change it with `microseg policy apply --cluster FILE`")
+    return path
+
+
 def _read_policy_arg(path: str) -> bytes:
     """A policy file named on the command line: a regular file, read up to
     just past the limit (the parse refuses more, with its line) — a FIFO or
@@ -415,7 +462,82 @@ def _read_policy_arg(path: str) -> bytes:
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
+    if args.cluster:
+        return _apply_cluster(args, _read_policy_arg(args.file), args.file)
     return _apply_text(args, _read_policy_arg(args.file), args.file)
+
+
+# How long `policy apply --cluster` waits for its daemon to enforce the new
+# policy (when that daemon runs with --policy etcd).
+CLUSTER_APPLY_WAIT_S = 10.0
+
+
+def _apply_cluster(args: argparse.Namespace, data: bytes, label: str) -> int:
+    """Validate here, store in etcd through the daemon, wait until that
+    daemon enforces it if it follows the cluster policy."""
+    from microseg.policy.parse import PolicyError, parse_policy
+
+    try:
+        loaded = parse_policy(data, label)
+    except PolicyError as e:
+        for issue in e.issues:
+            print(issue.format(label), file=sys.stderr)
+        raise CommandError(f"{label}: invalid, not applied") from None
+
+    async def go(c: Client) -> tuple[dict, dict | None]:
+        res = await c.post("/v1/policy/cluster", body=data, source=label)
+        deadline = time.monotonic() + CLUSTER_APPLY_WAIT_S
+        while True:
+            pol = (await c.get("/v1/status"))["policy"]
+            if pol["path"] != CLUSTER_POLICY:
+                return res, None
+            if pol["sha256"] == res["sha256"] or time.monotonic() > deadline:
+                return res, pol
+            await asyncio.sleep(0.05)
+
+    res, pol = _daemon(args, go)
+    print(f"stored in etcd at revision {res['revision']} ({res['rules']} rules, "
+          f"{res['workloads']} workloads, sha256 {res['sha256'][:12]})")
+    if pol is not None:
+        if pol["sha256"] != res["sha256"]:
+            raise CommandError(f"stored, but this daemon still enforces generation "
+                               f"{pol['generation']} after {CLUSTER_APPLY_WAIT_S:.0f} s; see "
+                               "`microseg nodes` and its log")
+        print(f"generation {pol['generation']} active here; `microseg nodes` shows every "
+              "node's")
+    for w in loaded.warnings:
+        print(w.format(label), file=sys.stderr)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    async def go(c: Client) -> tuple[list[bytes], dict]:
+        out: list[bytes] = []
+        async for lines in c.stream_lines("/v1/nodes"):
+            out.extend(lines)
+        return out, (await c.get("/v1/status")).get("etcd") or {}
+
+    lines, etcd = _daemon(args, go)
+    if etcd and not etcd.get("up"):
+        print(f"etcd unreachable since {etcd.get('since')} ({etcd.get('last_error')}): "
+              "the last known state", file=sys.stderr)
+    if args.json:
+        _write_line(b"".join(lines))
+        return 0
+    rows = [("NODE", "HEARTBEAT", "POLICY", "GENERATION", "WORKLOADS", "VERSION")]
+    for line in lines:
+        n = orjson.loads(line)
+        rows.append((n["node"] + (" (this)" if n.get("self") else ""), n["heartbeat"] or "-",
+                     (n["policy_sha256"] or "-")[:12], str(n["policy_generation"]),
+                     str(n["workloads"]), n["version"] or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    shas = {orjson.loads(line)["policy_sha256"] for line in lines}
+    print(f"{len(lines)} node{'s' if len(lines) != 1 else ''}, "
+          + ("converged on one policy" if len(shas) == 1 else
+             f"{len(shas)} different policies"), file=sys.stderr)
+    return 0
 
 
 def _edit(args: argparse.Namespace, change: Callable[[str, str], str]) -> int:
@@ -426,7 +548,7 @@ def _edit(args: argparse.Namespace, change: Callable[[str, str], str]) -> int:
     if path is None:
         status = _daemon(args, lambda c: c.get("/v1/status"))
         assert isinstance(status, dict)
-        path = status["policy"]["path"]
+        path = _policy_file(status)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -636,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface name or shell glob (veth*, msd-*); repeatable; "
                         "links that appear later and match are attached too")
     p.add_argument("--policy", default="/etc/microseg/policy.yaml", metavar="FILE",
-                   help="policy file (default: %(default)s)")
+                   help="policy file, or 'etcd': the cluster policy (with --etcd; "
+                   "`policy apply --cluster` stores it) (default: %(default)s)")
     p.add_argument("--policy-default", choices=["audit"], default=None,
                    help="with no policy file yet, run the built-in policy: default allow "
                         "in audit mode (observe everything, enforce nothing)")
@@ -675,6 +798,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the kernel's BPF run-time statistics (datapath ns/packet) cost "
                    "every packet while on: on for WINDOW seconds every PERIOD, or for the "
                    "whole run, or never (default: %(default)s)")
+    g = p.add_argument_group("many hosts (docs/many-hosts.md)")
+    g.add_argument("--etcd", metavar="ENDPOINT[,ENDPOINT...]",
+                   help="share workload identities (and, with --policy etcd, the policy) "
+                   "with other nodes through etcd, e.g. https://10.0.0.5:2379")
+    g.add_argument("--node", metavar="NAME", help="this node's name (default: the host name)")
+    g.add_argument("--etcd-prefix", default="/microseg/", metavar="PREFIX",
+                   help="the only keys microseg reads and writes (default: %(default)s)")
+    g.add_argument("--etcd-ttl", type=int, default=30, metavar="SECONDS",
+                   help="this node's lease: its workloads vanish from other nodes this "
+                   "long after it stops answering (min 5, default: %(default)s)")
+    g.add_argument("--etcd-cacert", metavar="FILE", help="CA certificate to trust etcd by")
+    g.add_argument("--etcd-cert", metavar="FILE", help="client certificate (TLS)")
+    g.add_argument("--etcd-key", metavar="FILE", help="client certificate's key")
     p.add_argument("--metrics", default="127.0.0.1:9750", metavar="ADDR",
                    help="Prometheus listener, HOST:PORT or [IPV6]:PORT (port 0: any free "
                    "port, shown by /v1/status), or 'off' (default: %(default)s)")
@@ -760,6 +896,14 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_option(p)
     p.set_defaults(func=cmd_workloads)
 
+    p = sub.add_parser("nodes", help="every node sharing etcd: heartbeat, policy, workloads",
+                       description="Every node of the cluster (run --etcd): its last "
+                       "heartbeat, the sha256 and generation of the policy it enforces, "
+                       "the workloads it publishes, its version — converged or not.")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _socket_option(p)
+    p.set_defaults(func=cmd_nodes)
+
     p = sub.add_parser("stats", help="counters, rates, table fill, events lost",
                        description="One-shot summary: packets by verdict with rates since "
                        "the daemon started, drops by reason, session table fill, events "
@@ -780,6 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = psub.add_parser("apply", help="validate FILE, make it the daemon's policy and wait "
                                       "until it is active")
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--cluster", action="store_true",
+                   help="store it in etcd as every node's policy (nodes run with "
+                   "--policy etcd), through the daemon on the socket")
     _socket_option(p)
     p.set_defaults(func=cmd_policy_apply)
 

@@ -42,8 +42,10 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from microseg.cluster.etcd import EtcdError
 from microseg.flow.filters import EVENT_KEYS, SESSION_KEYS, Filter, FilterError
 from microseg.flow.hub import ndjson
+from microseg.policy.parse import PolicyError, parse_policy
 from microseg.policy.staging import NothingStaged
 
 if TYPE_CHECKING:
@@ -245,6 +247,34 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
             pass
         return resp
 
+    async def nodes(request: web.Request) -> web.Response:
+        rows = views.nodes()
+        if rows is None:
+            return error(409, "this daemon runs without etcd (microseg run --etcd ENDPOINT)")
+        return web.Response(body=b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
+                                          for r in rows),
+                            content_type="application/x-ndjson")
+
+    async def cluster_policy(request: web.Request) -> web.Response:
+        """Validate a policy and store it in etcd as every node's."""
+        if (denied := root_only(request, "apply the cluster policy")) is not None:
+            return denied
+        if parts.cluster is None:
+            return error(409, "this daemon runs without etcd (microseg run --etcd ENDPOINT)")
+        data = await request.read()
+        try:
+            loaded = parse_policy(data, "etcd")
+        except PolicyError as e:
+            return json_response({"result": "rejected", "errors": [
+                i.format(request.query.get("source") or "etcd") for i in e.errors]}, 400)
+        try:
+            revision = await parts.cluster.put_policy(data)
+        except EtcdError as e:
+            return error(503, f"not stored: {e}")
+        return json_response({"result": "stored", "revision": revision,
+                              "sha256": loaded.sha256, "rules": len(loaded.policy.rules),
+                              "workloads": len(loaded.policy.workloads)})
+
     async def workloads(request: web.Request) -> web.Response:
         rows = await views.workloads(request.query.get("source") or None)
         return web.Response(body=b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE)
@@ -260,6 +290,8 @@ def build_app(views: Views, group_gid: int | None) -> web.Application:
     app.router.add_get("/v1/sessions", sessions)
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/v1/workloads", workloads)
+    app.router.add_get("/v1/nodes", nodes)
+    app.router.add_post("/v1/policy/cluster", cluster_policy)
     app.router.add_get("/v1/policy/source", policy_source)
     app.router.add_post("/v1/policy/stage", stage)
     app.router.add_get("/v1/policy/staged", staged_status)

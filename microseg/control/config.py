@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 from microseg.control.client import DEFAULT_SOCKET
@@ -9,6 +10,22 @@ from microseg.flow.sweeper import DEFAULT_TIMEOUTS
 from microseg.kernel.loader import DEFAULT_PIN_DIR
 
 DEFAULT_POLICY = "/etc/microseg/policy.yaml"
+
+
+@dataclass
+class EtcdConfig:
+    """`run --etcd ...` (docs/many-hosts.md)."""
+
+    endpoints: list[str]
+    node: str = ""             # "": the host name
+    prefix: str = "/microseg/"
+    ttl: int = 30
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def node_name(self) -> str:
+        return self.node or socket.gethostname().split(".")[0]
 
 
 @dataclass
@@ -35,3 +52,4 @@ class RunConfig:
     # "on" or "off" (microseg/control/runstats.py).
     run_time_stats: str = "1/15"
     metrics: tuple[str, int] | None = ("127.0.0.1", 9750)  # None: no metrics listener
+    etcd: EtcdConfig | None = None  # `--etcd`: many hosts (docs/many-hosts.md)

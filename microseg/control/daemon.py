@@ -91,8 +91,14 @@ class Daemon:
                                     builtin_fallback=cfg.policy_default_audit,
                                     insecure_permissions=cfg.insecure_policy_permissions,
                                     on_discover=self._on_discover,
+                                    on_applied=self._on_applied,
                                     state_dir=state_dir(cfg.socket_path))
         self.sources = Sources(self.policy)
+        self.cluster = None
+        if cfg.etcd is not None:
+            from microseg.control.cluster import Cluster
+
+            self.cluster = Cluster(cfg.etcd, self.policy, state_dir(cfg.socket_path))
         self.interfaces = InterfaceManager(self.datapath, cfg.interfaces)
         self.names = Names(self.policy.compiled_for, self.interfaces.name_of,
                            lambda: self.policy.active.compiled if self.policy.active else None)
@@ -100,7 +106,8 @@ class Daemon:
                                  lambda: self.policy.generation)
         self.parts = Parts(cfg=cfg, hub=self.hub, datapath=self.datapath, policy=self.policy,
                            interfaces=self.interfaces, names=self.names, pipeline=self.pipeline,
-                           sources=self.sources, started_ns=time.time_ns())
+                           sources=self.sources, started_ns=time.time_ns(),
+                           cluster=self.cluster)
         self.views = Views(self.parts)
         self.hub.observers += [self._observe_verdicts, self.parts.staged_changes.observe]
         self.flusher = Flusher(self.datapath, cfg.event_window)
@@ -123,6 +130,8 @@ class Daemon:
         invalid policy file: an operator must see that at once. Returns its
         `discover` section."""
         path = self.cfg.policy_path
+        if self.policy.from_cluster:
+            return Discovery()  # the cluster policy's comes with it
         if not os.path.exists(path):
             if self.cfg.policy_default_audit:
                 log.warning("policy file %s not found: running the built-in audit policy "
@@ -184,6 +193,13 @@ class Daemon:
             parts.flowlog = FlowLog(self.cfg.flow_log, self.cfg.flow_log_max_bytes,
                                     self.cfg.flow_log_keep)
             parts.flowlog.start(self.hub)
+        if self.cluster is not None:
+            # Other nodes' workloads (and the cluster policy) are known before
+            # the first judgement too; etcd being down delays a start by a
+            # few seconds, never stops it.
+            self.cluster.start()
+            if not await self.cluster.first_contact() and self.policy.from_cluster:
+                self.cluster.restore_policy()
         # Running containers are known before the first judgement: a restart
         # must not revoke their sessions as strangers'.
         self.sources.configure(self._discover)
@@ -209,9 +225,10 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        self._tasks.append(asyncio.create_task(
-            watch_policy(self.cfg.policy_path, self._on_file_change, self._stop),
-            name="policy-watch"))
+        if not self.policy.from_cluster:  # the cluster policy comes by etcd's watch
+            self._tasks.append(asyncio.create_task(
+                watch_policy(self.cfg.policy_path, self._on_file_change, self._stop),
+                name="policy-watch"))
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweeper"))
         self._tasks.append(asyncio.create_task(self._flush_forever(), name="aggregates"))
         self._tasks.append(asyncio.create_task(self.run_stats.run(), name="run-time-stats"))
@@ -310,6 +327,10 @@ class Daemon:
             raise web.HTTPServiceUnavailable(text="microseg: starting\n")
         return await self.views.report()
 
+    def _on_applied(self, active, merged) -> None:
+        if self.cluster is not None:
+            self.cluster.on_applied(active, merged)
+
     def _on_discover(self, discover: Discovery) -> None:
         self.sources.configure(discover)
 
@@ -333,6 +354,8 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.sources.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()  # a clean stop withdraws this node's workloads now
         self.links.stop()
         self.pipeline.stop()  # the last events, to the subscribers still here
         if self.parts.flowlog is not None:

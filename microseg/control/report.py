@@ -60,6 +60,7 @@ class Report:
     discovery_errors: dict[str, int] = field(default_factory=dict)   # by source
     # (staged verdict, differs from the active one) -> judgments, all time
     staged_verdicts: dict[tuple[str, bool], int] = field(default_factory=dict)
+    etcd: dict | None = None               # `run --etcd`: up, errors, resyncs, nodes
     at_ns: int = 0                         # CLOCK_MONOTONIC when read
 
     @property

@@ -31,6 +31,7 @@ from microseg.kernel.records import session_census
 from microseg.policy.model import PROTOCOL_NAMES
 
 if TYPE_CHECKING:
+    from microseg.control.cluster import Cluster
     from microseg.control.discovery import Sources
     from microseg.control.runstats import RunTimeStats
     from microseg.exporters.flowlog import FlowLog
@@ -63,6 +64,7 @@ class Parts:
     last_sweep: dict | None = None
     metrics_listen: str | None = None
     run_stats: RunTimeStats | None = None
+    cluster: Cluster | None = None  # `run --etcd`
     ready: bool = False
     # Every verdict event's flow (`policy suggest`/`diff` read it) and the
     # flows a staged candidate would judge otherwise: fed by the hub.
@@ -152,6 +154,7 @@ class Views:
             workloads=_count_by_source(p.policy.known.values()),
             discovery_events=p.sources.changes_by_action(),
             discovery_errors=p.sources.errors(),
+            etcd=p.cluster.status() if p.cluster else None,
             staged_verdicts={(VERDICT_NAMES[v], d): n
                              for (v, d), n in dp.read_staged_stats().items()},
             run_time_ns=run_ns, run_count=runs,
@@ -274,7 +277,8 @@ class Views:
                 "failed": p.interfaces.failed,
             },
             "policy": {
-                "path": os.path.abspath(cfg.policy_path),
+                "path": cfg.policy_path if p.policy.from_cluster
+                else os.path.abspath(cfg.policy_path),
                 "generation": p.policy.generation,
                 "source": a.loaded.source if a else None,
                 "sha256": a.loaded.sha256 if a else None,
@@ -297,6 +301,7 @@ class Views:
             "metrics": p.metrics_listen,
             "workloads": _count_by_source(p.policy.known.values()),
             "discovery": p.sources.status(),
+            "etcd": p.cluster.status() if p.cluster else None,
             "datapath": {
                 "pin_dir": cfg.pin_dir,
                 "session_capacity": cfg.session_capacity,
@@ -415,8 +420,16 @@ class Views:
                     for name in {r["src"].get("workload"), r["dst"].get("workload")}:
                         if name in live:
                             live[name] += 1
-        return [{**k.as_dict(), "sessions": live[k.name]}
+        here = {"node": p.cluster.node.node} if p.cluster else {}
+        return [{**here, **k.as_dict(), "sessions": live[k.name]}
                 for k in sorted(known, key=lambda k: (k.source, k.name))]
+
+    # -- GET /v1/nodes ----------------------------------------------------------
+
+    def nodes(self) -> list[dict] | None:
+        """Every node of the cluster (None: not running with --etcd)."""
+        c = self.parts.cluster
+        return c.nodes() if c else None
 
     # -- GET /v1/sessions -----------------------------------------------------
 

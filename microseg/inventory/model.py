@@ -24,14 +24,15 @@ class DiscoveredWorkload:
     addresses: tuple[IPAddress, ...]
     source: str
     ident: str  # the engine's id for it: a container id
+    node: str | None = None  # the host it runs on, when another one (source etcd)
 
     @classmethod
     def make(cls, name: str, labels: Mapping[str, str] | None,
              addresses: Iterable[str | IPAddress], source: str,
-             ident: str) -> DiscoveredWorkload:
+             ident: str, node: str | None = None) -> DiscoveredWorkload:
         ips = {ipaddress.ip_address(a) for a in addresses}
         return cls(name, tuple(sorted((labels or {}).items())),
-                   tuple(sorted(ips, key=lambda ip: (ip.version, ip))), source, ident)
+                   tuple(sorted(ips, key=lambda ip: (ip.version, ip))), source, ident, node)
 
     @property
     def label_map(self) -> dict[str, str]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from microseg.kernel import abi
-from microseg.policy.model import IPNetwork, Policy, Rule, Selector
+from microseg.policy.model import IPNetwork, Policy, Rule, Selector, selector_name
 
 _ACTIONS = {"allow": abi.Action.ALLOW, "deny": abi.Action.DENY}
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -259,7 +259,7 @@ class _Classes:
         sels = [s for r in policy.rules for s in r.sources + r.destinations]
 
         named = sorted({s.workload for s in sels if s.kind == "workload" and s.workload}
-                       & set(labels_of))
+                       & {selector_name(n) for n in labels_of})
         label_sels = sorted({s.labels for s in sels if s.kind == "labels"})
         sig_of_set = {ls: frozenset(want for want in label_sels if set(want) <= ls)
                       for ls in set(labels_of.values())}
@@ -285,7 +285,7 @@ class _Classes:
 
     def identity_classes(self, idents: _Identities, ident: int) -> tuple[int, int, int]:
         owner = idents.owner[ident]
-        return (self.workload_class.get(owner, 0) if owner else 0,
+        return (self.workload_class.get(selector_name(owner), 0) if owner else 0,
                 self.label_class.get(owner, 0) if owner else 0,
                 self.cidr_class.get(ident, 0))
 

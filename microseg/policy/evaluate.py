@@ -33,6 +33,7 @@ from microseg.policy.model import (
     Policy,
     Selector,
     Workload,
+    selector_name,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -415,7 +416,7 @@ class _Side:
             return None if inside else f"is outside {sel.cidr}"
         o = self.owner
         if sel.kind == "workload":
-            if o is not None and o.name == sel.workload:
+            if o is not None and selector_name(o.name) == sel.workload:
                 return None
             unknown = "" if sel.workload in self.names else " (no such workload now)"
             return f"is not workload {sel.workload}{unknown}"

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from microseg.inventory.model import DiscoveredWorkload
 from microseg.policy.model import IPNetwork, Policy, Workload
 
 STATIC = "static"
+REMOTE = "etcd"  # another node's workloads (microseg/cluster/node.py)
 
 # What a name must look like to be named in rules and events (the policy
 # file's rule, longer: engines allow longer names than policy files do).
@@ -34,10 +35,14 @@ class Known:
     source: str
     labels: tuple[tuple[str, str], ...]
     addresses: tuple[str, ...]
+    node: str | None = None  # another host's (source etcd); None: this one
 
     def as_dict(self) -> dict:
-        return {"workload": self.name, "source": self.source, "labels": dict(self.labels),
-                "addresses": list(self.addresses)}
+        d = {"workload": self.name, "source": self.source, "labels": dict(self.labels),
+             "addresses": list(self.addresses)}
+        if self.node is not None:
+            d["node"] = self.node
+        return d
 
 
 @dataclass(frozen=True)
@@ -55,15 +60,21 @@ def address_text(net: IPNetwork) -> str:
 
 def merge(policy: Policy, discovered: Discovered) -> Merged:
     """The policy with every discovered workload of the sources its
-    `discover` section names; static names win."""
-    enabled = set(policy.discover.sources)
+    `discover` section names, and every other node's (source etcd); static
+    names win over this host's containers. Another node's workload whose
+    name is taken (here, or on a third node) is kept under NAME@NODE, which
+    `{workload: NAME}` still selects (model.selector_name)."""
+    enabled = set(policy.discover.sources) | {REMOTE}
     known: dict[str, Known] = {
         w.name: Known(w.name, STATIC, w.labels, tuple(address_text(a) for a in w.addresses))
         for w in policy.workloads}
     extra: list[Workload] = []
     warnings: list[str] = []
-    for source in sorted(discovered):
+    for source in sorted(discovered, key=lambda s: s == REMOTE):  # this host's first
         if source not in enabled:
+            continue
+        if source == REMOTE:
+            extra += _remote(discovered[source].values(), known, warnings)
             continue
         for name, d in sorted(discovered[source].items()):
             if not _NAME.match(name):
@@ -83,6 +94,29 @@ def merge(policy: Policy, discovered: Discovered) -> Merged:
         return Merged(policy, known, tuple(warnings))
     return Merged(replace(policy, workloads=policy.workloads + tuple(extra)), known,
                   tuple(warnings))
+
+
+def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
+            warnings: list[str]) -> list[Workload]:
+    """Other nodes' workloads into known; the ones to compile."""
+    nodes_of: dict[str, set[str]] = {}
+    for d in workloads:
+        nodes_of.setdefault(d.name, set()).add(d.node or "")
+    out = []
+    for d in sorted(workloads, key=lambda d: (d.name, d.node or "")):
+        name = d.name
+        if name in known or len(nodes_of[name]) > 1:
+            here = "this node" if name in known and known[name].node is None else \
+                "node " + ", ".join(sorted(nodes_of[name] - {d.node or ""}))
+            warnings.append(f"workload '{name}' of node {d.node} has the name of one on "
+                            f"{here}: both kept, it as '{name}@{d.node}'")
+            name = f"{d.name}@{d.node}"
+        known[name] = Known(name, REMOTE, d.labels, tuple(str(a) for a in d.addresses),
+                            d.node)
+        if d.addresses:
+            out.append(Workload(name, tuple(ipaddress.ip_network(a) for a in d.addresses),
+                                d.labels))
+    return out
 
 
 def changes(old: Mapping[str, Known], new: Mapping[str, Known]) -> list[tuple[str, Known]]:

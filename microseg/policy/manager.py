@@ -39,6 +39,9 @@ from microseg.policy.staging import Stager
 log = logging.getLogger("microseg.policy")
 
 BUILTIN_AUDIT = "built-in: default allow, audit"
+# `run --policy etcd`: the policy is the cluster's, read from etcd
+# (microseg/cluster/node.py), not a file.
+CLUSTER = "etcd"
 
 
 def builtin_audit_policy() -> LoadedPolicy:
@@ -65,9 +68,14 @@ class PolicyManager:
     def __init__(self, datapath, path: str, *, publish: Callable[[dict], object] | None = None,
                  builtin_fallback: bool = False, insecure_permissions: bool = False,
                  on_discover: Callable[[Discovery], object] | None = None,
+                 on_applied: Callable[[ActivePolicy, Merged], object] | None = None,
                  state_dir: str | None = None) -> None:
         self.datapath = datapath
         self.path = path
+        # --policy etcd: the cluster policy's bytes and etcd revision, as
+        # last received (None: none yet).
+        self.cluster_policy: tuple[bytes, int] | None = None
+        self._on_applied = on_applied  # every generation applied (the cluster's report)
         self.builtin_fallback = builtin_fallback
         # --insecure-policy-permissions: use a file others could change (warned).
         self.insecure_permissions = insecure_permissions
@@ -157,10 +165,25 @@ class PolicyManager:
                             workloads=len(a.loaded.policy.workloads) if a else 0,
                             at_ns=time.time_ns())
 
+    @property
+    def from_cluster(self) -> bool:
+        return self.path == CLUSTER
+
+    async def set_cluster_policy(self, data: bytes, revision: int) -> ReloadResult | None:
+        """`--policy etcd`: the cluster policy as etcd now holds it (before
+        the first apply: kept for it)."""
+        self.cluster_policy = (data, revision)
+        if self.active is None:
+            return None
+        return await self.reload(f"etcd revision {revision}", skip_rejected=True)
+
     def _digest(self) -> str:
         """The content's sha256 and who may change it or, for a file that
         cannot be read, why: a state already rejected is not judged again
         either (and one whose permissions were mended is)."""
+        if self.from_cluster:
+            data = self.cluster_policy[0] if self.cluster_policy else b""
+            return hashlib.sha256(data).hexdigest() + " etcd"
         try:
             check_trusted(self.path)
             trust = "trusted"
@@ -175,6 +198,8 @@ class PolicyManager:
     def check_permissions(self) -> None:
         """Refuse a policy file anyone but root could change (PolicyError),
         unless --insecure-policy-permissions: then say so, every time."""
+        if self.from_cluster:
+            return  # etcd's access control (client certificates) guards it
         try:
             check_trusted(self.path)
         except UntrustedPath as e:
@@ -190,13 +215,25 @@ class PolicyManager:
     def _read(self) -> LoadedPolicy:
         try:
             with gc_paused():
+                if self.from_cluster:
+                    return self._read_cluster()
                 self.check_permissions()
                 return load_policy_file(self.path, self._reparser.parse)
         except PolicyError as e:
-            missing = not Path(self.path).exists()
+            missing = self.cluster_policy is None if self.from_cluster \
+                else not Path(self.path).exists()
             if missing and self.builtin_fallback and self.active is None:
                 return builtin_audit_policy()
             raise e from None
+
+    def _read_cluster(self) -> LoadedPolicy:
+        if self.cluster_policy is None:
+            raise PolicyError(CLUSTER, [Issue(1, 1, "no cluster policy in etcd yet (microseg "
+                                                    "policy apply --cluster FILE stores one)")])
+        data, revision = self.cluster_policy
+        loaded = self._reparser.parse(data, CLUSTER)
+        loaded.revision = revision
+        return loaded
 
     async def update_discovered(self, source: str,
                                 workloads: Mapping[str, DiscoveredWorkload]) -> int | None:
@@ -251,6 +288,8 @@ class PolicyManager:
             gc.freeze()
         self._converging = loop.run_in_executor(None, self.datapath.converge)
         self._emit_workloads(merged)
+        if self._on_applied is not None:
+            self._on_applied(self.active, merged)
         await self.stager.follow()  # the candidate sees the same workloads
         if inventory:
             log.debug("inventory applied generation=%d workloads=%d apply_ms=%.1f", gen,
@@ -268,7 +307,7 @@ class PolicyManager:
                            + list(merged.warnings),
                            rules=len(loaded.policy.rules),
                            workloads=len(loaded.policy.workloads), apply_ms=apply_ms,
-                           at_ns=time.time_ns())
+                           at_ns=time.time_ns(), revision=loaded.revision)
         self.last = res
         log.info("policy applied generation=%d rules=%d workloads=%d apply_ms=%.1f "
                  "source=%s reason=%s", gen, res.rules, res.workloads, apply_ms,

@@ -54,6 +54,13 @@ class Selector:
         return f"cidr:{self.cidr}"
 
 
+def selector_name(name: str) -> str:
+    """The name `{workload: NAME}` selects a workload by: another node's
+    workload whose name is taken here is known as NAME@NODE (a name no
+    policy file can give: '@' is not allowed in one)."""
+    return name.partition("@")[0]
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str

@@ -105,6 +105,7 @@ class LoadedPolicy:
     # The text it was parsed from: what `policy suggest/trace/diff` read
     # from a daemon (GET /v1/policy/source), and what a promote writes.
     data: bytes = field(default=b"", repr=False, compare=False)
+    revision: int | None = None  # the etcd revision of a cluster policy
 
 
 _FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device",

@@ -29,9 +29,13 @@ class ReloadResult:
     workloads: int = 0
     apply_ms: float = 0.0
     at_ns: int = 0
+    revision: int | None = None  # a cluster policy's etcd revision
 
     def as_dict(self) -> dict:
-        return {"result": self.result, "generation": self.generation, "source": self.source,
-                "sha256": self.sha256, "errors": self.errors, "warnings": self.warnings,
-                "rules": self.rules, "workloads": self.workloads,
-                "apply_ms": round(self.apply_ms, 3)}
+        d = {"result": self.result, "generation": self.generation, "source": self.source,
+             "sha256": self.sha256, "errors": self.errors, "warnings": self.warnings,
+             "rules": self.rules, "workloads": self.workloads,
+             "apply_ms": round(self.apply_ms, 3)}
+        if self.revision is not None:
+            d["revision"] = self.revision
+        return d

@@ -68,6 +68,12 @@ class Manager(Protocol):
     @property
     def lock(self) -> asyncio.Lock: ...
 
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def from_cluster(self) -> bool: ...
+
     async def reload(self, reason: str, *, force: bool = False) -> ReloadResult: ...
 
 
@@ -219,6 +225,10 @@ class Stager:
         s = self.staged
         if s is None:
             raise NothingStaged("nothing is staged")
+        if m.from_cluster:
+            return ReloadResult("rejected", m.generation, m.path, None, errors=[
+                "the active policy is the cluster's (etcd): `microseg policy apply --cluster "
+                "FILE` makes a candidate every node's policy"], at_ns=time.time_ns())
         loop = asyncio.get_running_loop()
         try:
             with open_policy_file(m.path) as f:
@@ -249,28 +259,7 @@ class Stager:
     # -- kept across restarts -----------------------------------------------------
 
     def _trusted_dir(self, create: bool) -> Path | None:
-        """The state directory, if it is ours alone: a real directory (no
-        symlink), owned by this user, nobody else may enter. None: not used
-        (said once per call)."""
-        d = self.state_dir
-        if d is None:
-            return None
-        try:
-            if create:
-                d.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                with contextlib.suppress(FileExistsError):
-                    d.mkdir(mode=0o700)
-            st = os.lstat(d)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("staged policy state %s: %s; not kept for a restart", d, e)
-            return None
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            log.warning("staged policy state %s is not a directory only this daemon's user "
-                        "may enter; not used", d)
-            return None
-        return d
+        return trusted_state_dir(self.state_dir, create, "staged policy")
 
     def _save(self, s: StagedPolicy) -> None:
         d = self._trusted_dir(create=True)
@@ -347,3 +336,26 @@ class Stager:
         log.info("staged policy restored: %s, staged generation %#x", loaded.source,
                  self.staged.generation if self.staged else 0)
 
+
+def trusted_state_dir(d: Path | None, create: bool, what: str) -> Path | None:
+    """A daemon state directory, if it is ours alone: a real directory (no
+    symlink), owned by this user, nobody else may enter. None: not used
+    (said once per call)."""
+    if d is None:
+        return None
+    try:
+        if create:
+            d.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=0o700)
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("%s state %s: %s; not kept for a restart", what, d, e)
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        log.warning("%s state %s is not a directory only this daemon's user may enter; "
+                    "not used", what, d)
+        return None
+    return d

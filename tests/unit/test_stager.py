@@ -67,6 +67,8 @@ class Manager:
         self.lock = asyncio.Lock()
         self.answer = "applied"       # what the next reload says
         self.edit_before_reload: bytes | None = None
+        self.from_cluster = False     # a policy file's, not etcd's
+        self.generation = 1
 
     async def reload(self, reason: str, *, force: bool = False) -> ReloadResult:
         if self.edit_before_reload is not None:  # someone else writes the file

@@ -1,0 +1,377 @@
+"""This host as a node of a microseg cluster: what it publishes to etcd and
+what it learns from it (docs/many-hosts.md).
+
+Keys under the prefix (default /microseg/):
+
+    policy                      the cluster policy (YAML bytes)
+    nodes/NODE                  the node's report (JSON), on its lease
+    workloads/NODE/NAME         a workload of NODE (JSON), on its lease
+
+A node publishes on one lease kept alive while it runs: if it crashes or is
+cut off, etcd deletes its keys after the TTL, and every other node forgets
+its workloads; a clean stop revokes the lease at once. It reads by
+list-then-watch: the whole prefix at one revision, then every change after
+that revision, so no update falls between the two. Whenever the connection
+breaks it keeps what it knew (the last known identities and policy stay
+enforced), retries with back-off, and lists afresh when etcd answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from microseg.cluster.etcd import EtcdClient, EtcdError, Event, KeyValue
+from microseg.flow.hub import rfc3339
+from microseg.inventory.model import DiscoveredWorkload
+
+log = logging.getLogger("microseg.cluster")
+
+SOURCE = "etcd"
+POLICY_KEY = "policy"
+NODES = "nodes/"
+WORKLOADS = "workloads/"
+DEFAULT_TTL = 30
+MIN_TTL = 5
+# The lease is renewed, and etcd's health checked, this often at most: an
+# outage shows in status within MIN_TTL seconds whatever the TTL.
+KEEPALIVE_MAX_S = 1.5
+BACKOFF_S = (0.25, 10.0)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
+
+
+def check_node_name(name: str) -> str:
+    if not NAME.match(name):
+        raise ValueError(f"--node {name!r}: letters, digits, '.', '_', '-' (a host name)")
+    return name
+
+
+@dataclass(frozen=True)
+class LocalWorkload:
+    """What this node publishes of one of its workloads."""
+
+    name: str
+    source: str
+    labels: tuple[tuple[str, str], ...]
+    addresses: tuple[str, ...]
+
+    def value(self) -> bytes:
+        return orjson.dumps({"name": self.name, "source": self.source,
+                             "labels": dict(self.labels), "addresses": list(self.addresses)},
+                            option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass
+class Report:
+    """What this node says of itself under nodes/NODE."""
+
+    policy_sha256: str | None = None
+    policy_generation: int = 0
+
+
+OnWorkloads = Callable[[Mapping[str, DiscoveredWorkload]], Awaitable[object]]
+OnPolicy = Callable[[bytes, int], Awaitable[object]]
+
+
+class ClusterNode:
+    def __init__(self, client: EtcdClient, node: str, ttl: int = DEFAULT_TTL, *,
+                 version: str, on_workloads: OnWorkloads,
+                 on_policy: OnPolicy | None = None) -> None:
+        self.client = client
+        self.node = check_node_name(node)
+        if ttl < MIN_TTL:
+            raise ValueError(f"--etcd-ttl {ttl}: at least {MIN_TTL} seconds")
+        self.ttl = ttl
+        self.version = version
+        self._on_workloads = on_workloads
+        self._on_policy = on_policy
+        # What others published: key below workloads/ -> workload; nodes by name.
+        self.remote: dict[str, DiscoveredWorkload] = {}
+        self.nodes: dict[str, dict] = {}
+        self.policy: tuple[bytes, int] | None = None  # (value, mod_revision)
+        self.revision = 0
+        # What this node publishes, and what etcd holds of it under the lease.
+        self._local: dict[str, LocalWorkload] = {}
+        self._published: dict[str, bytes] = {}
+        self.report = Report()
+        self._report_written = b""
+        self._dirty = asyncio.Event()
+        self.lease = 0
+        # Shown by status, nodes and metrics.
+        self.up = False
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.resyncs = 0
+        self.errors = 0
+        self.warnings: set[str] = set()
+        self._connected = asyncio.Event()
+
+    # -- what the daemon tells it ------------------------------------------------
+
+    def set_local(self, workloads: Mapping[str, LocalWorkload]) -> None:
+        """The workloads this node publishes now (replacing the last set)."""
+        self._local = dict(workloads)
+        self._dirty.set()
+
+    def set_report(self, sha256: str | None, generation: int) -> None:
+        self.report = Report(sha256, generation)
+        self._dirty.set()
+
+    async def put_policy(self, data: bytes) -> int:
+        """Store the cluster policy; the revision of the write."""
+        return await self.client.put(POLICY_KEY, data)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        return self._connected.is_set()
+
+    # -- the connection's life -----------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled: connect, publish, list, watch; on any failure keep
+        what is known, back off and start over."""
+        delay = BACKOFF_S[0]
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except EtcdError as e:
+                self._down(str(e))
+            except Exception as e:  # a bug or a hostile value: say it, keep going
+                log.exception("etcd: unexpected failure")
+                self._down(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, BACKOFF_S[1]) if not self.up else BACKOFF_S[0]
+
+    def _down(self, why: str) -> None:
+        self.errors += 1
+        self.last_error = why
+        if self.up:
+            self.up = False
+            self.since = time.time()
+            log.error("etcd: %s; the last known identities and policy stay enforced, "
+                      "retrying with back-off", why)
+        else:
+            log.debug("etcd: still down: %s", why)
+
+    async def _session(self) -> None:
+        c = self.client
+        if self.lease and await c.keepalive(self.lease) <= 0:
+            log.warning("etcd: lease %x expired while away: publishing again", self.lease)
+            self.lease = 0
+        if not self.lease:
+            self.lease = await c.grant(self.ttl)
+            self._published = {}
+            self._report_written = b""
+        await self._publish()
+        rev, kvs = await c.range_prefix("")
+        await self._resync(rev, kvs)
+        was_up, self.up = self.up, True
+        self.since = time.time() if not was_up else self.since
+        self.last_error = None
+        self._connected.set()
+        self.resyncs += 1
+        log.info("etcd: %s at revision %d via %s: %d nodes, %d remote workloads, lease %x "
+                 "(ttl %d s)", "resynced" if self.resyncs > 1 else "connected", rev,
+                 c.endpoint, len(self.nodes), len(self.remote), self.lease, self.ttl)
+        tasks = [asyncio.create_task(self._watch(rev + 1)),
+                 asyncio.create_task(self._keepalive()),
+                 asyncio.create_task(self._publisher())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    async def _keepalive(self) -> None:
+        every = min(self.ttl / 3, KEEPALIVE_MAX_S)
+        heartbeat = self.ttl / 3
+        last_beat = time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            if await self.client.keepalive(self.lease) <= 0:
+                raise EtcdError(f"etcd {self.client.endpoint}: lease {self.lease:x} expired")
+            if time.monotonic() - last_beat >= heartbeat:
+                last_beat = time.monotonic()
+                self._report_written = b""  # the heartbeat: written again
+                self._dirty.set()
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._publish()
+
+    async def _publish(self) -> None:
+        """Make etcd hold exactly this node's workloads and report."""
+        c = self.client
+        want = {f"{WORKLOADS}{self.node}/{n}": w.value() for n, w in self._local.items()}
+        for key in [k for k in self._published if k not in want]:
+            await c.delete(key)
+            del self._published[key]
+        for key, value in want.items():
+            if self._published.get(key) != value:
+                await c.put(key, value, self.lease)
+                self._published[key] = value
+        report = self._report_value()
+        if report != self._report_written:
+            await c.put(NODES + self.node, report, self.lease)
+            self._report_written = report
+
+    def _report_value(self) -> bytes:
+        return orjson.dumps({
+            "node": self.node, "heartbeat": _rfc3339(time.time()),
+            "policy_sha256": self.report.policy_sha256,
+            "policy_generation": self.report.policy_generation,
+            "workloads": len(self._local), "version": self.version})
+
+    # -- what others published --------------------------------------------------------
+
+    async def _watch(self, start: int) -> None:
+        async for rev, events in self.client.watch("", start):
+            self.revision = max(self.revision, rev)
+            if events:
+                await self._apply(events)
+
+    async def _resync(self, rev: int, kvs: list[KeyValue]) -> None:
+        """A fresh list replaces everything learnt before (what vanished while
+        away is gone now)."""
+        self.revision = rev
+        remote_before, policy_before = self.remote, self.policy
+        self.remote, self.nodes = {}, {}
+        policy = None
+        for kv in kvs:
+            if kv.key == POLICY_KEY:
+                policy = (kv.value, kv.mod_revision)
+            else:
+                self._learn(Event("put", kv))
+        self.policy = policy if policy is not None else policy_before
+        if self.remote != remote_before:
+            await self._on_workloads(dict(self.remote))
+        if policy is not None and policy != policy_before and self._on_policy:
+            await self._on_policy(*policy)
+
+    async def _apply(self, events: list[Event]) -> None:
+        before = dict(self.remote)
+        policy = None
+        for ev in events:
+            if ev.kv.key == POLICY_KEY:
+                if ev.kind == "put":
+                    policy = (ev.kv.value, ev.kv.mod_revision)
+                else:
+                    log.warning("etcd: the cluster policy key was deleted; the last policy "
+                                "stays enforced")
+            else:
+                self._learn(ev)
+        if self.remote != before:
+            await self._on_workloads(dict(self.remote))
+        if policy is not None and policy != self.policy:
+            self.policy = policy
+            if self._on_policy:
+                await self._on_policy(*policy)
+
+    def _learn(self, ev: Event) -> None:
+        key = ev.kv.key
+        if key.startswith(NODES):
+            node = key[len(NODES):]
+            if ev.kind == "delete":
+                self.nodes.pop(node, None)
+            else:
+                info = self._parse_node(node, ev.kv.value)
+                if info is not None:
+                    self.nodes[node] = info
+        elif key.startswith(WORKLOADS):
+            node, _, name = key[len(WORKLOADS):].partition("/")
+            if node == self.node:
+                return  # our own, as published
+            if ev.kind == "delete":
+                self.remote.pop(key, None)
+                return
+            w = self._parse_workload(node, name, ev.kv.value)
+            if w is None:
+                self.remote.pop(key, None)
+            else:
+                self.remote[key] = w
+
+    def _warn(self, text: str) -> None:
+        """A bad value in the store: said once, skipped."""
+        if text not in self.warnings:
+            self.warnings.add(text)
+            log.warning("etcd: %s", text)
+
+    def _parse_node(self, node: str, value: bytes) -> dict | None:
+        try:
+            d = orjson.loads(value)
+            if not isinstance(d, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            self._warn(f"{NODES}{node}: not a node report ({e}); ignored")
+            return None
+        return {"node": node, "heartbeat": d.get("heartbeat"),
+                "policy_sha256": d.get("policy_sha256"),
+                "policy_generation": d.get("policy_generation"),
+                "workloads": d.get("workloads"), "version": d.get("version")}
+
+    def _parse_workload(self, node: str, name: str, value: bytes
+                        ) -> DiscoveredWorkload | None:
+        where = f"{WORKLOADS}{node}/{name}"
+        try:
+            if not NAME.match(node) or not NAME.match(name):
+                raise ValueError("node and workload names are letters, digits, '.', '_', '-'")
+            d = orjson.loads(value)
+            labels = d.get("labels") or {}
+            if not isinstance(labels, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+                raise ValueError("labels are not a map of strings")
+            addresses = d.get("addresses") or []
+            if not isinstance(addresses, list):
+                raise ValueError("addresses are not a list")
+            w = DiscoveredWorkload.make(name, labels, addresses, SOURCE, f"{node}/{name}",
+                                        node=node)
+        except (ValueError, AttributeError, TypeError) as e:
+            self._warn(f"{where}: {e}; ignored")
+            return None
+        for a in w.addresses:
+            if a.is_loopback or a.is_multicast or a.is_unspecified:
+                self._warn(f"{where}: address {a} cannot be a workload's; ignored")
+                return None
+        return w
+
+    # -- stopping -----------------------------------------------------------------------
+
+    async def leave(self) -> None:
+        """A clean stop: revoke the lease, so every node forgets this one's
+        workloads now rather than after the TTL."""
+        if self.lease and self.up:
+            with contextlib.suppress(EtcdError):
+                await self.client.revoke(self.lease)
+                log.info("etcd: lease %x revoked: this node's workloads are withdrawn",
+                         self.lease)
+        self.lease = 0
+
+    def status(self) -> dict:
+        return {"up": self.up, "endpoints": self.client.endpoints,
+                "endpoint": self.client.endpoint, "prefix": self.client.prefix,
+                "node": self.node, "since": _rfc3339(self.since),
+                "last_error": self.last_error, "lease_ttl_s": self.ttl,
+                "revision": self.revision, "resyncs": self.resyncs, "errors": self.errors,
+                "nodes": len(self.nodes), "remote_workloads": len(self.remote)}
+
+
+def _rfc3339(t: float) -> str:
+    return rfc3339(int(t * 1e9))
