@@ -18,11 +18,14 @@ ARCH=$(dpkg --print-architecture)
 # linux-headers-$ARCH: BCC's helpers need a kernel header tree (see below).
 # The rest: tc/ip, bpftool, the tools the tests and benchmarks drive (the
 # discovery tests run private docker and podman engines, busybox-static is
-# their image), jq for the README's `watch --json | jq` examples, and
-# netsniff-ng for trafgen, the stress benchmark's packet generator.
+# their image), jq for the README's `watch --json | jq` examples,
+# netsniff-ng for trafgen, the stress benchmark's packet generator, and for
+# the many-hosts tests a real etcd (etcd-server; each test runs its own
+# member), openssl for its TLS certificates and curl for its JSON gateway.
 PACKAGES="python3-bpfcc python3-venv python3-pip bpftool iproute2 iputils-ping
   libbpf1 linux-headers-$ARCH tmux iperf3 nftables hping3 sockperf prometheus
-  procps psmisc jq docker.io busybox-static podman netsniff-ng"
+  procps psmisc jq docker.io busybox-static podman netsniff-ng etcd-server
+  openssl curl"
 
 missing=""
 for p in $PACKAGES; do
@@ -38,6 +41,8 @@ if [ -n "$missing" ]; then
     # Debian starts packaged services on install; the tests start their own.
     systemctl disable --now prometheus >/dev/null 2>&1 || true
     pkill -x prometheus 2>/dev/null || true
+    systemctl disable --now etcd >/dev/null 2>&1 || true
+    pkill -x etcd 2>/dev/null || true
 fi
 
 # BCC compiles against /lib/modules/$(uname -r)/build. A custom kernel may

@@ -8,19 +8,24 @@ subnets; nothing on the host gets an address or a route, so the lab touches
 nothing else. ``down()`` removes every piece with the prefix, including the
 stale leftovers of a lab that crashed, and the processes started in it.
 
-The end-to-end tests and ``microseg demo`` both build on this.
+The end-to-end tests and ``microseg demo`` both build on this. The many-hosts
+lab (``microseg.lab.hosts``) builds one per simulated host: with ``netns=``
+the bridge and host ends live in that namespace instead of this one, and with
+``gateway=`` the bridge gets an address of the subnets that every workload
+routes through by default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -31,13 +36,22 @@ class WorkloadSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *argv], check=check, capture_output=True, text=True)
+def _ip(*argv: str, check: bool = True,
+        netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    where = ["-n", netns] if netns else []
+    return subprocess.run(["ip", *where, *argv], check=check, capture_output=True, text=True)
 
 
 class Lab:
     def __init__(self, workloads: Sequence[WorkloadSpec], prefix: str = "msd",
-                 subnet4: str = "10.203.0.0/24", subnet6: str = "fd00:203::/64") -> None:
+                 subnet4: str = "10.203.0.0/24", subnet6: str = "fd00:203::/64", *,
+                 netns: str | None = None, gateway: int | None = None,
+                 ns_prefix: str | None = None) -> None:
+        """netns: the namespace that holds the bridge and the host ends (it
+        must exist; default: this one). gateway: the host number of an address
+        on the bridge that workloads route through by default (default: none,
+        and the bridge has no IPv6 at all). ns_prefix: workload namespaces are
+        ``{ns_prefix}-{name}`` (default: the prefix)."""
         if len(prefix) > 6 or "-" in prefix:
             raise ValueError("lab prefix: at most 6 characters, no dash")
         self.prefix = prefix
@@ -45,12 +59,17 @@ class Lab:
         self.net4 = ipaddress.ip_network(subnet4)
         self.net6 = ipaddress.ip_network(subnet6)
         self.bridge = f"{prefix}br0"
+        self.netns = netns
+        self.gateway = gateway
+        self.ns_prefix = ns_prefix or prefix
         self._procs: list[subprocess.Popen] = []
+        if gateway is not None and any(w.host == gateway for w in self.workloads):
+            raise ValueError(f"host number {gateway} is the gateway's")
 
     # -- names and addresses ---------------------------------------------
 
     def ns(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
+        return f"{self.ns_prefix}-{name}"
 
     def host_if(self, name: str) -> str:
         return f"{self.prefix}-{name}"[:15]
@@ -60,10 +79,16 @@ class Lab:
         return f"{self.prefix}-*"
 
     def ipv4(self, name: str) -> str:
-        return str(self.net4.network_address + self._spec(name).host)
+        return self._addr4(self._spec(name).host)
 
     def ipv6(self, name: str) -> str:
-        return str(self.net6.network_address + int(str(self._spec(name).host), 16))
+        return self._addr6(self._spec(name).host)
+
+    def _addr4(self, host: int) -> str:
+        return str(self.net4.network_address + host)
+
+    def _addr6(self, host: int) -> str:
+        return str(self.net6.network_address + int(str(host), 16))
 
     def _spec(self, name: str) -> WorkloadSpec:
         for w in self.workloads:
@@ -72,6 +97,9 @@ class Lab:
         raise KeyError(name)
 
     def ifindex(self, name: str) -> int:
+        if self.netns is not None:  # this process's /sys shows its own namespace
+            out = _ip("-j", "link", "show", self.host_if(name), netns=self.netns).stdout
+            return int(json.loads(out)[0]["ifindex"])
         with open(f"/sys/class/net/{self.host_if(name)}/ifindex") as f:
             return int(f.read())
 
@@ -93,25 +121,34 @@ class Lab:
             raise
 
     def _build(self) -> None:
-        _batch([f"link add {self.bridge} type bridge", f"link set {self.bridge} up"])
-        _sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1")
+        cmds = [f"link add {self.bridge} type bridge", f"link set {self.bridge} up"]
+        if self.gateway is None:
+            _batch(cmds, netns=self.netns)
+            _sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1", netns=self.netns)
+        else:
+            _batch([*cmds, *self._addr_cmds(self.gateway, self.bridge)], netns=self.netns)
         for w in self.workloads:
             self._add(w)
+
+    def _addr_cmds(self, host: int, dev: str) -> list[str]:
+        # nodad: the address is usable at once, not after duplicate detection.
+        return [f"addr add {self._addr4(host)}/{self.net4.prefixlen} dev {dev}",
+                f"addr add {self._addr6(host)}/{self.net6.prefixlen} dev {dev} nodad"]
 
     def _add(self, w: WorkloadSpec) -> None:
         ns, hif = self.ns(w.name), self.host_if(w.name)
         # The host end is created down and inside a batch, so the bridge and
         # the namespace side are ready before the link comes up.
-        _batch([f"netns add {ns}",
-                f"link add {hif} type veth peer name eth0 netns {ns}",
-                f"link set {hif} master {self.bridge}"])
-        _sysctl(f"net.ipv6.conf.{hif}.disable_ipv6", "1")
-        plen4, plen6 = self.net4.prefixlen, self.net6.prefixlen
-        _batch(["link set lo up",
-                f"addr add {self.ipv4(w.name)}/{plen4} dev eth0",
-                f"addr add {self.ipv6(w.name)}/{plen6} dev eth0 nodad",
-                "link set eth0 up"], netns=ns)
-        _batch([f"link set {hif} up"])
+        _batch([f"netns add {ns}"])
+        _batch([f"link add {hif} type veth peer name eth0 netns {ns}",
+                f"link set {hif} master {self.bridge}"], netns=self.netns)
+        _sysctl(f"net.ipv6.conf.{hif}.disable_ipv6", "1", netns=self.netns)
+        routes = [] if self.gateway is None else [
+            f"route add default via {self._addr4(self.gateway)}",
+            f"route add default via {self._addr6(self.gateway)}"]
+        _batch(["link set lo up", *self._addr_cmds(w.host, "eth0"), "link set eth0 up",
+                *routes], netns=ns)
+        _batch([f"link set {hif} up"], netns=self.netns)
 
     def add_workload(self, w: WorkloadSpec) -> None:
         """One more workload in a running lab (an interface appearing)."""
@@ -121,28 +158,21 @@ class Lab:
     def remove_workload(self, name: str) -> None:
         """Take a workload away (its interface vanishes)."""
         _ip("netns", "del", self.ns(name), check=False)
-        _ip("link", "del", self.host_if(name), check=False)
+        _ip("link", "del", self.host_if(name), check=False, netns=self.netns)
         self.workloads = [w for w in self.workloads if w.name != name]
 
     def down(self) -> None:
         """Remove everything with this lab's prefix; never fails."""
         kill_all(self._procs)
-        for ns in self.stale_namespaces():
-            pids = _ip("netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            _ip("netns", "del", ns, check=False)
+        remove_namespaces(self.stale_namespaces())
         for link in self.stale_links():
-            _ip("link", "del", link, check=False)
+            _ip("link", "del", link, check=False, netns=self.netns)
 
     def stale_namespaces(self) -> list[str]:
-        out = _ip("netns", "list", check=False).stdout
-        names = [line.split()[0] for line in out.splitlines() if line.strip()]
-        return [n for n in names if n.startswith(f"{self.prefix}-")]
+        return namespaces(f"{self.ns_prefix}-")
 
     def stale_links(self) -> list[str]:
-        names = os.listdir("/sys/class/net")
+        names = os.listdir("/sys/class/net") if self.netns is None else links(self.netns)
         return [n for n in names if n.startswith(f"{self.prefix}-") or n == self.bridge]
 
     # -- running things inside ----------------------------------------------
@@ -193,10 +223,40 @@ def _batch(cmds: list[str], netns: str | None = None) -> None:
         raise RuntimeError(f"ip -batch failed: {r.stderr.strip()}")
 
 
-def _sysctl(key: str, value: str) -> None:
+def _sysctl(key: str, value: str, netns: str | None = None) -> None:
+    """Set a sysctl here, or in netns (net.* are per namespace: this
+    process's /proc/sys shows its own); never fails."""
+    if netns is not None:
+        subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"],
+                       capture_output=True)
+        return
     path = "/proc/sys/" + key.replace(".", "/")
     with contextlib.suppress(OSError), open(path, "w") as f:
         f.write(value)
+
+
+def namespaces(prefix: str) -> list[str]:
+    """The named network namespaces whose name starts with prefix."""
+    out = _ip("netns", "list", check=False).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def links(netns: str) -> list[str]:
+    """The links in a namespace ([] if there is no such namespace)."""
+    out = _ip("-j", "link", "show", check=False, netns=netns).stdout
+    return [link["ifname"] for link in json.loads(out or "[]")]
+
+
+def remove_namespaces(names: Iterable[str]) -> None:
+    """Kill every process in these namespaces, then delete them (and with
+    them every link inside); never fails."""
+    for ns in names:
+        pids = _ip("netns", "pids", ns, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", ns, check=False)
 
 
 def kill_all(procs: list[subprocess.Popen]) -> None:
