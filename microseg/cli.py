@@ -281,7 +281,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from microseg.lab.demo import run
 
-    return run(args.duration, Path(args.policy), args.socket, learn=args.learn)
+    if args.hosts == 2 and args.learn:
+        raise CommandError("demo: --learn runs on one host (without --hosts 2)", EXIT_USAGE)
+    demo = None
+    if args.hosts == 2:
+        from microseg.lab.demo_hosts import HostsDemo
+
+        # Each daemon's metrics are on its own host's loopback: no port taken here.
+        demo = HostsDemo(Path(args.policy), args.socket, "127.0.0.1:9750")
+    return run(args.duration, Path(args.policy), args.socket, learn=args.learn, demo=demo)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -854,6 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="run this long, then print a summary instead of opening `top` "
                    "(default without a terminal: 30)")
+    p.add_argument("--hosts", type=int, choices=[1, 2], default=1,
+                   help="2: two hosts, each with its own daemon and policy, sharing "
+                   "workload identities through one etcd; `top` shows host a "
+                   "(docs/many-hosts.md)")
     p.add_argument("--policy", default=DEMO_POLICY, metavar="FILE",
                    help="where to write the demo policy (default: %(default)s)")
     p.add_argument("--socket", metavar="PATH",

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from microseg.control.client import DEFAULT_SOCKET, Client, DaemonError
 from microseg.lab import DEMO_POLICY
@@ -154,6 +156,67 @@ def traffic(lab: Lab) -> dict[str, list[str]]:
     }
 
 
+class DaemonLog:
+    """A demo's daemon process: its log and pidfile in the state directory,
+    so a crashed demo's daemon is found and stopped by the next run."""
+
+    def __init__(self, state: Path, name: str) -> None:
+        self.log_path = state / f"{name}.log"
+        self.pidfile = state / f"{name}.pid"
+        self.proc: subprocess.Popen | None = None
+        self.socket = ""
+        self._log = None
+
+    def clear_stale(self) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            pid = int(self.pidfile.read_text())
+            if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"microseg") >= 0:
+                os.kill(pid, signal.SIGTERM)
+                wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+        self.pidfile.unlink(missing_ok=True)
+
+    def start(self, argv: list[str], socket_path: str) -> None:
+        Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+        self.socket = socket_path
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log,
+                                     start_new_session=True)
+        self.pidfile.write_text(str(self.proc.pid))
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        if not wait_for(self._ready, timeout=timeout, interval=0.1):
+            raise RuntimeError(f"the daemon did not start; its log:\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({self.proc.returncode}); its log:\n"
+                               f"{self.log_tail()}")
+        try:
+            return bool(asyncio.run(_get(self.socket, "/v1/status")).get("ready"))
+        except (DaemonError, OSError):
+            return False
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-15:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM (it detaches and unpins), SIGKILL after 20 s. Never raises."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(Exception):
+            if self._log is not None:
+                self._log.close()
+        self.pidfile.unlink(missing_ok=True)
+
+
 class Demo:
     def __init__(self, policy_path: Path, socket_path: str | None, metrics: str,
                  learn: bool = False) -> None:
@@ -162,20 +225,13 @@ class Demo:
         self.policy_path = policy_path
         self.socket = socket_path  # chosen in up(), once a crashed demo is gone
         self.metrics = metrics
-        self.daemon: subprocess.Popen | None = None
-        self.log_path = STATE_DIR / "daemon.log"
+        self.daemon = DaemonLog(STATE_DIR, "daemon")
 
     # -- up and down ------------------------------------------------------------
 
     def clear_stale(self) -> None:
         """What a crashed demo left: its daemon, its pins, its lab."""
-        pidfile = STATE_DIR / "daemon.pid"
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            pid = int(pidfile.read_text())
-            if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"microseg") >= 0:
-                os.kill(pid, signal.SIGTERM)
-                wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
-        pidfile.unlink(missing_ok=True)
+        self.daemon.clear_stale()
         self.lab.down()
         shutil.rmtree(PIN_DIR, ignore_errors=True)
 
@@ -190,16 +246,12 @@ class Demo:
         self.lab.up()
         for name, servers in SERVERS.items():
             self.lab.serve(name, **servers)
-        Path(self.socket).parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in down)
-        self.daemon = subprocess.Popen(
+        self.daemon.start(
             [sys.executable, "-m", "microseg", "run", "-i", self.lab.glob, "--policy",
              str(self.policy_path), "--socket", self.socket, "--pin-dir", PIN_DIR,
              "--metrics", self.metrics, "--flow-log", str(STATE_DIR / "flow.log")],
-            stdout=self.log, stderr=self.log, start_new_session=True)
-        (STATE_DIR / "daemon.pid").write_text(str(self.daemon.pid))
-        if not wait_for(self._ready, timeout=60, interval=0.1):
-            raise RuntimeError(f"the daemon did not start; its log:\n{self._log_tail()}")
+            self.socket)
+        self.daemon.wait_ready()
         say(f"daemon: attached to {self.lab.glob}, socket {self.socket}")
         for source, targets in traffic(self.lab).items():
             self.lab.spawn(source, [sys.executable, "-m", "microseg.lab.traffic", "mix",
@@ -208,36 +260,12 @@ class Demo:
         say("traffic: client, web, api and rogue generating allowed, denied and audited "
             "flows")
 
-    def _ready(self) -> bool:
-        if self.daemon is not None and self.daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited ({self.daemon.returncode}); its log:\n"
-                               f"{self._log_tail()}")
-        try:
-            return bool(asyncio.run(_get(self.socket, "/v1/status")).get("ready"))
-        except (DaemonError, OSError):
-            return False
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-15:])
-        except OSError:
-            return "(no log)"
-
     def down(self) -> None:
         """Everything goes: traffic, servers, the daemon (it detaches and
         unpins), the lab. Never raises."""
         with contextlib.suppress(Exception):
             self.lab.down()  # kills what runs inside first
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
-        with contextlib.suppress(Exception):
-            self.log.close()
-        (STATE_DIR / "daemon.pid").unlink(missing_ok=True)
+        self.daemon.stop()
         shutil.rmtree(PIN_DIR, ignore_errors=True)
 
 
@@ -310,14 +338,28 @@ def free_metrics(addr: str) -> str:
     return addr
 
 
+class DemoLab(Protocol):
+    """What run() needs of a demo: Demo, or demo_hosts.HostsDemo."""
+
+    socket: str | None
+
+    def up(self, say: Callable[[str], None]) -> None: ...
+
+    def down(self) -> None: ...
+
+
 def run(duration: float | None, policy_path: Path, socket_path: str | None,
-        interactive: bool | None = None, learn: bool = False) -> int:
+        interactive: bool | None = None, learn: bool = False,
+        demo: DemoLab | None = None) -> int:
+    """demo: another demo than the one-host lab (`--hosts 2`)."""
     if os.geteuid() != 0:
         print("microseg demo: needs root (network namespaces, BPF)", file=sys.stderr)
         return 3
     interactive = sys.stdout.isatty() and sys.stdin.isatty() if interactive is None \
         else interactive
-    demo = Demo(policy_path, socket_path, free_metrics("127.0.0.1:9750"), learn)
+    hosts = 1 if demo is None else 2
+    if demo is None:
+        demo = Demo(policy_path, socket_path, free_metrics("127.0.0.1:9750"), learn)
 
     def say(msg: str) -> None:
         print(f"microseg demo: {msg}", flush=True)
@@ -340,9 +382,13 @@ def run(duration: float | None, policy_path: Path, socket_path: str | None,
             say(f"learn one: {command_line(demo.socket)} policy suggest -o "
                 f"{policy_path.parent / 'suggested.yaml'}; then `policy stage` it, watch "
                 "`top`, `policy stage promote`")
-        else:
+        elif hosts == 1:
             say(f"policy: {policy_path} — edit it and watch the verdicts change")
+        assert demo.socket is not None
         say(f"in another terminal: {command_line(demo.socket)} watch")
+        if hosts == 2:
+            say(f"and: {command_line(demo.socket)} nodes; {command_line(demo.socket)} "
+                "workloads (host b's arrive with source etcd)")
         if interactive and duration is None:
             from microseg.tui.app import TopApp
             from microseg.tui.source import DaemonSource

@@ -347,3 +347,27 @@ def _observed(sock: str) -> int:
             return len(await fetch_flows(c))
 
     return asyncio.run(go())
+
+
+def test_two_hosts_share_identities_through_etcd(tmp_path: Path, clean) -> None:
+    """`microseg demo --hosts 2`: host a allows api (on host b) to db by the
+    labels b published in etcd, and denies b's rogue; then nothing is left:
+    no namespace of either host, no etcd, no daemon."""
+    from microseg.lab.demo_hosts import PREFIX as HOSTS_PREFIX
+
+    demo = Demo(tmp_path, "--hosts", "2", "--duration", "6")
+    try:
+        assert demo.finish() == 0, demo.output()
+    finally:
+        demo.kill()
+    out = demo.output()
+    assert re.search(r"^  allowed  api-to-db +[1-9]", out, re.M), out
+    assert re.search(r"^  allowed  web-to-api +[1-9]", out, re.M), out
+    assert re.search(r"^  denied   default +[1-9]", out, re.M), out
+    assert "done: no namespace, link, pin or process left" in out
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in ns.splitlines() if n.startswith(HOSTS_PREFIX + "-")], ns
+    procs = subprocess.run(["pgrep", "-af", "msetcd-|microseg run .*--node"],
+                           capture_output=True, text=True).stdout
+    assert not [p for p in procs.splitlines() if "pgrep" not in p], procs
+    assert leftovers() == []
