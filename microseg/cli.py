@@ -362,11 +362,13 @@ def cmd_workloads(args: argparse.Namespace) -> int:
     if args.json:  # the daemon's rows are the format: pass them through
         _write_line(b"".join(lines))
         return 0
-    rows = [("NAME", "SOURCE", "ADDRESSES", "SESSIONS", "LABELS")]
-    for line in lines:
-        w = orjson.loads(line)
-        rows.append((w["workload"], w["source"], ",".join(w["addresses"]) or "-",
-                     str(w["sessions"]),
+    ws = [orjson.loads(line) for line in lines]
+    nodes = any("node" in w for w in ws)  # run --etcd: where each one runs
+    rows = [("NAME", "SOURCE", *(("NODE",) if nodes else ()), "ADDRESSES", "SESSIONS",
+             "LABELS")]
+    for w in ws:
+        rows.append((w["workload"], w["source"], *((w.get("node", "-"),) if nodes else ()),
+                     ",".join(w["addresses"]) or "-", str(w["sessions"]),
                      ",".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

@@ -138,8 +138,7 @@ class DaemonPolicy:
 async def fetch_policy(c: Client) -> DaemonPolicy:
     """`GET /v1/policy/source`: the active file's text and every workload the
     daemon knows; merged here with the same code the daemon merges with."""
-    from microseg.inventory.model import DiscoveredWorkload
-    from microseg.policy.inventory import STATIC, merge
+    from microseg.policy.inventory import merge
     from microseg.policy.parse import PolicyError, parse_policy
 
     doc = await c.get("/v1/policy/source")
@@ -150,13 +149,28 @@ async def fetch_policy(c: Client) -> DaemonPolicy:
         loaded = parse_policy(text.encode(), doc["source"])
     except PolicyError as e:  # it was valid when the daemon applied it
         raise DaemonError(f"the daemon's policy no longer parses here: {e}") from None
-    discovered: dict[str, dict[str, DiscoveredWorkload]] = {}
-    for k in doc["known"]:
-        if k["source"] != STATIC:
-            discovered.setdefault(k["source"], {})[k["workload"]] = DiscoveredWorkload.make(
-                k["workload"], k["labels"], k["addresses"], k["source"], "")
+    discovered = discovered_from_rows(doc["known"])
     return DaemonPolicy(loaded, merge(loaded.policy, discovered).policy, doc["generation"],
                         text)
+
+
+def discovered_from_rows(rows: list[dict]) -> dict[str, dict]:
+    """`known` rows (GET /v1/policy/source) as the discovered inventory the
+    daemon merged: by source, then name."""
+    from microseg.inventory.model import DiscoveredWorkload
+    from microseg.policy.inventory import STATIC
+    from microseg.policy.model import selector_name
+
+    discovered: dict[str, dict[str, DiscoveredWorkload]] = {}
+    for k in rows:
+        if k["source"] != STATIC:
+            # Another node's keeps its node and its own name: the merge names
+            # it NAME@NODE again where the daemon's did.
+            node = k.get("node")
+            name = selector_name(k["workload"]) if node else k["workload"]
+            discovered.setdefault(k["source"], {})[k["workload"]] = DiscoveredWorkload.make(
+                name, k["labels"], k["addresses"], k["source"], "", node=node)
+    return discovered
 
 
 async def fetch_flows(c: Client) -> list[dict]:

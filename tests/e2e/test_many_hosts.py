@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +169,12 @@ def test_a_rule_on_one_host_judges_a_workload_of_the_other(
     assert connects(hosts, "api") and not connects(hosts, "rogue")
 
     # b dies without a word: after its lease runs out, a forgets its
-    # workloads, and api is a stranger (denied by default) again.
+    # workloads, and api is a stranger (denied by default) again — also
+    # on the connection it holds open: judged again, and revoked.
+    hold = hosts.spawn("b", "api", [sys.executable, "-m", "microseg.lab.traffic", "hold",
+                                    "tcp", hosts.ipv4("a", "db"), "5432", "--interval", "0.2"],
+                       stdout=subprocess.PIPE, text=True)
+    assert hold.stdout is not None and hold.stdout.readline() == "connected\n"
     b.signal(signal.SIGKILL)
     t0 = time.monotonic()
     assert wait_for(lambda: not {"api@b", "rogue@b"} & a.workload_names(), timeout=TTL + 5)
@@ -176,6 +183,14 @@ def test_a_rule_on_one_host_judges_a_workload_of_the_other(
     assert took >= TTL - 1.5
     assert [n["node"] for n in a.rows("nodes")] == ["a"]
     assert not connects(hosts, "api")
+    api4 = hosts.ipv4("b", "api")
+    assert wait_for(lambda: a.events(type="verdict", reason="revoked"), timeout=5)
+    revoked = a.events(type="verdict", reason="revoked")
+    # (By whichever packet of the connection came first: api's, or db's reply.)
+    ends = {(e["src"]["ip"], e["dst"]["ip"]) for e in revoked}
+    assert ends <= {(api4, hosts.ipv4("a", "db")), (hosts.ipv4("a", "db"), api4)}, revoked
+    hold.terminate()
+    hold.communicate(timeout=10)
     b.proc.wait(timeout=10)
     b.proc = None  # killed: its flow log is checked, its exit is a crash's
 
@@ -240,3 +255,16 @@ def test_one_cluster_policy_enforced_by_both_hosts(
     f.write_text(text)
     edit = a.cli("policy", "apply", str(f))
     assert edit.returncode == 1 and "apply --cluster" in edit.stderr
+    # Restarted while etcd does not answer: the cluster policy it applied
+    # last is enforced, not the built-in audit policy, nor nothing.
+    a.stop()
+    assert etcd.proc is not None
+    etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.start(timeout=40)
+        assert a.status()["policy"]["sha256"] == sha
+        assert "enforcing the cluster policy this node last applied" in a.log()
+        assert not connects(hosts, "rogue")
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: a.status()["etcd"]["up"], timeout=20)

@@ -83,3 +83,22 @@ def test_a_remote_workload_whose_name_frees_up_takes_its_plain_name() -> None:
     one = merge(policy, inventory(remote("cache", "b", "10.2.0.9")))
     assert set(two.known) == {"db", "cache@b", "cache@c"}
     assert set(one.known) == {"db", "cache"} and not one.warnings
+
+
+def test_a_client_merges_the_daemons_rows_into_the_same_names_and_verdicts() -> None:
+    """trace, diff and suggest evaluate the daemon's policy from its `known`
+    rows (microseg/control/client.py): other nodes' workloads, renamed or
+    not, come out as the daemon has them."""
+    from microseg.control.client import discovered_from_rows
+
+    policy = parse_policy(POLICY, "p.yaml").policy
+    daemon = merge(policy, inventory(remote("cache", "b", "10.2.0.9"),
+                                     remote("cache", "c", "10.3.0.9"),
+                                     remote("api", "b", "10.2.0.7", app="api")))
+    rows = [k.as_dict() for k in daemon.known.values()]
+    client = merge(policy, discovered_from_rows(rows))
+    assert client.known == daemon.known
+    a, b = Evaluator(daemon.policy), Evaluator(client.policy)
+    for src in ("10.2.0.9", "10.3.0.9", "10.2.0.7"):
+        assert a.verdict(src, "10.1.0.5", 6, 6379) == b.verdict(src, "10.1.0.5", 6, 6379)
+        assert a.verdict(src, "10.1.0.5", 6, 5432) == b.verdict(src, "10.1.0.5", 6, 5432)

@@ -148,3 +148,17 @@ def test_discovery_metrics() -> None:
                            discovery_errors={}), "")[0].decode()
     assert value(text, "microseg_workloads", source="static") == 2
     assert "microseg_discovery" not in text
+
+
+def test_etcd_metrics_only_with_etcd() -> None:
+    etcd = {"up": False, "errors": 3, "resyncs": 2, "nodes": 4}
+    text = render(snapshot(etcd=etcd, workloads={"static": 2, "etcd": 9}), "")[0].decode()
+    assert value(text, "microseg_etcd_up") == 0
+    assert value(text, "microseg_etcd_errors_total") == 3
+    assert value(text, "microseg_etcd_resyncs_total") == 2
+    assert value(text, "microseg_cluster_nodes") == 4
+    assert value(text, "microseg_workloads", source="etcd") == 9
+    assert value(text, "microseg_etcd_up") == 0
+    text = render(snapshot(etcd={**etcd, "up": True}), "")[0].decode()
+    assert value(text, "microseg_etcd_up") == 1
+    assert "microseg_etcd" not in render(snapshot(), "")[0].decode()
