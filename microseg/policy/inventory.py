@@ -98,12 +98,23 @@ def merge(policy: Policy, discovered: Discovered) -> Merged:
 
 def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
             warnings: list[str]) -> list[Workload]:
-    """Other nodes' workloads into known; the ones to compile."""
+    """Other nodes' workloads into known; the ones to compile. An address
+    that a workload here (or one named before, in the same order on every
+    node) already has is not another node's to claim: dropped, said."""
     nodes_of: dict[str, set[str]] = {}
     for d in workloads:
         nodes_of.setdefault(d.name, set()).add(d.node or "")
+    taken = {a: k.name for k in known.values() for a in k.addresses}
     out = []
     for d in sorted(workloads, key=lambda d: (d.name, d.node or "")):
+        if any(str(a) in taken for a in d.addresses):
+            kept = tuple(a for a in d.addresses if str(a) not in taken)
+            for a in d.addresses:
+                if str(a) in taken:
+                    warnings.append(f"workload '{d.name}' of node {d.node} claims {a}, "
+                                    f"which is workload '{taken[str(a)]}''s: ignored")
+            d = replace(d, addresses=kept)
+        taken.update((str(a), d.name) for a in d.addresses)
         name = d.name
         if name in known or len(nodes_of[name]) > 1:
             here = "this node" if name in known and known[name].node is None else \

@@ -102,3 +102,18 @@ def test_a_client_merges_the_daemons_rows_into_the_same_names_and_verdicts() -> 
     for src in ("10.2.0.9", "10.3.0.9", "10.2.0.7"):
         assert a.verdict(src, "10.1.0.5", 6, 6379) == b.verdict(src, "10.1.0.5", 6, 6379)
         assert a.verdict(src, "10.1.0.5", 6, 5432) == b.verdict(src, "10.1.0.5", 6, 5432)
+
+
+def test_another_node_cannot_claim_an_address_that_is_a_workloads_here() -> None:
+    """A node publishing db's address with labels the rules allow gets
+    nothing of db's: the address stays db's (and a second claimant's is
+    dropped too), with a warning each."""
+    policy = parse_policy(POLICY, "p.yaml").policy
+    m = merge(policy, inventory(remote("fake", "evil", "10.1.0.5", app="api"),
+                                remote("api", "b", "10.2.0.7", app="api"),
+                                remote("copy", "evil", "10.2.0.7", app="api")))
+    assert m.known["fake"].addresses == () and m.known["copy"].addresses == ()
+    assert m.known["api"].addresses == ("10.2.0.7",)
+    assert sum("claims" in w for w in m.warnings) == 2
+    ev = Evaluator(m.policy)
+    assert ev.owner("10.1.0.5") == "db" and ev.owner("10.2.0.7") == "api"
