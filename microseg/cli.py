@@ -906,7 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(source static) and discovered where they run (source docker): name, "
                        "source, addresses, live sessions, labels.")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--source", metavar="S", help="only workloads from S (static, docker)")
+    p.add_argument("--source", metavar="S", help="only workloads from S (static, docker, "
+                   "etcd: other nodes')")
     _socket_option(p)
     p.set_defaults(func=cmd_workloads)
 

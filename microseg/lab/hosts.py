@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from microseg.lab.etcd import Etcd
 from microseg.lab.topology import (
     Lab,
+    Rebuilt,
     WorkloadSpec,
     _batch,
     _sysctl,
@@ -70,7 +71,7 @@ HOST_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
 _PRIVATE_BPFFS = 'mount -t bpf bpf /sys/fs/bpf && exec "$@"'
 
 
-class HostsLab:
+class HostsLab(Rebuilt):
     def __init__(self, hosts: Mapping[str, Sequence[WorkloadSpec]], prefix: str = "msh",
                  wire4: str = "10.244.0.0/24", wire6: str = "fd00:244::/64",
                  sites4: str = "10.245.{n}.0/24", sites6: str = "fd00:245:{n}::/64") -> None:
@@ -155,21 +156,6 @@ class HostsLab:
         return Etcd(self.etcd_ip, netns=self.etcd_ns, tls=tls)
 
     # -- lifecycle ---------------------------------------------------------
-
-    def __enter__(self) -> HostsLab:
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
-    def up(self) -> None:
-        self.down()  # stale pieces of an earlier lab with this prefix
-        try:
-            self._build()
-        except BaseException:
-            self.down()
-            raise
 
     def _build(self) -> None:
         members = {self.ns(h): f"h{h}" for h in self.hosts} | {self.etcd_ns: "etcd"}

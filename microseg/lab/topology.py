@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,34 @@ def _ip(*argv: str, check: bool = True,
     return subprocess.run(["ip", *where, *argv], check=check, capture_output=True, text=True)
 
 
-class Lab:
+class Rebuilt:
+    """A lab built afresh: up() first removes what a crashed run of the
+    same prefix left, and a failed build leaves nothing; `with` tears it
+    down, also after a failure."""
+
+    def __enter__(self) -> Self:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        self.down()  # stale pieces of an earlier lab with this prefix
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+
+class Lab(Rebuilt):
     def __init__(self, workloads: Sequence[WorkloadSpec], prefix: str = "msd",
                  subnet4: str = "10.203.0.0/24", subnet6: str = "fd00:203::/64", *,
                  netns: str | None = None, gateway: int | None = None,
@@ -104,21 +132,6 @@ class Lab:
             return int(f.read())
 
     # -- lifecycle ---------------------------------------------------------
-
-    def __enter__(self) -> Lab:
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
-    def up(self) -> None:
-        self.down()  # stale pieces of an earlier lab with this prefix
-        try:
-            self._build()
-        except BaseException:
-            self.down()
-            raise
 
     def _build(self) -> None:
         cmds = [f"link add {self.bridge} type bridge", f"link set {self.bridge} up"]
