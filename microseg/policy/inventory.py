@@ -13,6 +13,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from microseg.inventory.model import DiscoveredWorkload
 from microseg.policy.model import IPNetwork, Policy, Workload
@@ -107,14 +108,15 @@ def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
     taken = {a: k.name for k in known.values() for a in k.addresses}
     out = []
     for d in sorted(workloads, key=lambda d: (d.name, d.node or "")):
-        if any(str(a) in taken for a in d.addresses):
-            kept = tuple(a for a in d.addresses if str(a) not in taken)
-            for a in d.addresses:
-                if str(a) in taken:
+        texts = _texts(d.addresses)
+        if any(a in taken for a in texts):
+            for a in texts:
+                if a in taken:
                     warnings.append(f"workload '{d.name}' of node {d.node} claims {a}, "
-                                    f"which is workload '{taken[str(a)]}''s: ignored")
-            d = replace(d, addresses=kept)
-        taken.update((str(a), d.name) for a in d.addresses)
+                                    f"which is workload '{taken[a]}''s: ignored")
+            d = replace(d, addresses=tuple(a for a in d.addresses if str(a) not in taken))
+            texts = _texts(d.addresses)
+        taken.update((a, d.name) for a in texts)
         name = d.name
         if name in known or len(nodes_of[name]) > 1:
             here = "this node" if name in known and known[name].node is None else \
@@ -122,12 +124,28 @@ def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
             warnings.append(f"workload '{name}' of node {d.node} has the name of one on "
                             f"{here}: both kept, it as '{name}@{d.node}'")
             name = f"{d.name}@{d.node}"
-        known[name] = Known(name, REMOTE, d.labels, tuple(str(a) for a in d.addresses),
-                            d.node)
-        if d.addresses:
-            out.append(Workload(name, tuple(ipaddress.ip_network(a) for a in d.addresses),
-                                d.labels))
+        k, w = _remote_forms(name, d)
+        known[name] = k
+        if w is not None:
+            out.append(w)
     return out
+
+
+# Other nodes' workloads are many (thousands) and change one at a time: each
+# one's forms are made once, not at every merge (ipaddress parses a text).
+_FORMS_CACHE = 1 << 16
+
+
+@lru_cache(maxsize=_FORMS_CACHE)
+def _texts(addresses: tuple) -> tuple[str, ...]:
+    return tuple(str(a) for a in addresses)
+
+
+@lru_cache(maxsize=_FORMS_CACHE)
+def _remote_forms(name: str, d: DiscoveredWorkload) -> tuple[Known, Workload | None]:
+    w = Workload(name, tuple(ipaddress.ip_network(a) for a in d.addresses), d.labels) \
+        if d.addresses else None
+    return Known(name, REMOTE, d.labels, _texts(d.addresses), d.node), w
 
 
 def changes(old: Mapping[str, Known], new: Mapping[str, Known]) -> list[tuple[str, Known]]:
