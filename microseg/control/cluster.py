@@ -50,6 +50,8 @@ class Cluster:
             on_workloads=self._on_remote,
             on_policy=policy.set_cluster_policy if policy.from_cluster else None)
         self._task: asyncio.Task | None = None
+        self._remote: Mapping[str, DiscoveredWorkload] | None = None  # not applied yet
+        self._applier: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.node.run(), name="etcd")
@@ -63,9 +65,21 @@ class Cluster:
         return ok
 
     async def _on_remote(self, remote: Mapping[str, DiscoveredWorkload]) -> None:
-        # Shielded like a discovery source's report: a stop must not cancel
-        # an apply half-way.
-        await asyncio.shield(self.policy.update_discovered(SOURCE, remote))
+        """The newest inventory wins. The watch goes on reading while a
+        generation is applied, and whatever arrived meanwhile is applied
+        together next: one generation per watch event would fall ever further
+        behind a busy cluster (a generation costs ~0.2 s at 10,000 remote
+        workloads)."""
+        self._remote = remote
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.create_task(self._apply_remote(), name="etcd-apply")
+
+    async def _apply_remote(self) -> None:
+        while self._remote is not None:
+            remote, self._remote = self._remote, None
+            # Shielded like a discovery source's report: a stop must not
+            # cancel an apply half-way.
+            await asyncio.shield(self.policy.update_discovered(SOURCE, remote))
 
     def on_applied(self, active: ActivePolicy, merged: Merged) -> None:
         """Publish this node's workloads and report as of this generation. A
@@ -132,11 +146,12 @@ class Cluster:
         return self.node.status()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, self._applier):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._applier = None
         with contextlib.suppress(EtcdError):
             await self.node.leave()
         await self.client.close()
