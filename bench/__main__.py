@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import (
+    cluster,
     datapath,
     discovery,
     events,
@@ -68,6 +69,12 @@ TRAFFIC_MODES = {"full": {"rounds": 5, "seconds": 4, "rules": 1_000},
                  "quick": {"rounds": 1, "seconds": 1, "rules": 10}}
 SOAK_SECONDS = {"full": 600, "quick": 4}
 DISCOVERY_MODES = {"full": {"starts": 60, "racers": 50}, "quick": {"starts": 3, "racers": 2}}
+# The many-hosts section (bench/cluster.py): publish → enforced samples, the
+# simulated cluster (nodes x workloads), its churn (seconds, changes/s).
+CLUSTER_MODES = {"full": {"samples": 60, "nodes": 100, "workloads": 100, "churn_s": 60,
+                          "churn_per_s": 10, "idle_s": 10, "sample_every": 2.0},
+                 "quick": {"samples": 20, "nodes": 10, "workloads": 20, "churn_s": 4,
+                           "churn_per_s": 5, "idle_s": 0, "sample_every": 1.0}}
 START_ROUNDS = {"full": 7, "quick": 1}
 LIFECYCLE_LINES = {"full": 1_000_000, "quick": 20_000}
 TUI_MODES = {"full": {"rates": (10_000, 50_000), "rounds": 4},
@@ -110,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     flood = stress.measure(**STRESS_MODES[args.mode])
     soaked = soak.measure(SOAK_SECONDS[args.mode])
     found = discovery.measure(**DISCOVERY_MODES[args.mode])
+    clustered = cluster.measure(**CLUSTER_MODES[args.mode])
     learned = lifecycle.measure(LIFECYCLE_LINES[args.mode])
     out = {"date": started.isoformat(timespec="seconds"), "mode": args.mode,
            "machine": machine(), "datapath": res, "start": began, "policy": pol, "events": ev,
            "sessions": sess, "tui": top, "traffic": real, "stress": flood, "soak": soaked,
-           "discovery": found, "lifecycle": learned}
+           "discovery": found, "cluster": clustered, "lifecycle": learned}
     m = out["machine"]
     print(f"microseg benchmarks — {out['date']} — Linux {m['kernel']}, {m['cpu']}, "
           f"{m['cpus']} CPUs, {m['memory_gib']} GiB — mode {args.mode}")
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(soak_table(soaked)))
     print()
     print("\n".join(discovery_table(found)))
+    print()
+    print(cluster.table(clustered))
     print()
     print(lifecycle.table(learned))
     tmp = args.output.with_suffix(".json.tmp")

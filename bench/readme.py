@@ -373,6 +373,64 @@ def _discovery(res: dict | None) -> list[str]:
     return out
 
 
+def _cluster(res: dict | None) -> list[str]:
+    """The many-hosts section (bench/cluster.py); nothing until a full `make
+    bench` has measured it, so the README always equals results.json."""
+    if res is None:
+        return []
+    from .cluster import enforced_text, lat_text, verdicts
+
+    p, pub, s = res["params"], res["publish"], res["scale"]
+    load, start, burst, churn, inv = s["load"], s["start"], s["burst"], s["churn"], \
+        s["inventory"]
+    rss, target = churn["rss_mib"], f"p99 ≤ {res['target_p99_s']:g} s"
+    published, under_churn = verdicts(res)
+    idle = f"idle {s['idle']['cpu_pct']} %, " if "idle" in s else ""
+    return [
+        "**Many hosts** — a hosts lab (simulated hosts in namespaces on one wire) with one "
+        "etcd member; a `microseg run --etcd … --node a` on host a, whose rule allows "
+        "`{app: bench}`; the other nodes are lightweight publishers in host b's namespace "
+        "writing what a daemon writes (a lease kept alive, `nodes/NODE` every TTL/3, "
+        "`workloads/NODE/NAME`, one address each, all labelled `app: bench`). Enforced: the "
+        "daemon's `workload` event, published once the generation holding the change is "
+        "switched in, its own timestamp; measured from just before the put (or delete) "
+        "request, so etcd's commit, the watch, the compile and the apply are all in it. "
+        f"Publish: one workload at a time into a quiet cluster. Scale: {p['nodes']} nodes x "
+        f"{p['workloads']} workloads published while daemon a is stopped, then its cold "
+        "start into them; a node joining with its workloads at once; "
+        f"{churn['seconds']:g} s of churn at {churn['changes_per_s']:g} changes/s over random "
+        "nodes (a workload moving to a new address, or replaced by another), RSS and CPU "
+        f"sampled every {p['sample_every']:g} s. A change not enforced within "
+        f"{p['drain_s']:g} s of its phase's end is counted as not enforced.",
+        "",
+        "| figure | measured | target |",
+        "|---|---|---|",
+        f"| published → enforced on another host, {pub['publish_to_enforced'].get('n', 0)} "
+        f"workloads | {lat_text(pub['publish_to_enforced'])} | {target}: {_met(published)} |",
+        f"| {load['workloads']:,} workloads of {p['nodes']} nodes written to etcd | "
+        f"{load['published_s']:.2f} s ({load['puts_per_s']:,} puts/s) | — |",
+        f"| daemon cold start → ready (enforcing) | alone {start['alone_ready_s']:.2f} s; "
+        f"into the {p['nodes']} nodes {start['ready_s']:.2f} s, "
+        f"{start['remote_at_ready']:,} remote workloads at ready | — |",
+        f"| a node joins with {burst['workloads']} workloads at once | "
+        f"{enforced_text(burst, p)}: {lat_text(burst['to_enforced'])}; "
+        f"{burst['generations']} generations, {burst['daemon_cpu_ms_per_generation']} ms of "
+        "CPU each | — |",
+        f"| update → enforced under churn, {churn['changes']} changes | "
+        f"{lat_text(churn['update_to_enforced'])}; {churn['generations']} generations, "
+        f"{churn['daemon_cpu_ms_per_generation']} ms of CPU each | {target}: "
+        f"{_met(under_churn)} |",
+        f"| daemon CPU | {idle}churn {churn['cpu_pct']} % (samples "
+        f"{churn['cpu_pct_samples']['min']} to {churn['cpu_pct_samples']['max']} %) | — |",
+        f"| daemon RSS | empty {s['rss_empty_mib']} MiB, loaded {s['rss_loaded_mib']} MiB; "
+        f"churn {rss['first']} → {rss['last']} MiB (max {rss['max']}, "
+        f"{rss['slope_mib_per_min']:+} MiB/min) | — |",
+        f"| inventory at the end (`workloads`, source etcd) | {inv['matching']:,} of "
+        f"{inv['expected']:,} as published ({inv['rows']:,} rows), listed in "
+        f"{inv['list_s']} s | — |",
+    ]
+
+
 def _start(res: dict | None) -> list[str]:
     if res is None:
         return ["**Start** — not measured yet."]
@@ -490,7 +548,8 @@ def render(res: dict) -> str:
                  _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
                  _policy(res["policy"]), _tui(res.get("tui")), _soak(res.get("soak")),
-                 _discovery(res.get("discovery")), _lifecycle(res.get("lifecycle")),
+                 _discovery(res.get("discovery")), _cluster(res.get("cluster")),
+                 _lifecycle(res.get("lifecycle")),
                  _stress(res.get("stress"))):
         if part:  # a section not measured yet may render nothing
             out += [*part, ""]

@@ -91,10 +91,33 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
         assert flood["bpf_ns_per_packet"]["median"] > 0
         assert flood["events_lost"]["max"] == 0  # denials aggregated: nothing lost
     assert "Stress: trafgen" in r.stdout
+    clustered = res["cluster"]  # many hosts: a daemon on etcd, simulated nodes
+    published = clustered["publish"]["publish_to_enforced"]
+    assert published["n"] == clustered["params"]["samples"] and published["missing"] == 0
+    assert 0 < published["p50_ms"] <= published["p99_ms"] <= published["max_ms"]
+    assert clustered["publish"]["left_forgotten"]  # b's lease revoked: a forgot its workloads
+    scale = clustered["scale"]
+    n = scale["nodes"] * scale["workloads_per_node"]
+    assert scale["load"]["workloads"] == n and scale["load"]["puts_per_s"] > 0
+    assert scale["start"]["remote_at_ready"] == n  # listed before the first generation
+    assert scale["start"]["ready_s"] > 0 and scale["start"]["alone_ready_s"] > 0
+    burst = scale["burst"]
+    assert burst["to_enforced"]["missing"] == 0 and burst["generations"] > 0
+    churn = scale["churn"]
+    assert churn["changes"] > 0 and churn["generations"] > 0
+    for kind in ("update_to_enforced", "moved", "replaced_added", "removed"):
+        assert churn[kind]["missing"] == 0 and churn[kind]["p50_ms"] > 0, kind
+    assert churn["cpu_pct"] > 0 and len(churn["samples"]) >= 2
+    assert all(s["rss_mib"] > 0 for s in churn["samples"])
+    inventory = scale["inventory"]  # every workload as last published, with its node
+    assert inventory["rows"] == inventory["matching"] == inventory["expected"] \
+        == n + scale["workloads_per_node"]
+    assert "Many hosts: daemon a" in r.stdout
     section = readme.render(res)  # the README generator reads every figure it needs
     assert "**Real traffic**" in section and "**TUI**" in section
     assert "Where the request/response overhead goes" in section
     assert "**Stress**" in section and "| microseg, a denied flood |" in section
+    assert "**Many hosts**" in section and "under churn" in section
     soak = res["soak"]
     assert soak["cycles"] > 0 and len(soak["samples"]) >= 2
     assert "Soak:" in r.stdout
