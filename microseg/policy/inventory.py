@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 from microseg.inventory.model import DiscoveredWorkload
 from microseg.policy.model import IPNetwork, Policy, Workload
@@ -59,12 +58,13 @@ def address_text(net: IPNetwork) -> str:
     return str(net.network_address) if net.prefixlen == full else str(net)
 
 
-def merge(policy: Policy, discovered: Discovered) -> Merged:
+def merge(policy: Policy, discovered: Discovered, forms: RemoteForms | None = None) -> Merged:
     """The policy with every discovered workload of the sources its
     `discover` section names, and every other node's (source etcd); static
     names win over this host's containers. Another node's workload whose
     name is taken (here, or on a third node) is kept under NAME@NODE, which
-    `{workload: NAME}` still selects (model.selector_name)."""
+    `{workload: NAME}` still selects (model.selector_name). forms: kept
+    from the last merge (the daemon's), so that only what changed is built."""
     enabled = set(policy.discover.sources) | {REMOTE}
     known: dict[str, Known] = {
         w.name: Known(w.name, STATIC, w.labels, tuple(address_text(a) for a in w.addresses))
@@ -75,7 +75,8 @@ def merge(policy: Policy, discovered: Discovered) -> Merged:
         if source not in enabled:
             continue
         if source == REMOTE:
-            extra += _remote(discovered[source].values(), known, warnings)
+            extra += _remote(discovered[source].values(), known, warnings,
+                             forms or RemoteForms())
             continue
         for name, d in sorted(discovered[source].items()):
             if not _NAME.match(name):
@@ -98,7 +99,7 @@ def merge(policy: Policy, discovered: Discovered) -> Merged:
 
 
 def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
-            warnings: list[str]) -> list[Workload]:
+            warnings: list[str], forms: RemoteForms) -> list[Workload]:
     """Other nodes' workloads into known; the ones to compile. An address
     that a workload here (or one named before, in the same order on every
     node) already has is not another node's to claim: dropped, said."""
@@ -108,14 +109,14 @@ def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
     taken = {a: k.name for k in known.values() for a in k.addresses}
     out = []
     for d in sorted(workloads, key=lambda d: (d.name, d.node or "")):
-        texts = _texts(d.addresses)
+        texts = forms.texts(d)
         if any(a in taken for a in texts):
             for a in texts:
                 if a in taken:
                     warnings.append(f"workload '{d.name}' of node {d.node} claims {a}, "
                                     f"which is workload '{taken[a]}''s: ignored")
             d = replace(d, addresses=tuple(a for a in d.addresses if str(a) not in taken))
-            texts = _texts(d.addresses)
+            texts = forms.texts(d)
         taken.update((a, d.name) for a in texts)
         name = d.name
         if name in known or len(nodes_of[name]) > 1:
@@ -124,28 +125,46 @@ def _remote(workloads: Iterable[DiscoveredWorkload], known: dict[str, Known],
             warnings.append(f"workload '{name}' of node {d.node} has the name of one on "
                             f"{here}: both kept, it as '{name}@{d.node}'")
             name = f"{d.name}@{d.node}"
-        k, w = _remote_forms(name, d)
+        k, w = forms.get(name, d)
         known[name] = k
         if w is not None:
             out.append(w)
+    forms.done()
     return out
 
 
-# Other nodes' workloads are many (thousands) and change one at a time: each
-# one's forms are made once, not at every merge (ipaddress parses a text).
-_FORMS_CACHE = 1 << 16
+class RemoteForms:
+    """Other nodes' workloads' compiled forms, kept from one merge to the
+    next. They are many (thousands) and change a few at a time, and making
+    one parses its addresses. Only what the last merge used is kept: the
+    memory follows the inventory, whatever the churn."""
 
+    def __init__(self) -> None:
+        self._last: dict = {}
+        self._now: dict = {}
 
-@lru_cache(maxsize=_FORMS_CACHE)
-def _texts(addresses: tuple) -> tuple[str, ...]:
-    return tuple(str(a) for a in addresses)
+    def _reuse(self, key: tuple, make: Callable[[], object]):
+        f = self._now.get(key)
+        if f is None:
+            f = self._last.get(key)
+            if f is None:
+                f = make()
+            self._now[key] = f
+        return f
 
+    def texts(self, d: DiscoveredWorkload) -> tuple[str, ...]:
+        return self._reuse(("t", d), lambda: tuple(str(a) for a in d.addresses))
 
-@lru_cache(maxsize=_FORMS_CACHE)
-def _remote_forms(name: str, d: DiscoveredWorkload) -> tuple[Known, Workload | None]:
-    w = Workload(name, tuple(ipaddress.ip_network(a) for a in d.addresses), d.labels) \
-        if d.addresses else None
-    return Known(name, REMOTE, d.labels, _texts(d.addresses), d.node), w
+    def get(self, name: str, d: DiscoveredWorkload) -> tuple[Known, Workload | None]:
+        def make() -> tuple[Known, Workload | None]:
+            w = Workload(name, tuple(ipaddress.ip_network(a) for a in d.addresses),
+                         d.labels) if d.addresses else None
+            return Known(name, REMOTE, d.labels, self.texts(d), d.node), w
+
+        return self._reuse(("f", name, d), make)
+
+    def done(self) -> None:
+        self._last, self._now = self._now, {}
 
 
 def changes(old: Mapping[str, Known], new: Mapping[str, Known]) -> list[tuple[str, Known]]:

@@ -22,7 +22,7 @@ from microseg.gcpause import gc_paused
 from microseg.inventory.model import DiscoveredWorkload
 from microseg.kernel.abi import STAGED_GENERATION
 from microseg.policy.compile import CompiledPolicy
-from microseg.policy.inventory import Known, Merged, changes, merge
+from microseg.policy.inventory import Known, Merged, RemoteForms, changes, merge
 from microseg.policy.model import Discovery, Policy
 from microseg.policy.parse import (
     Issue,
@@ -99,6 +99,7 @@ class PolicyManager:
         self.inventory_version = 0
         self._applied_inventory = 0
         self.known: dict[str, Known] = {}   # every workload by name, as last applied
+        self._forms = RemoteForms()          # other nodes' workloads, compiled forms
         self._on_discover = on_discover     # the policy's `discover` section changed
         self._shadowed: tuple[str, ...] = ()
         # Re-reads of the policy file parse only the rules an edit changed.
@@ -264,7 +265,7 @@ class PolicyManager:
         await self.converge_now()  # the previous switch's clean-up comes first
         previous = self.active.compiled if self.active else None
         version = self.inventory_version
-        merged = merge(loaded.policy, self.discovered)
+        merged = merge(loaded.policy, self.discovered, self._forms)
         try:
             compiled = await loop.run_in_executor(None, compile_quietly, merged.policy, previous)
             gen = await loop.run_in_executor(

@@ -117,3 +117,21 @@ def test_another_node_cannot_claim_an_address_that_is_a_workloads_here() -> None
     assert sum("claims" in w for w in m.warnings) == 2
     ev = Evaluator(m.policy)
     assert ev.owner("10.1.0.5") == "db" and ev.owner("10.2.0.7") == "api"
+
+
+def test_remote_forms_are_reused_and_only_the_live_ones_kept() -> None:
+    """The daemon's merges reuse each unchanged remote workload's compiled
+    form; a workload that went away is not kept (churn does not grow it)."""
+    from microseg.policy.inventory import RemoteForms
+
+    policy = parse_policy(POLICY, "p.yaml").policy
+    forms = RemoteForms()
+    one = merge(policy, inventory(remote("api", "b", "10.2.0.7", app="api"),
+                                  remote("old", "b", "10.2.0.8")), forms)
+    two = merge(policy, inventory(remote("api", "b", "10.2.0.7", app="api"),
+                                  remote("new", "b", "10.2.0.9")), forms)
+    assert two.known["api"] is one.known["api"]
+    assert [w for w in two.policy.workloads if w.name == "api"][0] is \
+        [w for w in one.policy.workloads if w.name == "api"][0]
+    kept = {key[1] for key in forms._last if key[0] == "f"}
+    assert kept == {"api", "new"}
