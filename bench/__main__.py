@@ -71,7 +71,7 @@ SOAK_SECONDS = {"full": 600, "quick": 4}
 DISCOVERY_MODES = {"full": {"starts": 60, "racers": 50}, "quick": {"starts": 3, "racers": 2}}
 # The many-hosts section (bench/cluster.py): publish → enforced samples, the
 # simulated cluster (nodes x workloads), its churn (seconds, changes/s).
-CLUSTER_MODES = {"full": {"samples": 60, "nodes": 100, "workloads": 100, "churn_s": 60,
+CLUSTER_MODES = {"full": {"samples": 60, "nodes": 100, "workloads": 100, "churn_s": 180,
                           "churn_per_s": 10, "idle_s": 10, "sample_every": 2.0},
                  "quick": {"samples": 20, "nodes": 10, "workloads": 20, "churn_s": 4,
                            "churn_per_s": 5, "idle_s": 0, "sample_every": 1.0}}

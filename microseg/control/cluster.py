@@ -70,6 +70,11 @@ class Cluster:
         together next: one generation per watch event would fall ever further
         behind a busy cluster (a generation costs ~0.2 s at 10,000 remote
         workloads)."""
+        if self.policy.active is None:
+            # Before the first apply: kept for it, before the first list
+            # counts as done (a start judges nothing without them).
+            await self.policy.update_discovered(SOURCE, remote)
+            return
         self._remote = remote
         if self._applier is None or self._applier.done():
             self._applier = asyncio.create_task(self._apply_remote(), name="etcd-apply")
