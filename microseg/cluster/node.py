@@ -141,6 +141,7 @@ class ClusterNode:
         what is known, back off and start over."""
         delay = BACKOFF_S[0]
         while True:
+            resyncs = self.resyncs
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -150,8 +151,10 @@ class ClusterNode:
             except Exception as e:  # a bug or a hostile value: say it, keep going
                 log.exception("etcd: unexpected failure")
                 self._down(f"{type(e).__name__}: {e}")
+            if self.resyncs != resyncs:  # it had connected: a new outage
+                delay = BACKOFF_S[0]
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, BACKOFF_S[1]) if not self.up else BACKOFF_S[0]
+            delay = min(delay * 2, BACKOFF_S[1])
 
     def _down(self, why: str) -> None:
         self.errors += 1
