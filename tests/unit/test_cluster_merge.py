@@ -131,7 +131,7 @@ def test_remote_forms_are_reused_and_only_the_live_ones_kept() -> None:
     two = merge(policy, inventory(remote("api", "b", "10.2.0.7", app="api"),
                                   remote("new", "b", "10.2.0.9")), forms)
     assert two.known["api"] is one.known["api"]
-    assert [w for w in two.policy.workloads if w.name == "api"][0] is \
-        [w for w in one.policy.workloads if w.name == "api"][0]
+    assert next(w for w in two.policy.workloads if w.name == "api") is \
+        next(w for w in one.policy.workloads if w.name == "api")
     kept = {key[1] for key in forms._last if key[0] == "f"}
     assert kept == {"api", "new"}
