@@ -246,6 +246,20 @@ def test_one_cluster_policy_enforced_by_both_hosts(
     # A cluster policy's workloads are every node's: none published.
     assert all(n["workloads"] == 0 for n in nodes)
     assert connects(hosts, "api") and not connects(hosts, "rogue")
+    # A candidate is staged beside the cluster policy as beside a file's;
+    # promoting it is `apply --cluster`'s job.
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(text.replace("    from: {labels: {app: api}}\n    to: any\n",
+                                      "    from: any\n    to: any\n"))
+    staged = a.cli("policy", "stage", str(candidate))
+    assert staged.returncode == 0, staged.stderr
+    db = hosts.ipv4("a", "db")
+    assert not hosts.probe("a", "web", "tcp", db, 5432)  # the active policy decides
+    status = json.loads(a.cli("policy", "stage", "status", "--json").stdout)["staged"]
+    assert status["would_change"] >= 1, status
+    promote = a.cli("policy", "stage", "promote")
+    assert promote.returncode == 1 and "apply --cluster" in promote.stderr, promote
+    assert a.cli("policy", "stage", "clear").returncode == 0
     # An invalid one is refused by the command, and stores nothing.
     f.write_text(text + "  - oops\n")
     bad = a.cli("policy", "apply", "--cluster", str(f))
