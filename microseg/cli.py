@@ -101,9 +101,15 @@ def _etcd_config(args: argparse.Namespace):
     cfg = EtcdConfig(endpoints=endpoints, node=args.node or "", prefix=args.etcd_prefix,
                      ttl=args.etcd_ttl, cacert=args.etcd_cacert, cert=args.etcd_cert,
                      key=args.etcd_key)
+    import ssl
+
     from microseg.cluster.etcd import TLSFiles
 
     cfg.endpoints = check_endpoints(endpoints, TLSFiles(*tls))
+    try:  # the files themselves: one line now, not a traceback at start
+        TLSFiles(*tls).context()
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"--etcd-cacert/--etcd-cert/--etcd-key: {e}") from None
     check_prefix(cfg.prefix)
     check_node_name(cfg.node_name())
     return cfg

@@ -115,7 +115,9 @@ class EtcdClient:
         self.endpoints = check_endpoints(endpoints, tls)
         self.prefix = check_prefix(prefix)
         self._pfx = prefix.encode()
-        self._ssl = tls.context() if tls and any((tls.cacert, tls.cert)) else None
+        # https is always verified: against --etcd-cacert, else the system's
+        # CAs (never unverified: whoever poses as etcd names identities).
+        self._ssl = (tls or TLSFiles()).context()
         self._timeout = timeout
         self._current = 0
         self._session: aiohttp.ClientSession | None = None
@@ -134,8 +136,7 @@ class EtcdClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl else False,
-                                               limit=16),
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16),
                 json_serialize=lambda o: orjson.dumps(o).decode())
         return self._session
 
@@ -156,23 +157,41 @@ class EtcdClient:
 
     # -- requests --------------------------------------------------------------
 
+    def _move_on(self, failed: int) -> None:
+        """The next endpoint, after the one that failed (unless a concurrent
+        request moved on already)."""
+        if self._current == failed:
+            self._current = (failed + 1) % len(self.endpoints)
+
     async def _post(self, path: str, body: dict) -> dict:
-        """One request, to each endpoint in turn until one answers."""
+        """One request, to each endpoint in turn until one answers. A member
+        that answers 5xx (no leader: cut off from the majority) is moved on
+        from like a silent one."""
         last: Exception | None = None
         for _ in range(len(self.endpoints)):
-            url = self.endpoint + path
+            at = self._current
+            url = self.endpoints[at] + path
             try:
                 async with self._http().post(
                         url, json=body,
                         timeout=aiohttp.ClientTimeout(total=self._timeout)) as r:
                     data = await r.read()
-                    return self._answer(r.status, data)
-            except EtcdError:
-                raise
+                    if r.status < 500:
+                        return self._answer(r.status, data)
+                    last = EtcdError(self._answer_error(r.status, data))
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 last = e
-                self._current = (self._current + 1) % len(self.endpoints)
+            self._move_on(at)
+        if isinstance(last, EtcdError):
+            raise last
         raise EtcdError(_unreachable(self.endpoints, last))
+
+    def _answer_error(self, status: int, data: bytes) -> str:
+        try:
+            self._answer(status, data)
+        except EtcdError as e:
+            return str(e)
+        return f"etcd {self.endpoint}: HTTP {status}"
 
     def _answer(self, status: int, data: bytes) -> dict:
         try:
@@ -241,7 +260,8 @@ class EtcdClient:
         body = {"create_request": {"key": _b64(k), "range_end": _b64(_range_end(k)),
                                    "start_revision": str(start_revision),
                                    "progress_notify": True}}
-        url = self.endpoint + "/v3/watch"
+        at = self._current
+        url = self.endpoints[at] + "/v3/watch"
         try:
             async with self._http().post(
                     url, json=body, timeout=aiohttp.ClientTimeout(
@@ -254,12 +274,22 @@ class EtcdClient:
                     if not line:
                         raise EtcdError(f"etcd {self.endpoint}: the watch stream ended")
                     yield self._watch_batch(line)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
-            self._current = (self._current + 1) % len(self.endpoints)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            self._move_on(at)
             raise EtcdError(_unreachable([url], e)) from None
+        except ValueError as e:  # a line past MAX_WATCH_LINE
+            raise EtcdError(f"etcd {self.endpoint}: watch: {e}") from None
 
     def _watch_batch(self, line: bytes) -> tuple[int, list[Event]]:
-        d = orjson.loads(line)
+        try:
+            return self._parse_watch(orjson.loads(line))
+        except EtcdError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise EtcdError(f"etcd {self.endpoint}: watch: not an etcd answer "
+                            f"({type(e).__name__}: {line[:80]!r})") from None
+
+    def _parse_watch(self, d: dict) -> tuple[int, list[Event]]:
         if "error" in d:
             raise EtcdError(f"etcd {self.endpoint}: watch: "
                             f"{d['error'].get('message', d['error'])}")

@@ -45,6 +45,7 @@ MIN_TTL = 5
 # outage shows in status within MIN_TTL seconds whatever the TTL.
 KEEPALIVE_MAX_S = 1.5
 BACKOFF_S = (0.25, 10.0)
+LEAVE_S = 2.0  # a stop waits this long at most to withdraw this node's workloads
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
 
 
@@ -122,8 +123,12 @@ class ClusterNode:
         self._dirty.set()
 
     def set_report(self, sha256: str | None, generation: int) -> None:
+        """Written at once when the policy changed; a generation made by an
+        inventory change waits for the next heartbeat (every node rewriting
+        its report at every remote change would make N² watch events)."""
+        if sha256 != self.report.policy_sha256:
+            self._dirty.set()
         self.report = Report(sha256, generation)
-        self._dirty.set()
 
     async def put_policy(self, data: bytes) -> int:
         """Store the cluster policy; the revision of the write."""
@@ -188,7 +193,7 @@ class ClusterNode:
                  "(ttl %d s)", "resynced" if self.resyncs > 1 else "connected", rev,
                  c.endpoint, len(self.nodes), len(self.remote), self.lease, self.ttl)
         tasks = [asyncio.create_task(self._watch(rev + 1)),
-                 asyncio.create_task(self._keepalive()),
+                 asyncio.create_task(self._keepalive(c.endpoint)),
                  asyncio.create_task(self._publisher())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -201,7 +206,10 @@ class ClusterNode:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
 
-    async def _keepalive(self) -> None:
+    async def _keepalive(self, watched: str) -> None:
+        """Renew the lease, and check that the endpoint the watch reads from
+        still answers: a request that failed over to another endpoint ends
+        the session (the watch may be waiting on a silent one)."""
         every = min(self.ttl / 3, KEEPALIVE_MAX_S)
         heartbeat = self.ttl / 3
         last_beat = time.monotonic()
@@ -209,6 +217,9 @@ class ClusterNode:
             await asyncio.sleep(every)
             if await self.client.keepalive(self.lease) <= 0:
                 raise EtcdError(f"etcd {self.client.endpoint}: lease {self.lease:x} expired")
+            if self.client.endpoint != watched:
+                raise EtcdError(f"etcd {watched}: stopped answering; watching "
+                                f"{self.client.endpoint} instead")
             if time.monotonic() - last_beat >= heartbeat:
                 last_beat = time.monotonic()
                 self._report_written = b""  # the heartbeat: written again
@@ -300,8 +311,10 @@ class ClusterNode:
                     self.nodes[node] = info
         elif key.startswith(WORKLOADS):
             node, _, name = key[len(WORKLOADS):].partition("/")
-            if node == self.node:
-                return  # our own, as published
+            if node == self.node:  # our own, as published
+                if ev.kind == "delete" and self._published.pop(key, None) is not None:
+                    self._dirty.set()  # deleted by someone else: put back
+                return
             if ev.kind == "delete":
                 self.remote.pop(key, None)
                 return
@@ -325,10 +338,14 @@ class ClusterNode:
         except ValueError as e:
             self._warn(f"{NODES}{node}: not a node report ({e}); ignored")
             return None
-        return {"node": node, "heartbeat": d.get("heartbeat"),
-                "policy_sha256": d.get("policy_sha256"),
-                "policy_generation": d.get("policy_generation"),
-                "workloads": d.get("workloads"), "version": d.get("version")}
+        def typed(key: str, kind: type) -> object:
+            v = d.get(key)
+            return v if isinstance(v, kind) and not isinstance(v, bool) else None
+
+        return {"node": node, "heartbeat": typed("heartbeat", str),
+                "policy_sha256": typed("policy_sha256", str),
+                "policy_generation": typed("policy_generation", int),
+                "workloads": typed("workloads", int), "version": typed("version", str)}
 
     def _parse_workload(self, node: str, name: str, value: bytes
                         ) -> DiscoveredWorkload | None:
@@ -350,6 +367,7 @@ class ClusterNode:
             self._warn(f"{where}: {e}; ignored")
             return None
         for a in w.addresses:
+            a = getattr(a, "ipv4_mapped", None) or a  # ::ffff:127.0.0.1 is loopback too
             if a.is_loopback or a.is_multicast or a.is_unspecified:
                 self._warn(f"{where}: address {a} cannot be a workload's; ignored")
                 return None
@@ -360,11 +378,14 @@ class ClusterNode:
     async def leave(self) -> None:
         """A clean stop: revoke the lease, so every node forgets this one's
         workloads now rather than after the TTL."""
-        if self.lease and self.up:
-            with contextlib.suppress(EtcdError):
-                await self.client.revoke(self.lease)
+        if self.lease:
+            try:
+                await asyncio.wait_for(self.client.revoke(self.lease), LEAVE_S)
                 log.info("etcd: lease %x revoked: this node's workloads are withdrawn",
                          self.lease)
+            except (EtcdError, TimeoutError) as e:
+                log.warning("etcd: lease %x not revoked (%s): this node's workloads "
+                            "vanish elsewhere after its TTL", self.lease, e or "timed out")
         self.lease = 0
 
     def status(self) -> dict:

@@ -37,6 +37,13 @@ FIRST_CONTACT_WAIT_S = 5.0
 POLICY_CACHE = "cluster-policy.json"
 
 
+def _hosts(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """What other nodes learn of a workload's addresses: its host addresses.
+    A static workload's wider prefix (a CIDR) is this host's to judge by;
+    other nodes learn workloads, not networks."""
+    return tuple(a for a in addresses if "/" not in a)
+
+
 class Cluster:
     def __init__(self, cfg: EtcdConfig, policy: PolicyManager, state_dir: str | None) -> None:
         self.cfg = cfg
@@ -48,9 +55,11 @@ class Cluster:
         self.node = ClusterNode(
             self.client, cfg.node_name(), cfg.ttl, version=__version__,
             on_workloads=self._on_remote,
-            on_policy=policy.set_cluster_policy if policy.from_cluster else None)
+            on_policy=self._on_policy if policy.from_cluster else None)
         self._task: asyncio.Task | None = None
-        self._remote: Mapping[str, DiscoveredWorkload] | None = None  # not applied yet
+        # What the watch handed over and is not applied yet: the newest only.
+        self._remote: Mapping[str, DiscoveredWorkload] | None = None
+        self._policy: tuple[bytes, int] | None = None
         self._applier: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -76,22 +85,38 @@ class Cluster:
             await self.policy.update_discovered(SOURCE, remote)
             return
         self._remote = remote
-        if self._applier is None or self._applier.done():
-            self._applier = asyncio.create_task(self._apply_remote(), name="etcd-apply")
+        self._wake_applier()
 
-    async def _apply_remote(self) -> None:
-        while self._remote is not None:
-            remote, self._remote = self._remote, None
+    async def _on_policy(self, data: bytes, revision: int) -> None:
+        """The cluster policy, applied by the same task: never by the watch,
+        whose cancellation (a broken connection) must not lose it half-way."""
+        if self.policy.active is None:
+            await self.policy.set_cluster_policy(data, revision)  # kept for the start
+            return
+        self._policy = (data, revision)
+        self._wake_applier()
+
+    def _wake_applier(self) -> None:
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.create_task(self._apply_pending(), name="etcd-apply")
+
+    async def _apply_pending(self) -> None:
+        while self._remote is not None or self._policy is not None:
             # Shielded like a discovery source's report: a stop must not
             # cancel an apply half-way.
-            await asyncio.shield(self.policy.update_discovered(SOURCE, remote))
+            if self._policy is not None:
+                (data, revision), self._policy = self._policy, None
+                await asyncio.shield(self.policy.set_cluster_policy(data, revision))
+            if self._remote is not None:
+                remote, self._remote = self._remote, None
+                await asyncio.shield(self.policy.update_discovered(SOURCE, remote))
 
     def on_applied(self, active: ActivePolicy, merged: Merged) -> None:
         """Publish this node's workloads and report as of this generation. A
         cluster policy's own workloads are every node's already."""
         skip_static = self.policy.from_cluster
         self.node.set_local({
-            k.name: LocalWorkload(k.name, k.source, k.labels, k.addresses)
+            k.name: LocalWorkload(k.name, k.source, k.labels, _hosts(k.addresses))
             for k in merged.known.values()
             if k.node is None and not (skip_static and k.source == STATIC)})
         self.node.set_report(active.loaded.sha256, active.generation)

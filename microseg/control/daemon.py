@@ -38,7 +38,7 @@ from microseg.kernel.loader import DatapathConfig, Preload
 from microseg.kernel.netlink import LinkWatcher
 from microseg.policy.manager import PolicyManager
 from microseg.policy.model import Discovery
-from microseg.policy.parse import PolicyError, load_policy_file
+from microseg.policy.parse import PolicyError, load_policy_file, parse_policy
 from microseg.policy.watch import watch_policy
 
 SWEEP_PUBLISH_SLICE = 1024
@@ -200,6 +200,8 @@ class Daemon:
             self.cluster.start()
             if not await self.cluster.first_contact() and self.policy.from_cluster:
                 self.cluster.restore_policy()
+            if self.policy.from_cluster:
+                self._discover = self._cluster_discover()
         # Running containers are known before the first judgement: a restart
         # must not revoke their sessions as strangers'.
         self.sources.configure(self._discover)
@@ -327,6 +329,25 @@ class Daemon:
             raise web.HTTPServiceUnavailable(text="microseg: starting\n")
         return await self.views.report()
 
+    def _cluster_discover(self) -> Discovery:
+        """`--policy etcd`: the cluster policy's `discover` section, so that
+        this host's containers are known before the first judgement too."""
+        cp = self.policy.cluster_policy
+        if cp is None:
+            if self.cfg.policy_default_audit:
+                return Discovery()
+            assert self.cluster is not None
+            why = self.cluster.node.last_error
+            raise StartupError(
+                "no cluster policy: " + (f"etcd unreachable ({why}) and none kept from an "
+                                         "earlier run" if why else "none stored in etcd yet")
+                + " (microseg policy apply --cluster FILE stores one; --policy-default audit "
+                "starts without)")
+        try:
+            return parse_policy(cp[0], "etcd").policy.discover
+        except PolicyError:
+            return Discovery()  # the first apply says why it is refused
+
     def _on_applied(self, active, merged) -> None:
         if self.cluster is not None:
             self.cluster.on_applied(active, merged)
@@ -370,13 +391,16 @@ class Daemon:
             await self._metrics_runner.cleanup()
         if not self.datapath.loaded:
             return  # never loaded: nothing to undo
-        await self.policy.converge_now()
-        if not self.cfg.keep_on_exit:
-            await loop.run_in_executor(None, self.interfaces.detach_all)
-            self.datapath.close()
-            self.datapath.unpin()
-        else:
-            self.datapath.close()
+        # An apply still running (shielded from the cancellation of the task
+        # that started it) finishes first, and none starts after.
+        async with self.policy.lock:
+            await self.policy.converge_now()
+            if not self.cfg.keep_on_exit:
+                await loop.run_in_executor(None, self.interfaces.detach_all)
+                self.datapath.close()
+                self.datapath.unpin()
+            else:
+                self.datapath.close()
         log.info("stopped")
 
 
