@@ -59,7 +59,6 @@ class KeyValue:
     key: str            # below the prefix
     value: bytes
     mod_revision: int
-    lease: int
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ class EtcdClient:
             raise EtcdError(f"etcd {self.endpoint}: a key outside {self.prefix} in an answer")
         return KeyValue(key[len(self._pfx):].decode(errors="replace"),
                         base64.b64decode(d.get("value", "")),
-                        int(d.get("mod_revision", 0)), int(d.get("lease", 0)))
+                        int(d.get("mod_revision", 0)))
 
     # -- requests --------------------------------------------------------------
 
@@ -211,11 +210,6 @@ class EtcdClient:
         k = self._key(prefix)
         d = await self._post("/v3/kv/range", {"key": _b64(k), "range_end": _b64(_range_end(k))})
         return int(d["header"]["revision"]), [self._kv(kv) for kv in d.get("kvs", [])]
-
-    async def get(self, key: str) -> tuple[int, KeyValue | None]:
-        d = await self._post("/v3/kv/range", {"key": _b64(self._key(key))})
-        kvs = d.get("kvs", [])
-        return int(d["header"]["revision"]), self._kv(kvs[0]) if kvs else None
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """The revision the write made."""

@@ -103,7 +103,9 @@ class ClusterNode:
         self._local: dict[str, LocalWorkload] = {}
         self._published: dict[str, bytes] = {}
         self.report = Report()
-        self._report_written = b""
+        # What nodes/NODE says now, but its heartbeat and generation; None:
+        # to be written (a new lease, or a heartbeat due).
+        self._reported: dict | None = None
         self._dirty = asyncio.Event()
         self.lease = 0
         # Shown by status, nodes and metrics.
@@ -123,12 +125,8 @@ class ClusterNode:
         self._dirty.set()
 
     def set_report(self, sha256: str | None, generation: int) -> None:
-        """Written at once when the policy changed; a generation made by an
-        inventory change waits for the next heartbeat (every node rewriting
-        its report at every remote change would make N² watch events)."""
-        if sha256 != self.report.policy_sha256:
-            self._dirty.set()
         self.report = Report(sha256, generation)
+        self._dirty.set()
 
     async def put_policy(self, data: bytes) -> int:
         """Store the cluster policy; the revision of the write."""
@@ -180,7 +178,7 @@ class ClusterNode:
         if not self.lease:
             self.lease = await c.grant(self.ttl)
             self._published = {}
-            self._report_written = b""
+            self._reported = None
         await self._publish()
         rev, kvs = await c.range_prefix("")
         await self._resync(rev, kvs)
@@ -222,7 +220,7 @@ class ClusterNode:
                                 f"{self.client.endpoint} instead")
             if time.monotonic() - last_beat >= heartbeat:
                 last_beat = time.monotonic()
-                self._report_written = b""  # the heartbeat: written again
+                self._reported = None  # the heartbeat: written again
                 self._dirty.set()
 
     async def _publisher(self) -> None:
@@ -242,17 +240,26 @@ class ClusterNode:
             if self._published.get(key) != value:
                 await c.put(key, value, self.lease)
                 self._published[key] = value
-        report = self._report_value()
-        if report != self._report_written:
+        report = self._report_due()
+        if report is not None:
             await c.put(NODES + self.node, report, self.lease)
-            self._report_written = report
+            self._reported = _settled(self.own())
 
-    def _report_value(self) -> bytes:
-        return orjson.dumps({
-            "node": self.node, "heartbeat": _rfc3339(time.time()),
-            "policy_sha256": self.report.policy_sha256,
-            "policy_generation": self.report.policy_generation,
-            "workloads": len(self._local), "version": self.version})
+    def own(self) -> dict:
+        """This node's report as it stands, but its heartbeat."""
+        return {"node": self.node, "policy_sha256": self.report.policy_sha256,
+                "policy_generation": self.report.policy_generation,
+                "workloads": len(self._local), "version": self.version}
+
+    def _report_due(self) -> bytes | None:
+        """nodes/NODE to write now, or None. It is written when what it says
+        changed, but its generation: a generation made by another node's
+        inventory change waits for the heartbeat (every node rewriting its
+        report at every change would make N² watch events)."""
+        own = self.own()
+        if self._reported == _settled(own):
+            return None
+        return orjson.dumps({**own, "heartbeat": _rfc3339(time.time())})
 
     # -- what others published --------------------------------------------------------
 
@@ -395,6 +402,10 @@ class ClusterNode:
                 "last_error": self.last_error, "lease_ttl_s": self.ttl,
                 "revision": self.revision, "resyncs": self.resyncs, "errors": self.errors,
                 "nodes": len(self.nodes), "remote_workloads": len(self.remote)}
+
+
+def _settled(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "policy_generation"}
 
 
 def _rfc3339(t: float) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from microseg import __version__
-from microseg.cluster.etcd import EtcdClient, EtcdError, TLSFiles
+from microseg.cluster.etcd import EtcdClient, TLSFiles
 from microseg.cluster.node import SOURCE, ClusterNode, LocalWorkload
 from microseg.control.config import EtcdConfig
 from microseg.inventory.model import DiscoveredWorkload
@@ -160,13 +160,8 @@ class Cluster:
         """Every node etcd knows of, this one as it is now; sorted by name."""
         me = self.node
         rows = {n: dict(info) for n, info in me.nodes.items()}
-        a = self.policy.active
-        mine = rows.setdefault(me.node, {"node": me.node, "heartbeat": None})
-        mine.update(policy_sha256=a.loaded.sha256 if a else None,
-                    policy_generation=a.generation if a else 0,
-                    workloads=sum(1 for k in self.policy.known.values() if k.node is None
-                                  and not (self.policy.from_cluster and k.source == STATIC)),
-                    version=__version__)
+        heartbeat = rows.get(me.node, {}).get("heartbeat")  # as etcd last said it
+        rows[me.node] = {**me.own(), "heartbeat": heartbeat}
         for name, row in rows.items():
             row["self"] = name == me.node
             row["etcd_up"] = me.up  # False: the last known rows, not fresh
@@ -182,6 +177,5 @@ class Cluster:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._task = self._applier = None
-        with contextlib.suppress(EtcdError):
-            await self.node.leave()
+        await self.node.leave()  # bounded, and says itself if it could not
         await self.client.close()
