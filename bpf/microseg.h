@@ -15,7 +15,7 @@
 
 #include <linux/types.h>
 
-#define MSEG_ABI_VERSION 4
+#define MSEG_ABI_VERSION 5
 
 /* Hook the program runs at. Also part of the per-direction owner id. */
 enum mseg_direction {
@@ -288,6 +288,34 @@ struct policy_config {
 	__u32 generation;
 	__u8 default_action;  /* enum mseg_action */
 	__u8 flags;           /* enum mseg_config_flags */
+	__u8 pad[2];
+	__u64 stamp;          /* random, new at every write of the slot, never 0:
+			       * what policy_cache_map entries are valid under */
+};
+
+/* ---- policy_cache_map: recent decisions, per CPU --------------------------
+ *
+ * Direct-mapped by a hash of the flow; an entry answers a lookup only when
+ * every input of match_policy() is equal and it was made under the same
+ * write of the same generation slot (stamp), so it can never outlive the
+ * policy it came from. A collision only costs a full lookup.
+ */
+#define POLICY_CACHE_BITS 10
+#define POLICY_CACHE_SLOTS (1 << POLICY_CACHE_BITS)
+
+struct policy_cache_entry {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u64 stamp;        /* policy_config.stamp when made; 0: empty */
+	__u32 generation;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u32 rule_id;      /* the decision (struct decision's fields) */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8 verdict;
+	__u8 reason;
 	__u8 pad[2];
 };
 

@@ -77,6 +77,11 @@ MSEG_MAP("lpm_trie", struct ident6_key, struct ident_value, ident6_map,
 /* (slot, src class, dst class, proto, port class) -> group decision. */
 MSEG_MAP("hash", struct policy_key, struct policy_value, policy_map,
 	 MSEG_POLICY_CAPACITY, BPF_F_NO_PREALLOC);
+/* Recent decisions of match_policy(), per CPU (see struct
+ * policy_cache_entry): a new flow between a pair already judged skips the
+ * identity and policy lookups. */
+MSEG_MAP("percpu_array", u32, struct policy_cache_entry, policy_cache_map,
+	 POLICY_CACHE_SLOTS, 0);
 /* (slot, tcp/udp, port) -> port class. Mappable: the daemon reads and
  * writes a slot's 131,072 classes as memory (microseg/kernel/datapath.py). */
 MSEG_MAP("array", u32, u32, port_class_map, PORT_CLASS_SLOTS, BPF_F_MMAPABLE);

@@ -18,6 +18,9 @@
  * space) combo that the two identities' masks allow, a group header hash
  * lookup plus an exception lookup when the header says the port class may
  * decide otherwise. At most 16 combos; typical policies touch two to four.
+ * A question asked before under the same slot write (a new flow of a pair
+ * already judged, to the same port) is answered by this CPU's cache of
+ * recent decisions instead: one array read and a compare.
  */
 #ifndef MSEG_POLICY_H
 #define MSEG_POLICY_H
@@ -131,25 +134,16 @@ static __always_inline void consider_group(struct policy_key *k, __u32 pc,
 		*best = dec;
 }
 
-/* Judge the flow saddr -> daddr:dport under generation gen. */
-static __always_inline void match_policy(__u8 family, __u8 proto,
-					 const __u8 *saddr, const __u8 *daddr,
-					 __u16 dport, __u32 gen,
-					 struct decision *d)
+/* The identity and policy lookups of match_policy(), under the slot's
+ * config cfg; d->generation is set. */
+static __always_inline void lookup_policy(const struct policy_config *cfg, __u32 slot,
+					  __u8 family, __u8 proto,
+					  const __u8 *saddr, const __u8 *daddr,
+					  __u16 dport, struct decision *d)
 {
-	__u32 slot = POLICY_SLOT(gen);
-	struct policy_config *cfg = config_map.lookup(&slot);
-
-	d->generation = gen;
 	d->rule_id = 0;
 	d->src_identity = IDENTITY_WORLD;
 	d->dst_identity = IDENTITY_WORLD;
-	if (!cfg || cfg->generation != gen || gen == 0) {
-		/* No policy loaded: fail closed. */
-		d->verdict = VERDICT_DENIED;
-		d->reason = REASON_DEFAULT;
-		return;
-	}
 	__u8 cflags = cfg->flags;
 	struct ident_value *si = NULL, *di = NULL;
 	/* Both endpoints through one copy of the lookup (stack and program
@@ -224,6 +218,87 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		d->verdict = VERDICT_ALLOWED;
 	else
 		d->verdict = audit ? VERDICT_AUDIT : VERDICT_DENIED;
+}
+
+#define CACHE_MIX 0x9E3779B97F4A7C15ULL
+
+/* policy_cache_map's slot for these inputs of match_policy(). */
+static __always_inline __u32 policy_cache_index(__u8 proto, const __u8 *saddr,
+						const __u8 *daddr, __u16 dport,
+						__u32 gen)
+{
+	__u64 h = *(const __u64 *)saddr ^ (*(const __u64 *)(saddr + 8) >> 7);
+
+	h = (h * CACHE_MIX) ^ *(const __u64 *)daddr ^ (*(const __u64 *)(daddr + 8) >> 5);
+	h = (h * CACHE_MIX) ^ (((__u64)dport << 40) | ((__u64)proto << 32) | gen);
+	return (__u32)((h * CACHE_MIX) >> (64 - POLICY_CACHE_BITS));
+}
+
+/* Whether entry e was made for exactly these inputs under this write
+ * (stamp) of the generation's slot. */
+static __always_inline int policy_cache_hit(const struct policy_cache_entry *e,
+					    __u64 stamp, __u32 gen, __u8 family,
+					    __u8 proto, const __u8 *saddr,
+					    const __u8 *daddr, __u16 dport)
+{
+	return e->stamp == stamp && e->generation == gen && e->dport == dport &&
+	       e->proto == proto && e->family == family &&
+	       *(const __u64 *)e->saddr == *(const __u64 *)saddr &&
+	       *(const __u64 *)(e->saddr + 8) == *(const __u64 *)(saddr + 8) &&
+	       *(const __u64 *)e->daddr == *(const __u64 *)daddr &&
+	       *(const __u64 *)(e->daddr + 8) == *(const __u64 *)(daddr + 8);
+}
+
+/* Judge the flow saddr -> daddr:dport under generation gen: from this
+ * CPU's cache of recent decisions when it holds this very question (a new
+ * flow of a pair already judged: the common case), else by the lookups,
+ * whose answer the cache then keeps. */
+static __always_inline void match_policy(__u8 family, __u8 proto,
+					 const __u8 *saddr, const __u8 *daddr,
+					 __u16 dport, __u32 gen,
+					 struct decision *d)
+{
+	__u32 slot = POLICY_SLOT(gen);
+	struct policy_config *cfg = config_map.lookup(&slot);
+
+	d->generation = gen;
+	if (!cfg || cfg->generation != gen || gen == 0) {
+		/* No policy loaded: fail closed. */
+		d->rule_id = 0;
+		d->src_identity = IDENTITY_WORLD;
+		d->dst_identity = IDENTITY_WORLD;
+		d->verdict = VERDICT_DENIED;
+		d->reason = REASON_DEFAULT;
+		return;
+	}
+	__u64 stamp = cfg->stamp;
+	__u32 ci = policy_cache_index(proto, saddr, daddr, dport, gen);
+	/* bpf_map_lookup_elem: this CPU's entry (no other CPU writes it). */
+	struct policy_cache_entry *e = stamp ? policy_cache_map.lookup(&ci) : NULL;
+
+	if (e && policy_cache_hit(e, stamp, gen, family, proto, saddr, daddr, dport)) {
+		d->rule_id = e->rule_id;
+		d->src_identity = e->src_identity;
+		d->dst_identity = e->dst_identity;
+		d->verdict = e->verdict;
+		d->reason = e->reason;
+		return;
+	}
+	lookup_policy(cfg, slot, family, proto, saddr, daddr, dport, d);
+	if (!e)
+		return;
+	__builtin_memcpy(e->saddr, saddr, 16);
+	__builtin_memcpy(e->daddr, daddr, 16);
+	e->stamp = stamp;
+	e->generation = gen;
+	e->dport = dport;
+	e->proto = proto;
+	e->family = family;
+	e->rule_id = d->rule_id;
+	e->src_identity = d->src_identity;
+	e->dst_identity = d->dst_identity;
+	e->verdict = d->verdict;
+	e->reason = d->reason;
 }
 
 /* The staged judgment beside the active one, for the event and the

@@ -15,7 +15,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 MAX_RULES = 32768
 CLASS_ANY = 0
@@ -23,6 +23,8 @@ IDENTITY_WORLD = 0
 
 POLICY_SLOTS = 4
 PORT_CLASS_SLOTS = POLICY_SLOTS * 2 * 65536
+POLICY_CACHE_BITS = 10
+POLICY_CACHE_SLOTS = 1 << POLICY_CACHE_BITS
 STAGED_GENERATION = 0x80000000
 
 
@@ -287,6 +289,12 @@ POLICY_VALUE = Layout("policy_value", (
 ))
 POLICY_CONFIG = Layout("policy_config", (
     ("generation", "I"), ("default_action", "B"), ("flags", "B"), ("_pad", "2x"),
+    ("stamp", "Q"),
+))
+POLICY_CACHE_ENTRY = Layout("policy_cache_entry", (
+    ("saddr", "16s"), ("daddr", "16s"), ("stamp", "Q"), ("generation", "I"), ("dport", "H"),
+    ("proto", "B"), ("family", "B"), ("rule_id", "I"), ("src_identity", "I"),
+    ("dst_identity", "I"), ("verdict", "B"), ("reason", "B"), ("_pad", "2x"),
 ))
 STATS_VALUE = Layout("stats_value", (("packets", "Q"), ("bytes", "Q")))
 RULE_STATS = Layout("rule_stats", (("hits", "Q"), ("last_hit_ns", "Q")))
@@ -349,7 +357,7 @@ DAEMON_STATE = Layout("daemon_state", (("last_seq", "Q"), ("ringbuf_lost_seen", 
 
 LAYOUTS = (
     SESSION_KEY, SESSION_VALUE, HOST4_KEY, HOST6_KEY, IDENT4_KEY, IDENT6_KEY, IDENT_VALUE,
-    POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, STATS_VALUE, RULE_STATS, EVENT_STATS, FRAG_KEY,
-    FRAG_VALUE, AGG_KEY, AGG_VALUE, SETTINGS, EVENT, CLOCK_SAMPLE, SESSION_STATS,
-    DAEMON_STATE, PACKET, DECISION, SCRATCH,
+    POLICY_KEY, POLICY_VALUE, POLICY_CONFIG, POLICY_CACHE_ENTRY, STATS_VALUE, RULE_STATS,
+    EVENT_STATS, FRAG_KEY, FRAG_VALUE, AGG_KEY, AGG_VALUE, SETTINGS, EVENT, CLOCK_SAMPLE,
+    SESSION_STATS, DAEMON_STATE, PACKET, DECISION, SCRATCH,
 )

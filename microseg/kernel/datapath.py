@@ -55,11 +55,21 @@ class CompiledPolicy(Protocol):
 
     def port_class_values(self) -> bytes: ...
 
-    def config_record(self, generation: int) -> bytes: ...
+    def config_record(self, generation: int, stamp: int) -> bytes: ...
 
 log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
+
+
+def _stamp() -> int:
+    """A slot write's nonce (struct policy_config.stamp): random, never 0, so
+    that no decision cached in policy_cache_map under an earlier write of
+    the slot answers for this one — also when a generation number comes
+    again (a reset, a staged number after a restart)."""
+    return int.from_bytes(os.urandom(8), "little") | 1
+
+
 _PORTS_PER_SLOT = abi.PORT_CLASS_SLOTS // abi.POLICY_SLOTS  # tcp and udp, every port
 
 
@@ -278,7 +288,7 @@ class Datapath:
         gen = max(self.active_generation(), self._generation) + 1
         slot = abi.policy_slot(gen)
         self._write_compiled(slot, compiled)
-        self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
+        self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen, _stamp()))
         self.maps["active_map"].update(_U32.pack(abi.Active.POLICY), _U32.pack(gen))  # switch
         self._generation = gen
         self._converge = (slot ^ 1, compiled)
@@ -300,7 +310,7 @@ class Datapath:
         # be going when it is rewritten.
         self._wait_for_runs()
         self._write_compiled(slot, compiled)
-        self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen))
+        self.maps["config_map"].update(_U32.pack(slot), compiled.config_record(gen, _stamp()))
         self.maps["active_map"].update(_U32.pack(abi.Active.STAGED), _U32.pack(gen))
         self._staged = number
         return gen

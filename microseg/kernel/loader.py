@@ -117,7 +117,12 @@ class DatapathConfig:
         flags = [f"-D{name}={value}" for name, value in self.capacities().items()]
         flags += [f"-DMSEG_RINGBUF_PAGES={self.ringbuf_bytes // mmap.PAGESIZE}",
                   f"-DMSEG_DENIALS_PAGES={self.denials_bytes // mmap.PAGESIZE}",
-                  "-Wno-unused-function"]
+                  "-Wno-unused-function",
+                  # -O1, not BCC's -O2: a cold start's compile takes 0.15-0.25 s
+                  # less and the verifier processes a quarter fewer instructions
+                  # (339,673 against 453,914 for an entry point), while the
+                  # per-packet costs stay within noise (docs/performance.md).
+                  "-O1"]
         if self.pin_dir:
             flags.append(f'-DMSEG_PIN_DIR="{self.pin_dir}"')
         return flags

@@ -69,6 +69,8 @@ MAPS: tuple[MapDef, ...] = (
            "BPF_F_NO_PREALLOC"),
     MapDef("policy_map", "hash", abi.POLICY_KEY, abi.POLICY_VALUE, "MSEG_POLICY_CAPACITY",
            "BPF_F_NO_PREALLOC"),
+    MapDef("policy_cache_map", "percpu_array", U32, abi.POLICY_CACHE_ENTRY,
+           "POLICY_CACHE_SLOTS"),
     MapDef("port_class_map", "array", U32, U32, "PORT_CLASS_SLOTS", "BPF_F_MMAPABLE"),
     MapDef("config_map", "array", U32, abi.POLICY_CONFIG, "POLICY_SLOTS"),
     MapDef("active_map", "array", U32, U32, "ACTIVE_MAX"),
@@ -95,6 +97,7 @@ RINGS = {abi.Ring.EVENTS: "events", abi.Ring.DENIALS: "denials"}
 
 CONSTANT_CAPACITIES: dict[str, int] = {
     "PORT_CLASS_SLOTS": abi.PORT_CLASS_SLOTS,
+    "POLICY_CACHE_SLOTS": abi.POLICY_CACHE_SLOTS,
     "STATS_SLOTS": abi.STATS_SLOTS,
     "STAGED_STATS_SLOTS": abi.STAGED_STATS_SLOTS,
     "POLICY_SLOTS": abi.POLICY_SLOTS,

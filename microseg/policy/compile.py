@@ -163,9 +163,11 @@ class CompiledPolicy:
         udp's, one u32 each."""
         return self.port_classes[TCP].tobytes() + self.port_classes[UDP].tobytes()
 
-    def config_record(self, generation: int) -> bytes:
+    def config_record(self, generation: int, stamp: int) -> bytes:
+        """config_map's value for this policy in a slot; stamp: the slot
+        write's nonce (struct policy_config)."""
         return abi.POLICY_CONFIG.struct.pack(generation, int(self.default_action),
-                                             int(self.flags))
+                                             int(self.flags), stamp)
 
 # policy_key after its slot field, and policy_value (abi.POLICY_KEY/VALUE).
 _POLICY_KEY_REST = struct.Struct(

@@ -78,6 +78,7 @@ def test_bounds_and_constants() -> None:
     assert defines["POLICY_SLOTS"] == abi.POLICY_SLOTS
     assert defines["STAGED_GENERATION"] == abi.STAGED_GENERATION
     assert abi.PORT_CLASS_SLOTS == abi.POLICY_SLOTS * 2 * 65536  # PORT_CLASS_SLOTS
+    assert defines["POLICY_CACHE_BITS"] == abi.POLICY_CACHE_BITS
     assert abi.port_class_index(1, True, 80) == ((1 * 2 + 1) << 16) | 80
     # POLICY_SLOT(): active generations alternate 0/1, staged ones 2/3.
     assert [abi.policy_slot(g) for g in (1, 2, 7)] == [1, 0, 1]

@@ -1,0 +1,126 @@
+"""The per-CPU cache of policy decisions (policy_cache_map, bpf/lib/policy.h):
+it answers only for exactly the question it was asked under exactly the
+slot write it was made under — a new generation, a generation number that
+comes again, a staged candidate, a colliding flow all get the lookups'
+answer, never a stale one."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from microseg.kernel import abi
+from microseg.kernel.abi import Verdict
+from microseg.policy.compile import compile_policy
+from microseg.policy.model import Policy, Rule, Selector, Workload
+
+from .harness import Harness, tcp
+
+WEB, DB = "10.31.0.10", "10.31.0.30"
+WORKLOADS = (Workload.make("web", [WEB]), Workload.make("db", [DB]))
+ALLOW = Policy(workloads=WORKLOADS, rules=(
+    Rule.make("web-db", Selector.of_workload("web"), Selector.of_workload("db"), "allow",
+              "tcp", [5432]),))
+DENY = Policy(workloads=WORKLOADS, rules=())
+
+_MIX = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def cache_index(src: str, dst: str, dport: int, proto: int, gen: int) -> int:
+    """policy_cache_index() of bpf/lib/policy.h (addresses as the packet
+    struct holds them: 16 bytes, an IPv4 address in the first 4)."""
+    def words(addr: str) -> tuple[int, int]:
+        raw = ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+        return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+    s0, s1 = words(src)
+    d0, d1 = words(dst)
+    h = s0 ^ (s1 >> 7)
+    h = ((h * _MIX) & _M64) ^ d0 ^ (d1 >> 5)
+    h = ((h * _MIX) & _M64) ^ ((dport << 40) | (proto << 32) | gen)
+    return ((h * _MIX) & _M64) >> (64 - abi.POLICY_CACHE_BITS)
+
+
+def cached(dp: Harness, index: int) -> list[dict]:
+    """policy_cache_map[index] on every CPU that holds an entry there."""
+    m = dp.dp.maps["policy_cache_map"]
+    raw = m.lookup(index.to_bytes(4, "little"))
+    assert raw is not None
+    entries = (abi.POLICY_CACHE_ENTRY.struct.unpack_from(raw, cpu * m.value_stride)
+               for cpu in range(len(raw) // m.value_stride))
+    names = [n for n, _ in abi.POLICY_CACHE_ENTRY.fields if not n.startswith("_")]
+    return [dict(zip(names, e, strict=True)) for e in entries if e[2]]  # stamp != 0
+
+
+def verdict(dp: Harness, src: str, dst: str, sport: int, dport: int = 5432) -> Verdict:
+    return Verdict(dp.send(tcp(src, dst, sport, dport)).verdict.verdict)
+
+
+def test_a_judged_flow_is_cached_under_its_generation(dp: Harness) -> None:
+    dp.install(ALLOW)
+    assert verdict(dp, WEB, DB, 41000) == Verdict.ALLOWED
+    entries = cached(dp, cache_index(WEB, DB, 5432, 6, dp.generation))
+    assert [(e["generation"], e["dport"], e["proto"], e["family"], e["verdict"],
+             e["rule_id"]) for e in entries] == [
+        (dp.generation, 5432, 6, 4, Verdict.ALLOWED, dp.rule_id("web-db"))]
+    # A second new flow of the pair is answered the same way (from it).
+    assert verdict(dp, WEB, DB, 41001) == Verdict.ALLOWED
+
+
+def test_a_new_generation_is_judged_afresh(dp: Harness) -> None:
+    dp.install(ALLOW)
+    assert verdict(dp, WEB, DB, 41100) == Verdict.ALLOWED
+    dp.install(DENY)
+    assert verdict(dp, WEB, DB, 41101) == Verdict.DENIED
+    dp.install(ALLOW)
+    assert verdict(dp, WEB, DB, 41102) == Verdict.ALLOWED
+
+
+def test_a_generation_number_that_comes_again_is_judged_afresh(dp: Harness) -> None:
+    """The same number in the same slot (as after a reset): the slot's new
+    stamp, not the number, is what a cached decision must match."""
+    dp.install(ALLOW)
+    gen = dp.generation
+    assert verdict(dp, WEB, DB, 41200) == Verdict.ALLOWED
+    # Number the next generation as this one again.
+    dp.dp.maps["active_map"].update((abi.Active.POLICY).to_bytes(4, "little"),
+                                    (gen - 1).to_bytes(4, "little"))
+    dp.dp._generation = gen - 1
+    dp.compiled = None
+    dp.install(DENY)
+    assert dp.generation == gen
+    assert verdict(dp, WEB, DB, 41201) == Verdict.DENIED
+
+
+def test_a_staged_number_that_comes_again_is_judged_afresh(dp: Harness) -> None:
+    """Staged numbers start again at 1 in a daemon restarted on its pins."""
+    dp.install(DENY)
+    dp.dp._staged = 0
+    first = dp.dp.stage_policy(compile_policy(ALLOW))
+    v = dp.send(tcp(WEB, DB, 41300, 5432)).verdict
+    assert v.staged_verdict - 1 == Verdict.ALLOWED
+    dp.dp.clear_staged()
+    dp.dp._staged = 0
+    again = dp.dp.stage_policy(compile_policy(DENY))
+    assert again == first and first & abi.STAGED_GENERATION
+    v = dp.send(tcp(WEB, DB, 41301, 5432)).verdict
+    assert (v.staged_verdict - 1, v.staged_generation) == (Verdict.DENIED, again)
+    dp.dp.clear_staged()
+
+
+def test_flows_sharing_an_entry_each_get_their_own_answer(dp: Harness) -> None:
+    """Two sources whose questions hash to the same entry, one allowed, one
+    not: each evicts the other, and neither is ever answered for the other."""
+    net = ipaddress.ip_network("10.32.0.0/16")
+    dp.install(Policy(workloads=WORKLOADS, rules=(
+        Rule.make("net-db", Selector.of_cidr(str(net)), Selector.of_workload("db"), "allow",
+                  "tcp", [5432]),)))
+    gen = dp.generation
+    inside = str(net.network_address + 7)
+    want = cache_index(inside, DB, 5432, 6, gen)
+    outside = next(str(a) for a in ipaddress.ip_network("10.33.0.0/16").hosts()
+                   if cache_index(str(a), DB, 5432, 6, gen) == want)
+    for i in range(3):
+        assert verdict(dp, inside, DB, 41400 + i) == Verdict.ALLOWED
+        assert verdict(dp, outside, DB, 41400 + i) == Verdict.DENIED
+    assert [e["verdict"] for e in cached(dp, want)] == [Verdict.DENIED]
