@@ -92,6 +92,45 @@ def fill_sessions(dp: Datapath, n: int, gen: int) -> None:
         dp.maps["session_map"].update_batch(keys, values, count)
 
 
+PRIMITIVES = Path(__file__).with_name("bpf") / "primitives.bpf.c"
+
+
+def primitives(runs: int, new_flows: int, sessions: int) -> dict:
+    """The kernel's own cost, on this machine, of the two map operations any
+    stateful firewall keeping its sessions in hash tables pays for a new flow
+    (bench/bpf/primitives.bpf.c): a lookup that misses in a table of 2^20
+    sessions holding `sessions`, and an insert into an LRU hash of 2^18;
+    microseg's key and value sizes, a new key every repetition, over a floor
+    that only makes the key. Interleaved; the LRU emptied between runs."""
+    from bcc import BPF
+
+    bpf = BPF(src_file=str(PRIMITIVES).encode(),
+              cflags=[f"-I{PRIMITIVES.parent}", "-Wno-unused-function", "-O1"])
+    try:
+        fds = {n: bpf.load_func(f"prim_{n}".encode(), _SCHED_CLS).fd
+               for n in ("floor", "miss", "insert")}
+        big = bpfsys.BpfMap(bpf.get_table(b"big_map").map_fd)
+        one_way = bpfsys.BpfMap(bpf.get_table(b"one_way_map").map_fd)
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for keys, values, count in session_batches(sessions, 1, created_ns=now,
+                                                   last_seen=now):
+            big.update_batch(keys, values, count)
+        pkt = tcp_packet("10.0.0.1", "10.0.0.2", 1, 80, "S")
+        samples: dict[str, list[float]] = {n: [] for n in fds}
+        for _ in range(runs):
+            for name, fd in fds.items():
+                samples[name].append(
+                    bpfsys.prog_test_run(fd, pkt, repeat=new_flows).duration_ns)
+                for keys, _values, count in list(one_way.lookup_batch_raw()):
+                    one_way.delete_batch(keys, count)
+        floor = statistics.median(samples["floor"])
+        return {name: {"median_ns": statistics.median(v), "runs_ns": v,
+                       "over_floor_ns": statistics.median(v) - floor}
+                for name, v in samples.items()}
+    finally:
+        bpf.cleanup()
+
+
 def measure(runs: int = 5, repeat: int = 1_000_000, new_flows: int = 60_000,
             sessions: int = 100_000, big_rules: int = 10_000,
             workloads: int = 1_000) -> dict:
@@ -126,6 +165,7 @@ def measure(runs: int = 5, repeat: int = 1_000_000, new_flows: int = 60_000,
         ring.close()
         dp.close()
         floor_bpf.cleanup()
+    results["primitives"] = primitives(runs, new_flows, sessions)
     return results
 
 
@@ -173,6 +213,9 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
     # New flows through the harness: every repetition a fresh source port.
     newflow_fd = dp.bpf.load_func(b"mseg_bench_newflow", _SCHED_CLS).fd
     rewrite_fd = dp.bpf.load_func(b"mseg_bench_rewrite", _SCHED_CLS).fd
+    # The first flow of a pair: its decision not in the policy cache.
+    uncached_fd = dp.bpf.load_func(b"mseg_bench_newflow_uncached", _SCHED_CLS).fd
+    rewrite_uncached_fd = dp.bpf.load_func(b"mseg_bench_rewrite_uncached", _SCHED_CLS).fd
     ctl = bpfsys.BpfMap(dp.bpf.get_table(b"bench_ctl_map").map_fd)
     # The same policy staged as a candidate (docs/policy.md "Staging"): every
     # new flow judged twice. Switched on and off by its one word between
@@ -183,7 +226,8 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
     staged_gen = dp.stage_policy(compile_policy(pol))
     dp.clear_staged()
     nsamples: dict[str, list[int]] = {k: [] for k in (
-        "rewrite_floor", "new_flow_v4", "new_flow_v6", "new_flow_staged_v4",
+        "rewrite_floor", "new_flow_v4", "new_flow_v6", "rewrite_uncached_floor",
+        "new_flow_uncached_v4", "new_flow_uncached_v6", "new_flow_staged_v4",
         "new_flow_staged_v6", "new_flow_staged_empty_v4", "new_flow_staged_empty_v6",
         "established_staged_v4")}
     flows = (("new_flow_v4", s4, d4, 34), ("new_flow_v6", s6, d6, 54))
@@ -193,6 +237,15 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
             pkt = tcp_packet(a, b, 0, port, "S")
             nsamples["rewrite_floor"].append(
                 bpfsys.prog_test_run(rewrite_fd, pkt, repeat=new_flows).duration_ns)
+            _arm(ctl, off)
+            nsamples["rewrite_uncached_floor"].append(
+                bpfsys.prog_test_run(rewrite_uncached_fd, pkt, repeat=new_flows).duration_ns)
+            _arm(ctl, off)
+            r = bpfsys.prog_test_run(uncached_fd, pkt, repeat=new_flows)
+            assert r.retval == 0, "new flows must be allowed"
+            nsamples[name.replace("new_flow", "new_flow_uncached")].append(r.duration_ns)
+            ring.drain(1 << 30)
+            _delete_flows(dp, a, b, port, new_flows)
             for staged, kind in ((0, ""), (empty_gen, "_staged_empty"),
                                  (staged_gen, "_staged")):
                 _switch_staged(dp, staged)
@@ -217,6 +270,9 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
     out["established_staged_v4"]["over_floor_ns"] = \
         out["established_staged_v4"]["median_ns"] - floor
     rf = out["rewrite_floor"]["median_ns"]
+    ruf = out["rewrite_uncached_floor"]["median_ns"]
+    for k in ("new_flow_uncached_v4", "new_flow_uncached_v6"):
+        out[k]["over_floor_ns"] = out[k]["median_ns"] - ruf
     for k in ("new_flow_v4", "new_flow_v6", "new_flow_staged_v4", "new_flow_staged_v6",
               "new_flow_staged_empty_v4", "new_flow_staged_empty_v6"):
         out[k]["over_floor_ns"] = out[k]["median_ns"] - rf

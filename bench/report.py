@@ -9,6 +9,7 @@ STAGED_TARGET = 100  # ns a staged candidate may add to a new flow
 DATAPATH_TARGETS = {
     "established_v4": 60, "established_v6": 60, "established_staged_v4": 60,
     "new_flow_v4": 300, "new_flow_v6": 300,
+    "new_flow_uncached_v4": 300, "new_flow_uncached_v6": 300,
     "denied_v4": 300, "denied_v6": 300,
 }
 
@@ -47,6 +48,10 @@ def datapath_table(res: dict) -> list[str]:
     row("rewrite harness (floor)", "rewrite_floor")
     row("new allowed flow v4", "new_flow_v4")
     row("new allowed flow v6", "new_flow_v6")
+    if "new_flow_uncached_v4" in big:  # the first flow of its pair: no cached decision
+        row("rewrite + forget (floor)", "rewrite_uncached_floor")
+        row("first flow of a pair v4", "new_flow_uncached_v4")
+        row("first flow of a pair v6", "new_flow_uncached_v6")
     if "new_flow_staged_v4" in big:  # the same policy staged as a candidate
         for fam in ("v4", "v6"):
             b, sm = big[f"new_flow_staged_{fam}"], small[f"new_flow_staged_{fam}"]
@@ -59,6 +64,11 @@ def datapath_table(res: dict) -> list[str]:
         row("established v4, staged", "established_staged_v4")
     est = big["established_v4"]["median_ns"]
     lines.append(f"  => {1e9 / est / 1e6:.1f} Mpps per core on the established path (1e9 / ns)")
+    prim = res.get("primitives")
+    if prim:
+        lines.append(f"  kernel map operations alone: a lookup missing in 2^20 sessions "
+                     f"+{prim['miss']['over_floor_ns']:.0f} ns, an LRU insert "
+                     f"+{prim['insert']['over_floor_ns']:.0f} ns")
     lines += ["", f"  {'verifier, on this kernel':26s}{'insns processed':>18s}"
                   f"{'stack depth':>18s}   limits: 1,000,000 / 512 bytes"]
     for name, v in res.get("verifier", {}).items():

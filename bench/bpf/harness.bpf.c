@@ -7,6 +7,9 @@
  * repetition must be a new flow: mseg_bench_newflow rewrites the TCP source
  * port from a per-CPU counter, then runs the real ingress path.
  * mseg_bench_rewrite does only the rewrite: the floor for that comparison.
+ * The _uncached twins also forget the pair's decision in this CPU's policy
+ * cache first (policy_cache_map): every repetition is then judged by the
+ * lookups, as the first flow of a pair is.
  */
 #include "../../bpf/microseg.bpf.c"
 
@@ -43,4 +46,46 @@ int mseg_bench_newflow(struct __sk_buff *skb)
 int mseg_bench_rewrite(struct __sk_buff *skb)
 {
 	return bench_rewrite(skb) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+/* The packet's entry in this CPU's policy decision cache, emptied. The
+ * addresses are where the source port's offset says (IPv4 at 34, IPv6 at
+ * 54 in an Ethernet frame); bpf_skb_load_bytes copies them. */
+static __always_inline int bench_forget_decision(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct bench_ctl *c = bench_ctl_map.lookup(&zero);
+	__u64 addr[4] = {};
+	__be16 dport;
+
+	if (!c)
+		return -1;
+	__u32 off = c->sport_off;
+	if (bpf_skb_load_bytes(skb, off + 2, &dport, sizeof(dport)))
+		return -1;
+	if (off == 34) {
+		if (bpf_skb_load_bytes(skb, 26, &addr[0], 4) ||
+		    bpf_skb_load_bytes(skb, 30, &addr[2], 4))
+			return -1;
+	} else if (bpf_skb_load_bytes(skb, 22, addr, 32)) {
+		return -1;
+	}
+	__u32 idx = policy_cache_index(IPPROTO_TCP, (__u8 *)&addr[0], (__u8 *)&addr[2],
+				       bswap16(dport), active_generation());
+	struct policy_cache_entry *e = policy_cache_map.lookup(&idx);
+	if (e)
+		e->stamp = 0;
+	return 0;
+}
+
+int mseg_bench_newflow_uncached(struct __sk_buff *skb)
+{
+	if (bench_forget_decision(skb) || bench_rewrite(skb))
+		return TC_ACT_SHOT;
+	return handle_packet(skb, DIR_INGRESS, 0);
+}
+
+int mseg_bench_rewrite_uncached(struct __sk_buff *skb)
+{
+	return bench_forget_decision(skb) || bench_rewrite(skb) ? TC_ACT_SHOT : TC_ACT_OK;
 }
