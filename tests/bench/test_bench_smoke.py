@@ -46,8 +46,12 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     assert "insns processed" in r.stdout
     for scenario in res["datapath"]["scenarios"].values():
         for key in ("floor", "established_v4", "established_v6", "denied_v4", "denied_v6",
-                    "new_flow_v4", "new_flow_v6", "rewrite_floor"):
+                    "new_flow_v4", "new_flow_v6", "rewrite_floor", "new_flow_uncached_v4",
+                    "new_flow_uncached_v6", "rewrite_uncached_floor"):
             assert scenario[key]["median_ns"] > 0, key
+    prim = res["datapath"]["primitives"]
+    assert prim["miss"]["median_ns"] > 0 and prim["insert"]["median_ns"] > 0
+    assert "kernel map operations alone" in r.stdout
         assert scenario["sessions"] > 0 and scenario["policy_entries"] > 0
     pol = res["policy"]
     assert all(r["compile_apply_s"] > 0 for r in pol["compile_apply"].values())
