@@ -109,7 +109,7 @@ class Daemon:
                            sources=self.sources, started_ns=time.time_ns(),
                            cluster=self.cluster)
         self.views = Views(self.parts)
-        self.hub.observers += [self._observe_verdicts, self.parts.staged_changes.observe]
+        self.hub.observers += [self.parts.flows.add_many, self.parts.staged_changes.observe]
         self.flusher = Flusher(self.datapath, cfg.event_window)
         self.links = LinkWatcher(self._on_links_changed)
         self._metrics_runner: web.AppRunner | None = None
@@ -238,13 +238,6 @@ class Daemon:
         log.info("ready in %.2fs socket=%s interfaces=%s generation=%d", time.perf_counter() - t0,
                  self.cfg.socket_path, ",".join(a.name for a in self.interfaces.attached.values())
                  or "-", self.policy.generation)
-
-    def _observe_verdicts(self, events: list[dict]) -> None:
-        """Every verdict event into the flow aggregate (`policy suggest`)."""
-        add = self.parts.flows.add
-        for e in events:
-            if e["type"] == "verdict":
-                add(e)
 
     def _on_links_changed(self) -> None:
         async def resync() -> None:

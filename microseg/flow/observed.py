@@ -71,34 +71,63 @@ class FlowAggregate:
         """Count one event; anything but a `verdict` judged by a rule or the
         default is ignored. The event is trusted (the daemon's own, or one
         `check_event` passed)."""
-        if e["type"] != "verdict":
-            return
-        reason = e["reason"]
+        if e["type"] == "verdict":
+            t = e["time"]
+            self._add_run((e["src"], e["dst"], e["protocol"], e["verdict"], e["rule"],
+                           e["reason"]), e["count"], t, t)
+
+    def add_many(self, events: Iterable[dict]) -> None:
+        """`add` each event, in order: the daemon's batches. A run of
+        verdicts alike but for time and count (a flow's packets, a flood)
+        is counted at once, as add() would count each in turn: nothing else
+        is counted, nor evicted, in between. Cheap to compare: the
+        enricher's events share their strings and endpoint dicts."""
+        run = None
+        n = 0
+        first = last = ""
+        for e in events:
+            if e["type"] != "verdict":
+                continue
+            t = e["time"]
+            alike = (e["src"], e["dst"], e["protocol"], e["verdict"], e["rule"], e["reason"])
+            if alike == run:
+                n += e["count"]
+                if t > last:
+                    last = t
+                elif t < first:
+                    first = t
+                continue
+            if run is not None:
+                self._add_run(run, n, first, last)
+            run, n, first, last = alike, e["count"], t, t
+        if run is not None:
+            self._add_run(run, n, first, last)
+
+    def _add_run(self, alike: tuple, n: int, first: str, last: str) -> None:
+        """n events of (src, dst, protocol, verdict, rule, reason) seen from
+        `first` to `last` (a record's first_seen <= last_seen: each bound
+        moves on its own)."""
+        src, dst, proto, verdict, rule, reason = alike
         if reason == "revoked":
             return
-        src = e["src"]
-        dst = e["dst"]
         sw = src["workload"]
         dw = dst["workload"]
-        proto = e["protocol"]
         key = (sw, src["ip"] if sw is None else None, dw, dst["ip"] if dw is None else None,
                proto, dst["port"] if proto == "tcp" or proto == "udp" else None)
-        t = e["time"]
-        n = e["count"]
         rec = self._flows.get(key)
         if rec is None:
             if len(self._flows) >= self.capacity:
                 self._evict()
-            rec = self._flows[key] = [0, 0, 0, 0, t, t, src["ip"], dst["ip"], {}]
-        elif t > rec[_LAST]:  # RFC 3339 of one format: text order is time order
-            rec[_LAST] = t
-            rec[_SIP] = src["ip"]
-            rec[_DIP] = dst["ip"]
-        elif t < rec[_FIRST]:
-            rec[_FIRST] = t
+            rec = self._flows[key] = [0, 0, 0, 0, first, last, src["ip"], dst["ip"], {}]
+        else:
+            if last > rec[_LAST]:  # RFC 3339 of one format: text order is time order
+                rec[_LAST] = last
+                rec[_SIP] = src["ip"]
+                rec[_DIP] = dst["ip"]
+            if first < rec[_FIRST]:
+                rec[_FIRST] = first
         rec[_SESSIONS] += n
-        rec[_COUNT_AT[e["verdict"]]] += n
-        rule = e["rule"]
+        rec[_COUNT_AT[verdict]] += n
         if rule is None:
             rule = DEFAULT_RULE if reason == "default" else UNKNOWN_RULE
         rules = rec[_RULES]
