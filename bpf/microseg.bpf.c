@@ -301,61 +301,78 @@ int mseg_flush(struct __sk_buff *skb)
 	return flush_flow(&k, precise_now());
 }
 
-/* The reply stage (stage_map[STAGE_REPLY]), tail-called by every entry
- * point for a packet that has no session, is not a connection start and
- * is denied in its own direction: allowed the other way round, it is a
- * reply whose session was lost (evicted, swept, a daemon started without
- * pins) and opens the session with its destination as originator;
- * otherwise its own outcome stands. */
-int mseg_reply(struct __sk_buff *skb)
+/* Which stage a copy of mseg_stage is (its kind, as the loader writes it:
+ * STAGE_KINDS in microseg/kernel/loader.py). */
+#define STAGE_KIND_REPLY 0
+#define STAGE_KIND_STAGED 1
+
+/* The stages entry points tail-call (stage_map), both copies of this one
+ * function, each with its kind in an immediate (entry_kind): BCC compiles
+ * the judgment, the session opening and the verdict once for both.
+ *
+ * The reply stage (stage_map[STAGE_REPLY]), for a packet that has no
+ * session, is not a connection start and is denied in its own direction:
+ * allowed the other way round, it is a reply whose session was lost
+ * (evicted, swept, a daemon started without pins) and opens the session
+ * with its destination as originator; otherwise its own outcome stands.
+ *
+ * The staged stage (stage_map[STAGE_STAGED]), for a new flow while a
+ * candidate policy is staged (docs/policy.md "Staging"): the flow judged by
+ * the candidate too — the active policy's outcome stands, the candidate's
+ * goes into its event and counters — then on as process() would have gone
+ * on (after_judgment). */
+int mseg_stage(struct __sk_buff *skb)
 {
-	struct scratch *sc = scratch();
-	struct decision d = {};
-
-	if (!sc)
-		return TC_ACT_SHOT;
-	struct packet *p = &sc->packet;
-	__u32 dir = sc->direction & 1;
-	struct session_key key = {};
-	int is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
-				     p->sport, p->dport, &key);
-	int act = NEED_VERDICT;
-
-	judge_flow(p, 1, sc->generation, &d);
-	if (d.verdict == VERDICT_DENIED) {
-		d = sc->own; /* neither way: the packet's own outcome */
-	} else {
-		if (!(p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
-			act = open_session(skb, p, dir, &key, is_lo, 1, 0, &d);
-		toward_packet(&d); /* the session took them the other way round */
-	}
-	return finish_packet(skb, sc, dir, &d, act);
-}
-
-/* The staged stage (stage_map[STAGE_STAGED]), tail-called for a new flow
- * while a candidate policy is staged (docs/policy.md "Staging"): the flow
- * judged by the candidate too — the active policy's outcome stands, the
- * candidate's goes into its event and counters — then on as process()
- * would have gone on. */
-int mseg_staged(struct __sk_buff *skb)
-{
+	int reply = entry_kind() == STAGE_KIND_REPLY;
 	struct scratch *sc = scratch();
 
 	if (!sc)
 		return TC_ACT_SHOT;
 	struct packet *p = &sc->packet;
+	/* The reply stage's fallback, the staged stage's active outcome. */
 	struct decision d = sc->own;
+	struct decision judged = {};
 	__u32 dir = sc->direction & 1;
-	__u32 staged = staged_generation();
-	struct session_key key = {};
-	int is_lo = 0;
+	/* The staged generation may have been cleared since process() looked:
+	 * then there is nothing to add. */
+	__u32 gen = reply ? sc->generation : staged_generation();
+	int open = 0, reuse = 0, back = 0, act = NEED_VERDICT;
+	int tcp = p->proto == IPPROTO_TCP;
 
-	if (staged) /* cleared since process() looked: nothing to add */
-		judge_staged(p, staged, &d);
-	/* The session key only for a flow that may open a session. */
-	if (d.verdict != VERDICT_DENIED && !(sc->flags & JUDGED_ALONE))
-		is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
-					 p->sport, p->dport, &key);
-	int act = after_judgment(skb, p, dir, sc->generation, &key, is_lo, sc->flags, &d);
+	if (gen)
+		judge_flow(p, reply, gen, &judged);
+	if (reply) {
+		/* Allowed the other way round: a reply (an RST opens nothing). */
+		back = gen && judged.verdict != VERDICT_DENIED;
+		if (back) {
+			d = judged;
+			open = !(tcp && (p->tcp_flags & TCP_FLAG_RST));
+		}
+	} else {
+		if (gen)
+			note_staged(&d, &judged, gen);
+		__u32 flags = sc->flags;
+		int stateless = p->icmp == ICMP_KIND_ERROR || p->icmp == ICMP_KIND_OTHER;
+
+		if (flags & JUDGED_ALONE) {
+			/* the verdict is all */
+		} else if (d.verdict == VERDICT_DENIED) {
+			/* Maybe a reply whose session was lost: judged the other
+			 * way (a tail call into the reply stage). */
+			if (!stateless && maybe_reply(p))
+				judge_as_reply(skb, p, dir, sc->generation, &d);
+		} else if (!stateless && !(tcp && (p->tcp_flags & TCP_FLAG_RST))) {
+			open = 1;
+			reuse = flags & JUDGED_REUSE;
+		}
+	}
+	if (open) {
+		struct session_key key = {};
+		int is_lo = make_session_key(p->family, p->proto, p->saddr, p->daddr,
+					     p->sport, p->dport, &key);
+		act = open_session(skb, p, dir, &key, is_lo, reply, reuse, &d);
+	}
+	if (back)
+		toward_packet(&d); /* the session took them the other way round */
 	return finish_packet(skb, sc, dir, &d, act);
 }

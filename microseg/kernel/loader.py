@@ -53,6 +53,12 @@ PROG_STAGED = "mseg_staged"
 # compiles the packet path once instead of once per hook.
 ENTRY_FUNCTION = "mseg_entry"
 ENTRY_KINDS = {PROG_INGRESS: 0, PROG_EGRESS: 1, PROG_INGRESS_L3: 2, PROG_EGRESS_L3: 3}
+# The stages likewise: copies of mseg_stage (STAGE_KIND_* in the C).
+STAGE_FUNCTION = "mseg_stage"
+STAGE_KINDS = {PROG_REPLY: 0, PROG_STAGED: 1}
+# Every program loaded as a copy of a function: (function, kind).
+COPIES = {**{name: (ENTRY_FUNCTION, kind) for name, kind in ENTRY_KINDS.items()},
+          **{name: (STAGE_FUNCTION, kind) for name, kind in STAGE_KINDS.items()}}
 ENTRY_MAGIC = 0x6D736567  # the immediate's high word until replaced
 PROGRAMS = (PROG_INGRESS, PROG_EGRESS, PROG_CLOCK, PROG_FLUSH, PROG_REPLY, PROG_STAGED)
 # stage_map's slots and the programs that fill them (enum mseg_stage).
@@ -250,7 +256,7 @@ class LoadedProgram:
     def owned_fds(self) -> list[int]:
         """The program fds BCC's module does not own (it closes its own)."""
         return [fd for name, fd in self.prog_fds.items()
-                if self.bpf is None or name in ENTRY_KINDS]
+                if self.bpf is None or name in COPIES]
 
 
 def program_identity(config: DatapathConfig, text: str | None = None) -> str:
@@ -369,15 +375,15 @@ _LD_IMM64 = 0x18
 
 
 def entry_program(insns: bytes, kind: int) -> bytes:
-    """mseg_entry's instructions with its kind in place of the marked
-    immediate (a 16-byte ld_imm64: low word in the first half, high word in
+    """A copied function's instructions (mseg_entry's, mseg_stage's: COPIES)
+    with its kind in place of the marked immediate (a 16-byte ld_imm64: low word in the first half, high word in
     the second); exactly one such immediate must be there."""
     found = [i for i in range(0, len(insns) - 15, 8)
              if insns[i] == _LD_IMM64 and insns[i + 1] >> 4 == 0
              and insns[i + 4:i + 8] == b"\0\0\0\0"
              and insns[i + 12:i + 16] == _U32.pack(ENTRY_MAGIC)]
     if len(found) != 1:
-        raise RuntimeError(f"{ENTRY_FUNCTION}: {len(found)} entry-kind immediates, expected 1")
+        raise RuntimeError(f"{len(found)} entry-kind immediates, expected 1")
     out = bytearray(insns)
     out[found[0] + 4:found[0] + 8] = _U32.pack(kind)
     out[found[0] + 12:found[0] + 16] = bytes(4)
@@ -386,8 +392,9 @@ def entry_program(insns: bytes, kind: int) -> bytes:
 
 def function_insns(bpf, name: str) -> bytes:
     """A program's instructions as loaded (an entry point's with its kind)."""
-    if name in ENTRY_KINDS:
-        return entry_program(bpf.dump_func(ENTRY_FUNCTION.encode()), ENTRY_KINDS[name])
+    if name in COPIES:
+        function, kind = COPIES[name]
+        return entry_program(bpf.dump_func(function.encode()), kind)
     return bpf.dump_func(name.encode())
 
 
@@ -402,7 +409,7 @@ def load_functions(bpf, names: tuple[str, ...]) -> dict[str, int]:
 
     def one(name: str) -> None:
         try:
-            if name in ENTRY_KINDS:
+            if name in COPIES:
                 fds[name] = bpfsys.prog_load(function_insns(bpf, name), name)
             else:
                 fds[name] = bpf.load_func(name.encode(), BPF.SCHED_CLS).fd

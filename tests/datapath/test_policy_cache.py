@@ -41,15 +41,17 @@ def cache_index(src: str, dst: str, dport: int, proto: int, gen: int) -> int:
     return ((h * _MIX) & _M64) >> (64 - abi.POLICY_CACHE_BITS)
 
 
-def cached(dp: Harness, index: int) -> list[dict]:
-    """policy_cache_map[index] on every CPU that holds an entry there."""
+def cached(dp: Harness, index: int, gen: int) -> list[dict]:
+    """policy_cache_map[index] on every CPU that holds an entry there made
+    under generation gen (earlier tests' entries may be there too)."""
     m = dp.dp.maps["policy_cache_map"]
     raw = m.lookup(index.to_bytes(4, "little"))
     assert raw is not None
     entries = (abi.POLICY_CACHE_ENTRY.struct.unpack_from(raw, cpu * m.value_stride)
                for cpu in range(len(raw) // m.value_stride))
     names = [n for n, _ in abi.POLICY_CACHE_ENTRY.fields if not n.startswith("_")]
-    return [dict(zip(names, e, strict=True)) for e in entries if e[2]]  # stamp != 0
+    return [entry for entry in (dict(zip(names, e, strict=True)) for e in entries)
+            if entry["stamp"] and entry["generation"] == gen]
 
 
 def verdict(dp: Harness, src: str, dst: str, sport: int, dport: int = 5432) -> Verdict:
@@ -59,7 +61,7 @@ def verdict(dp: Harness, src: str, dst: str, sport: int, dport: int = 5432) -> V
 def test_a_judged_flow_is_cached_under_its_generation(dp: Harness) -> None:
     dp.install(ALLOW)
     assert verdict(dp, WEB, DB, 41000) == Verdict.ALLOWED
-    entries = cached(dp, cache_index(WEB, DB, 5432, 6, dp.generation))
+    entries = cached(dp, cache_index(WEB, DB, 5432, 6, dp.generation), dp.generation)
     assert [(e["generation"], e["dport"], e["proto"], e["family"], e["verdict"],
              e["rule_id"]) for e in entries] == [
         (dp.generation, 5432, 6, 4, Verdict.ALLOWED, dp.rule_id("web-db"))]
@@ -123,4 +125,4 @@ def test_flows_sharing_an_entry_each_get_their_own_answer(dp: Harness) -> None:
     for i in range(3):
         assert verdict(dp, inside, DB, 41400 + i) == Verdict.ALLOWED
         assert verdict(dp, outside, DB, 41400 + i) == Verdict.DENIED
-    assert [e["verdict"] for e in cached(dp, want)] == [Verdict.DENIED]
+    assert [e["verdict"] for e in cached(dp, want, gen)] == [Verdict.DENIED]
