@@ -376,8 +376,9 @@ _LD_IMM64 = 0x18
 
 def entry_program(insns: bytes, kind: int) -> bytes:
     """A copied function's instructions (mseg_entry's, mseg_stage's: COPIES)
-    with its kind in place of the marked immediate (a 16-byte ld_imm64: low word in the first half, high word in
-    the second); exactly one such immediate must be there."""
+    with its kind in place of the marked immediate (a 16-byte ld_imm64: low
+    word in the first half, high word in the second); exactly one such
+    immediate must be there."""
     found = [i for i in range(0, len(insns) - 15, 8)
              if insns[i] == _LD_IMM64 and insns[i + 1] >> 4 == 0
              and insns[i + 4:i + 8] == b"\0\0\0\0"
