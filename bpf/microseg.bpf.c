@@ -105,9 +105,17 @@ static __always_inline void judge_in_staged_stage(struct __sk_buff *skb, __u32 d
  * direction, for a session whose generation is stale in the session's
  * original one; a packet that may be a reply whose session was lost is
  * judged the other way in the reply stage. */
-static __always_inline int process(struct __sk_buff *skb, const struct packet *p,
+/* process()'s flags while the policy is consulted (scratch.carried). */
+#define CARRY_REVAL 1  /* a stale session: judged in its original direction */
+#define CARRY_SIDE 2   /* the packet is the session's reply direction */
+#define CARRY_ALONE 4  /* judged alone (an echo against its session) */
+#define CARRY_REUSE 8  /* a new connection on a closed tuple of session_map */
+#define CARRY_LO 16    /* the packet's source is the key's lo endpoint */
+
+static __always_inline int process(struct __sk_buff *skb, struct scratch *sc,
 				   __u32 dir, struct decision *d)
 {
+	const struct packet *p = &sc->packet;
 	__u32 gen = active_generation();
 	int tcp = p->proto == IPPROTO_TCP;
 	__u8 tf = p->tcp_flags;
@@ -171,9 +179,31 @@ static __always_inline int process(struct __sk_buff *skb, const struct packet *p
 		d->audit = AUDIT_BY_SRC;
 		return judge_as_reply(skb, p, dir, gen, d);
 	}
+	/* The flags cross the judgment in the per-CPU scratch, not in registers
+	 * or on the stack: the verifier checks the policy lookup once for each
+	 * distinct state that reaches it, and every combination of them would
+	 * be one (a third of the entry point's verification, and of a cold
+	 * start's wait for it). A stale session is looked up again after. */
+	sc->carried = (reval ? CARRY_REVAL : 0) | (side ? CARRY_SIDE : 0) |
+		      (alone ? CARRY_ALONE : 0) | (reuse ? CARRY_REUSE : 0) |
+		      (is_lo ? CARRY_LO : 0);
 	judge_flow(p, reval ? side : 0, gen, d);
+	__u32 carried = *(volatile __u32 *)&sc->carried;
 
+	reval = carried & CARRY_REVAL;
+	side = !!(carried & CARRY_SIDE);
+	alone = carried & CARRY_ALONE;
+	reuse = carried & CARRY_REUSE;
+	is_lo = !!(carried & CARRY_LO);
 	if (reval) {
+		s = find_session(&key, &pending);
+		/* Gone meanwhile, or another session of the tuple (its direction
+		 * may differ): the judgment made stands for this packet. */
+		if (!s || side != (is_lo == !!(s->flags & SESSION_ORIG_LO) ? 0 : 1)) {
+			if (side)
+				toward_packet(d);
+			return NEED_VERDICT;
+		}
 		int r = revalidate_session(skb, p, dir, &key, s, side, pending, d);
 		if (side) /* judged in the session's direction: report the packet's */
 			toward_packet(d);
@@ -239,7 +269,7 @@ static __always_inline int handle_packet(struct __sk_buff *skb, __u32 dir, int l
 	} else if (p->frag == FRAG_LATER) {
 		act = follow_fragment(p, dir, &d);
 	} else {
-		act = process(skb, p, dir, &d);
+		act = process(skb, sc, dir, &d);
 	}
 	return finish_packet(skb, sc, dir, &d, act);
 }

@@ -517,7 +517,7 @@ struct scratch {
 	__u32 direction;               /* the reply stage: the hook's direction */
 	__u32 generation;              /* the reply stage: the generation judged */
 	__u32 flags;                   /* the staged stage: enum mseg_judged_flags */
-	__u32 pad;                     /* to a multiple of 8 (struct packet's alignment) */
+	__u32 carried;                 /* process(): its flags across the judgment */
 };
 
 /* scratch.flags: how process() found a new flow, for the staged stage. */

@@ -347,7 +347,7 @@ SCRATCH = Layout("scratch", (
     ("packet", f"{PACKET.size}s"), ("session", f"{SESSION_VALUE.size}s"),
     ("agg_key", f"{AGG_KEY.size}s"), ("agg", f"{AGG_VALUE.size}s"),
     ("own", f"{DECISION.size}s"), ("opened", "I"), ("direction", "I"), ("generation", "I"),
-    ("flags", "I"), ("_pad", "4x"),
+    ("flags", "I"), ("carried", "I"),
 ))
 CLOCK_SAMPLE = Layout("clock_sample", (("jiffies", "Q"), ("ktime_ns", "Q")))
 SESSION_STATS = Layout("session_stats", (("created", "Q"), ("revoked", "Q"), ("reused", "Q"),
