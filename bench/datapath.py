@@ -44,7 +44,7 @@ from .policygen import synthetic_policy, workload_ip4, workload_ip6
 # The production program plus the new-flow harness (bench/bpf/harness.bpf.c).
 HARNESS = Path(__file__).with_name("bpf") / "harness.bpf.c"
 BENCH_CTL = abi.Layout("bench_ctl", (
-    ("sport_off", "I"), ("base", "I"), ("next", "I"), ("_pad", "4x"),
+    ("sport_off", "I"), ("base", "I"), ("next", "I"), ("forget", "I"),
 ))
 
 
@@ -213,9 +213,6 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
     # New flows through the harness: every repetition a fresh source port.
     newflow_fd = dp.bpf.load_func(b"mseg_bench_newflow", _SCHED_CLS).fd
     rewrite_fd = dp.bpf.load_func(b"mseg_bench_rewrite", _SCHED_CLS).fd
-    # The first flow of a pair: its decision not in the policy cache.
-    uncached_fd = dp.bpf.load_func(b"mseg_bench_newflow_uncached", _SCHED_CLS).fd
-    rewrite_uncached_fd = dp.bpf.load_func(b"mseg_bench_rewrite_uncached", _SCHED_CLS).fd
     ctl = bpfsys.BpfMap(dp.bpf.get_table(b"bench_ctl_map").map_fd)
     # The same policy staged as a candidate (docs/policy.md "Staging"): every
     # new flow judged twice. Switched on and off by its one word between
@@ -237,11 +234,12 @@ def _scenario(dp: Datapath, ring: Rings, floor_fd: int, pol: Policy, runs: int,
             pkt = tcp_packet(a, b, 0, port, "S")
             nsamples["rewrite_floor"].append(
                 bpfsys.prog_test_run(rewrite_fd, pkt, repeat=new_flows).duration_ns)
-            _arm(ctl, off)
+            # The first flow of a pair: its decision forgotten each time.
+            _arm(ctl, off, forget=True)
             nsamples["rewrite_uncached_floor"].append(
-                bpfsys.prog_test_run(rewrite_uncached_fd, pkt, repeat=new_flows).duration_ns)
-            _arm(ctl, off)
-            r = bpfsys.prog_test_run(uncached_fd, pkt, repeat=new_flows)
+                bpfsys.prog_test_run(rewrite_fd, pkt, repeat=new_flows).duration_ns)
+            _arm(ctl, off, forget=True)
+            r = bpfsys.prog_test_run(newflow_fd, pkt, repeat=new_flows)
             assert r.retval == 0, "new flows must be allowed"
             nsamples[name.replace("new_flow", "new_flow_uncached")].append(r.duration_ns)
             ring.drain(1 << 30)
@@ -295,9 +293,10 @@ _SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
 _BASE_PORT = 1024
 
 
-def _arm(ctl: bpfsys.BpfMap, sport_off: int) -> None:
-    """Reset the harness counter on every CPU (the run lands on one)."""
-    one = BENCH_CTL.struct.pack(sport_off, _BASE_PORT, 0)
+def _arm(ctl: bpfsys.BpfMap, sport_off: int, *, forget: bool = False) -> None:
+    """Reset the harness counter on every CPU (the run lands on one); forget:
+    each repetition forgets its pair's cached policy decision first."""
+    one = BENCH_CTL.struct.pack(sport_off, _BASE_PORT, 0, int(forget))
     ctl.update(b"\0\0\0\0", one * bpfsys.possible_cpus())
 
 

@@ -108,8 +108,9 @@ def _datapath(res: dict) -> list[str]:
         out.append(f"| {label} | {cell(b)} | {cell(s)} | {target} | {verdict} |")
     out += _staged_rows(big, small)
     est = big["established_v4"]["median_ns"]
-    out += ["", f"BCC compiles the program (and creates its maps) in {res['compile_s']:.1f} s; "
-            f"the verifier loads its entry points in {res['load_s']:.1f} s. The established "
+    out += ["", f"BCC compiles the program with the benchmark's harness (and creates its "
+            f"maps) in {res['compile_s']:.1f} s; the verifier loads its entry points in "
+            f"{res['load_s']:.1f} s (a daemon's own start: below). The established "
             f"path runs at {1e3 / est:.1f} Mpps per core (10⁹ / ns per packet). The cost does "
             "not follow the rule count: the policy lookup is a few hash lookups, never a walk "
             "over rules. A new flow's policy decision comes from this CPU's cache of recent "
