@@ -221,6 +221,12 @@ static __always_inline void lookup_policy(const struct policy_config *cfg, __u32
 }
 
 #define CACHE_MIX 0x9E3779B97F4A7C15ULL
+/* This build's tag (the loader passes a hash of the program's source): a
+ * decision is served only to the build that cached it, so an upgrade that
+ * keeps the pinned maps never inherits the old build's answers. */
+#ifndef MSEG_BUILD_TAG
+#define MSEG_BUILD_TAG 0ULL
+#endif
 
 /* policy_cache_map's slot for these inputs of match_policy(). */
 static __always_inline __u32 policy_cache_index(__u8 proto, const __u8 *saddr,
@@ -271,10 +277,11 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 		d->reason = REASON_DEFAULT;
 		return;
 	}
-	__u64 stamp = cfg->stamp;
+	/* Never 0, which marks an entry empty or being written. */
+	__u64 stamp = (cfg->stamp ^ MSEG_BUILD_TAG) | 1;
 	__u32 ci = policy_cache_index(proto, saddr, daddr, dport, gen);
 	/* bpf_map_lookup_elem: this CPU's entry (no other CPU writes it). */
-	struct policy_cache_entry *e = stamp ? policy_cache_map.lookup(&ci) : NULL;
+	struct policy_cache_entry *e = cfg->stamp ? policy_cache_map.lookup(&ci) : NULL;
 
 	if (e && policy_cache_hit(e, stamp, gen, family, proto, saddr, daddr, dport)) {
 		d->rule_id = e->rule_id;
@@ -287,9 +294,12 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 	lookup_policy(cfg, slot, family, proto, saddr, daddr, dport, d);
 	if (!e)
 		return;
+	/* Valid only once complete: a run that read it half-written (none can
+	 * on one CPU today) would find no match. */
+	e->stamp = 0;
+	asm volatile("" ::: "memory");
 	__builtin_memcpy(e->saddr, saddr, 16);
 	__builtin_memcpy(e->daddr, daddr, 16);
-	e->stamp = stamp;
 	e->generation = gen;
 	e->dport = dport;
 	e->proto = proto;
@@ -299,6 +309,8 @@ static __always_inline void match_policy(__u8 family, __u8 proto,
 	e->dst_identity = d->dst_identity;
 	e->verdict = d->verdict;
 	e->reason = d->reason;
+	asm volatile("" ::: "memory");
+	e->stamp = stamp;
 }
 
 /* The staged judgment beside the active one, for the event and the

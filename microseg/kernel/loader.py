@@ -131,6 +131,13 @@ class DatapathConfig:
                   "-O1"]
         if self.pin_dir:
             flags.append(f'-DMSEG_PIN_DIR="{self.pin_dir}"')
+        # The build's tag (bpf/lib/policy.h MSEG_BUILD_TAG): decisions cached
+        # in the pinned policy_cache_map by one build are never served to
+        # another (an upgrade that keeps the maps).
+        h = hashlib.sha256()
+        for part in (program_source(self.source), *flags, str(abi.ABI_VERSION)):
+            h.update(part.encode() + b"\0")
+        flags.append(f"-DMSEG_BUILD_TAG=0x{h.hexdigest()[:16]}ULL")
         return flags
 
 
@@ -400,9 +407,9 @@ def function_insns(bpf, name: str) -> bytes:
 
 
 def load_functions(bpf, names: tuple[str, ...]) -> dict[str, int]:
-    """Load programs of a compiled module, the two entry points side by
-    side: the verifier runs in the syscall, which releases the GIL, and
-    each entry point takes it about half a second."""
+    """Load programs of a compiled module, the copies (entry points,
+    stages) side by side: the verifier runs in the syscall, which releases
+    the GIL, and an entry point takes it about a third of a second."""
     from bcc import BPF
 
     fds: dict[str, int] = {}
@@ -417,11 +424,11 @@ def load_functions(bpf, names: tuple[str, ...]) -> dict[str, int]:
         except BaseException as e:  # re-raised below, in the caller's thread
             errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(n,)) for n in names if n in ENTRY_KINDS]
+    threads = [threading.Thread(target=one, args=(n,)) for n in names if n in COPIES]
     for t in threads:
         t.start()
     for n in names:
-        if n not in ENTRY_KINDS:
+        if n not in COPIES:
             one(n)
     for t in threads:
         t.join()

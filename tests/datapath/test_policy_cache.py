@@ -7,9 +7,12 @@ answer, never a stale one."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from microseg.kernel import abi
 from microseg.kernel.abi import Verdict
+from microseg.kernel.datapath import Datapath, DatapathConfig
+from microseg.kernel.loader import bpf_source_dir
 from microseg.policy.compile import compile_policy
 from microseg.policy.model import Policy, Rule, Selector, Workload
 
@@ -41,10 +44,10 @@ def cache_index(src: str, dst: str, dport: int, proto: int, gen: int) -> int:
     return ((h * _MIX) & _M64) >> (64 - abi.POLICY_CACHE_BITS)
 
 
-def cached(dp: Harness, index: int, gen: int) -> list[dict]:
+def cached(datapath: Datapath, index: int, gen: int) -> list[dict]:
     """policy_cache_map[index] on every CPU that holds an entry there made
     under generation gen (earlier tests' entries may be there too)."""
-    m = dp.dp.maps["policy_cache_map"]
+    m = datapath.maps["policy_cache_map"]
     raw = m.lookup(index.to_bytes(4, "little"))
     assert raw is not None
     entries = (abi.POLICY_CACHE_ENTRY.struct.unpack_from(raw, cpu * m.value_stride)
@@ -61,7 +64,7 @@ def verdict(dp: Harness, src: str, dst: str, sport: int, dport: int = 5432) -> V
 def test_a_judged_flow_is_cached_under_its_generation(dp: Harness) -> None:
     dp.install(ALLOW)
     assert verdict(dp, WEB, DB, 41000) == Verdict.ALLOWED
-    entries = cached(dp, cache_index(WEB, DB, 5432, 6, dp.generation), dp.generation)
+    entries = cached(dp.dp, cache_index(WEB, DB, 5432, 6, dp.generation), dp.generation)
     assert [(e["generation"], e["dport"], e["proto"], e["family"], e["verdict"],
              e["rule_id"]) for e in entries] == [
         (dp.generation, 5432, 6, 4, Verdict.ALLOWED, dp.rule_id("web-db"))]
@@ -125,4 +128,32 @@ def test_flows_sharing_an_entry_each_get_their_own_answer(dp: Harness) -> None:
     for i in range(3):
         assert verdict(dp, inside, DB, 41400 + i) == Verdict.ALLOWED
         assert verdict(dp, outside, DB, 41400 + i) == Verdict.DENIED
-    assert [e["verdict"] for e in cached(dp, want, gen)] == [Verdict.DENIED]
+    assert [e["verdict"] for e in cached(dp.dp, want, gen)] == [Verdict.DENIED]
+
+
+def test_another_build_on_the_same_pins_is_not_served_this_builds_decisions(
+        pin_dir: str, tmp_path: Path) -> None:
+    """An upgrade keeps the pinned maps (the same ABI): the new build's
+    programs must judge afresh, not take the old build's cached answers —
+    also under the same generation and stamp, before the new daemon applies
+    anything (the old programs may still be attached meanwhile)."""
+    other = tmp_path / "other.bpf.c"  # the same program, another text: another build
+    other.write_text(f'/* another build */\n#include "{bpf_source_dir()}/microseg.bpf.c"\n')
+    configs = [DatapathConfig(pin_dir=pin_dir, session_capacity=4096, ringbuf_bytes=1 << 16,
+                              source=src) for src in (None, other)]
+    assert configs[0].cflags()[-1] != configs[1].cflags()[-1]  # MSEG_BUILD_TAG
+    stamps = []
+    for i, cfg in enumerate(configs):
+        dp = Datapath(cfg)
+        dp.load()
+        try:
+            if i == 0:
+                dp.apply_policy(compile_policy(ALLOW))
+            gen = dp.active_generation()
+            assert dp.test_run(bytes(tcp(WEB, DB, 41500 + i, 5432))).retval == 0
+            (entry,) = cached(dp, cache_index(WEB, DB, 5432, 6, gen), gen)
+            stamps.append(entry["stamp"])
+        finally:
+            dp.close()
+    assert stamps[0] != stamps[1]  # made again by the second build, not served
+    Datapath(configs[1]).unpin()
