@@ -79,13 +79,16 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from microseg.kernel import tc
 from microseg.lab.topology import kill_all, wait_for
 
-from .traffic import IPERF_PORT, NFT_TABLE, nft_ruleset, policy_yaml, summarize
+from .traffic import IPERF_PORT, NFT_TABLE, TrivialProgram, nft_ruleset, policy_yaml, summarize
 
-CONFIGS = ("none", "microseg", "nft")
+CONFIGS = ("none", "tc_ok", "microseg", "nft")
 FLOODS = ("allowed", "denied")
-LABELS = {"none": "no firewall", "microseg": "microseg", "nft": "nftables with conntrack"}
+LABELS = {"none": "no firewall",
+          "tc_ok": "a TC program returning TC_ACT_OK, where microseg attaches",
+          "microseg": "microseg", "nft": "nftables with conntrack"}
 FLOOD_LABELS = {"allowed": "allowed, established", "denied": "a denied flood"}
 PORT = IPERF_PORT          # the policy's allowed UDP port (bench/traffic.py)
 SPORT = 40000              # the established flow's source port
@@ -343,11 +346,18 @@ class Firewall:
         self.kind, self.lab, self.rules, self.work = kind, lab, rules, work
         self.proc: subprocess.Popen | None = None
         self.sock = os.path.join(work, "ms.sock")
+        self.trivial: TrivialProgram | None = None
 
     def __enter__(self) -> Firewall:
         try:
             if self.kind == "microseg":
                 self._start_microseg()
+            elif self.kind == "tc_ok":
+                # What any TC program costs here: the trivial one of the
+                # real-traffic breakdown, on both hooks of the host-side veths.
+                self.trivial = TrivialProgram()
+                fd = self.trivial.fd
+                self._in_hub(lambda ipr, idx: tc.attach(ipr, idx, fd, fd))
             elif self.kind == "nft":
                 path = os.path.join(self.work, "stress.nft")
                 with open(path, "w") as f:
@@ -360,7 +370,25 @@ class Firewall:
             raise
         return self
 
+    def _in_hub(self, each: Callable) -> None:
+        """each(ipr, ifindex) for the host-side veths microseg attaches to,
+        with a netlink socket of the hub's namespace."""
+        from pyroute2 import IPRoute
+        from pyroute2.netns import popns, pushns
+
+        pushns(self.lab.hub)
+        try:
+            with IPRoute() as ipr:
+                for name in Topology.NAMES:
+                    each(ipr, ipr.link_lookup(ifname=self.lab.host_if(name))[0])
+        finally:
+            popns()
+
     def __exit__(self, *exc: object) -> None:
+        if self.trivial is not None:
+            self._in_hub(lambda ipr, idx: tc.detach(ipr, idx))
+            self.trivial.close()
+            self.trivial: TrivialProgram | None = None
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -510,7 +538,7 @@ def _flood(lab: Topology, fw: Firewall | None, src: str, cpu: int, seconds: floa
                                 st0["events"].get("denials_unaggregated", 0),
                                 st1["events"].get("denials_unaggregated", 0))}.items():
             out[key] = b - a
-    if src == "bad" and fw is not None and fw.kind != "none" \
+    if src == "bad" and fw is not None and fw.kind not in ("none", "tc_ok") \
             and out["delivered_pps"] > 0.01 * out["taken_pps"]:
         raise RuntimeError(f"bench stress: {LABELS[fw.kind]} let a denied flood through: "
                            f"{out}")
