@@ -90,7 +90,8 @@ class TestValidPaths:
     @pytest.mark.parametrize("ext", [
         IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting(),
         IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting() / IPv6ExtHdrDestOpt(),
-    ], ids=["hbh", "dst", "routing", "chain3"])
+        IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting() / IPv6ExtHdrDestOpt(),
+    ], ids=["hbh", "dst", "routing", "chain3", "chain4"])
     def test_ipv6_extension_headers(self, dp: Harness, ext) -> None:
         allowed(dp, eth(IPv6(src=WEB6, dst=DB6) / ext / TCP(sport=1, dport=5432, flags="S")))
 
@@ -177,9 +178,12 @@ class TestMalformed:
         raw[14] = 0x40
         invalid(dp, bytes(raw))
 
-    def test_ipv6_extension_chain_too_long(self, dp: Harness) -> None:
+    @pytest.mark.parametrize("length", [5, 10])
+    def test_ipv6_extension_chain_too_long(self, dp: Harness, length: int) -> None:
+        """More than four extension headers (bpf/lib/parse.h MAX_IPV6_EXT):
+        dropped as invalid, never walked on."""
         chain = IPv6ExtHdrDestOpt()
-        for _ in range(9):
+        for _ in range(length - 1):
             chain = chain / IPv6ExtHdrDestOpt()
         invalid(dp, eth(IPv6(src=WEB6, dst=DB6) / chain / TCP(sport=1, dport=5432, flags="S")))
 
