@@ -468,9 +468,9 @@ def _start(res: dict | None) -> list[str]:
            f"{r['max']:.2f} s | ≤ {res['target_restart_s']:g} s | "
            f"{_met(r['median'] <= res['target_restart_s'])} |", "",
            f"Inside a cold start (the daemon's log, medians): BCC's compile "
-           f"{res['cold_compile_s']['median']:.2f} s, the verifier loading the two entry "
-           f"points side by side {res['cold_load_s']['median']:.2f} s; the compile runs while "
-           "the daemon imports its modules and checks its configuration, so the rest, "
+           f"{res['cold_compile_s']['median']:.2f} s, the verifier loading the entry points "
+           f"and the stages side by side {res['cold_load_s']['median']:.2f} s; the compile runs "
+           "while the daemon imports its modules and checks its configuration, so the rest, "
            f"{c['median'] - res['cold_compile_s']['median'] - res['cold_load_s']['median']:.2f}"
            " s, is the interpreter's start before it, then the maps, the policy, attaching "
            "and the socket after it. A restart compiles "

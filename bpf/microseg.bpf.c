@@ -100,11 +100,6 @@ static __always_inline void judge_in_staged_stage(struct __sk_buff *skb, __u32 d
 	stage_map.call(skb, STAGE_STAGED);
 }
 
-/* Everything after parsing, for a packet that has its L4 header. The
- * policy is consulted once (judge_flow): for a new flow in its own
- * direction, for a session whose generation is stale in the session's
- * original one; a packet that may be a reply whose session was lost is
- * judged the other way in the reply stage. */
 /* process()'s flags while the policy is consulted (scratch.carried). */
 #define CARRY_REVAL 1  /* a stale session: judged in its original direction */
 #define CARRY_SIDE 2   /* the packet is the session's reply direction */
@@ -112,6 +107,11 @@ static __always_inline void judge_in_staged_stage(struct __sk_buff *skb, __u32 d
 #define CARRY_REUSE 8  /* a new connection on a closed tuple of session_map */
 #define CARRY_LO 16    /* the packet's source is the key's lo endpoint */
 
+/* Everything after parsing, for a packet that has its L4 header. The
+ * policy is consulted once (judge_flow): for a new flow in its own
+ * direction, for a session whose generation is stale in the session's
+ * original one; a packet that may be a reply whose session was lost is
+ * judged the other way in the reply stage. */
 static __always_inline int process(struct __sk_buff *skb, struct scratch *sc,
 				   __u32 dir, struct decision *d)
 {
@@ -350,7 +350,7 @@ int mseg_flush(struct __sk_buff *skb)
  * candidate policy is staged (docs/policy.md "Staging"): the flow judged by
  * the candidate too — the active policy's outcome stands, the candidate's
  * goes into its event and counters — then on as process() would have gone
- * on (after_judgment). */
+ * on (after_judgment's steps, sharing this function's one open_session). */
 int mseg_stage(struct __sk_buff *skb)
 {
 	int reply = entry_kind() == STAGE_KIND_REPLY;

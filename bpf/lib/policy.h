@@ -349,15 +349,4 @@ static __always_inline void toward_packet(struct decision *d)
 	d->dst_identity = src;
 }
 
-/* A new flow judged by the staged candidate too (the stage program
- * mseg_staged runs it): its verdict and rule go with the active one's. */
-static __always_inline void judge_staged(const struct packet *p, __u32 staged,
-					 struct decision *d)
-{
-	struct decision sd = {};
-
-	judge_flow(p, 0, staged, &sd);
-	note_staged(d, &sd, staged);
-}
-
 #endif /* MSEG_POLICY_H */
