@@ -7,7 +7,11 @@ answer, never a stale one."""
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from microseg.kernel import abi
 from microseg.kernel.abi import Verdict
@@ -24,6 +28,18 @@ ALLOW = Policy(workloads=WORKLOADS, rules=(
     Rule.make("web-db", Selector.of_workload("web"), Selector.of_workload("db"), "allow",
               "tcp", [5432]),))
 DENY = Policy(workloads=WORKLOADS, rules=())
+
+@pytest.fixture(autouse=True)
+def one_cpu() -> Iterator[None]:
+    """Every test run on one CPU: the cache is per CPU, and a process the
+    scheduler moves between runs would fill an entry on each."""
+    was = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(was)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, was)
+
 
 _MIX = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
