@@ -388,7 +388,7 @@ class Firewall:
         if self.trivial is not None:
             self._in_hub(lambda ipr, idx: tc.detach(ipr, idx))
             self.trivial.close()
-            self.trivial: TrivialProgram | None = None
+            self.trivial = None
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)

@@ -221,9 +221,10 @@ static __always_inline void lookup_policy(const struct policy_config *cfg, __u32
 }
 
 #define CACHE_MIX 0x9E3779B97F4A7C15ULL
-/* This build's tag (the loader passes a hash of the program's source): a
- * decision is served only to the build that cached it, so an upgrade that
- * keeps the pinned maps never inherits the old build's answers. */
+/* This build's tag (the loader passes the program's identity, a hash of
+ * its text and flags): a decision is served only to the build that cached
+ * it, so an upgrade that keeps the pinned maps never inherits the old
+ * build's answers. */
 #ifndef MSEG_BUILD_TAG
 #define MSEG_BUILD_TAG 0ULL
 #endif

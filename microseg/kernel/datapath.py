@@ -32,6 +32,7 @@ from microseg.kernel.loader import (
     load_functions,
     load_program,
     pin_programs,
+    program_source,
     remove_pins,
     reuse_programs,
 )
@@ -60,6 +61,7 @@ class CompiledPolicy(Protocol):
 log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
+_PORTS_PER_SLOT = abi.PORT_CLASS_SLOTS // abi.POLICY_SLOTS  # tcp and udp, every port
 
 
 def _stamp() -> int:
@@ -68,9 +70,6 @@ def _stamp() -> int:
     the slot answers for this one — also when a generation number comes
     again (a reset, a staged number after a restart)."""
     return int.from_bytes(os.urandom(8), "little") | 1
-
-
-_PORTS_PER_SLOT = abi.PORT_CLASS_SLOTS // abi.POLICY_SLOTS  # tcp and udp, every port
 
 
 class CounterKey(NamedTuple):
@@ -172,7 +171,8 @@ class Datapath:
                 else:
                     # The text the reused programs were made of (their
                     # identity), not what is on disk now.
-                    self.bpf = compile_program(self.config, self._report.text or None)
+                    text = self._report.text or program_source(self.config.source)
+                    self.bpf = compile_program(self.config, text, identity)
             if fds is None:
                 fds = load_functions(self.bpf, names)
                 self._owned_fds += fds.values()

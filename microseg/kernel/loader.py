@@ -131,13 +131,6 @@ class DatapathConfig:
                   "-O1"]
         if self.pin_dir:
             flags.append(f'-DMSEG_PIN_DIR="{self.pin_dir}"')
-        # The build's tag (bpf/lib/policy.h MSEG_BUILD_TAG): decisions cached
-        # in the pinned policy_cache_map by one build are never served to
-        # another (an upgrade that keeps the maps).
-        h = hashlib.sha256()
-        for part in (program_source(self.source), *flags, str(abi.ABI_VERSION)):
-            h.update(part.encode() + b"\0")
-        flags.append(f"-DMSEG_BUILD_TAG=0x{h.hexdigest()[:16]}ULL")
         return flags
 
 
@@ -368,14 +361,18 @@ def _install_stages(maps: dict[str, bpfsys.BpfMap], fds: dict[str, int]) -> None
             maps["stage_map"].update(_U32.pack(stage), _U32.pack(fds[name]))
 
 
-def compile_program(config: DatapathConfig, text: str | None = None):
-    """BCC's module for this configuration (creates or reuses the maps)."""
+def compile_program(config: DatapathConfig, text: str, identity: str):
+    """BCC's module for this configuration and C text, whose program_identity
+    is identity (creates or reuses the maps)."""
     from bcc import BPF  # BCC is imported only where the kernel is touched
 
     if config.pin_dir:
         os.makedirs(config.pin_dir, mode=0o700, exist_ok=True)
-    return BPF(text=(text if text is not None else program_source(config.source)).encode(),
-               cflags=config.cflags())
+    # The build's tag (bpf/lib/policy.h MSEG_BUILD_TAG): decisions one build
+    # cached in the pinned policy_cache_map are never served to another (an
+    # upgrade that keeps the maps).
+    return BPF(text=text.encode(),
+               cflags=[*config.cflags(), f"-DMSEG_BUILD_TAG=0x{identity}ULL"])
 
 
 _LD_IMM64 = 0x18
@@ -450,7 +447,7 @@ def load_program(config: DatapathConfig, programs: tuple[str, ...] = PROGRAMS) -
     pinned = [n for n in config.map_specs()
               if config.pin_dir and os.path.exists(os.path.join(config.pin_dir, n))]
     t0 = time.perf_counter()
-    bpf = compile_program(config, text)
+    bpf = compile_program(config, text, identity)
     t1 = time.perf_counter()
     fds = load_functions(bpf, programs)
     t2 = time.perf_counter()

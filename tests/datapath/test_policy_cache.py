@@ -16,7 +16,7 @@ import pytest
 from microseg.kernel import abi
 from microseg.kernel.abi import Verdict
 from microseg.kernel.datapath import Datapath, DatapathConfig
-from microseg.kernel.loader import bpf_source_dir
+from microseg.kernel.loader import bpf_source_dir, program_identity
 from microseg.policy.compile import compile_policy
 from microseg.policy.model import Policy, Rule, Selector, Workload
 
@@ -157,7 +157,8 @@ def test_another_build_on_the_same_pins_is_not_served_this_builds_decisions(
     other.write_text(f'/* another build */\n#include "{bpf_source_dir()}/microseg.bpf.c"\n')
     configs = [DatapathConfig(pin_dir=pin_dir, session_capacity=4096, ringbuf_bytes=1 << 16,
                               source=src) for src in (None, other)]
-    assert configs[0].cflags()[-1] != configs[1].cflags()[-1]  # MSEG_BUILD_TAG
+    # Their identities differ, and so the MSEG_BUILD_TAG each is compiled with.
+    assert program_identity(configs[0]) != program_identity(configs[1])
     stamps = []
     for i, cfg in enumerate(configs):
         dp = Datapath(cfg)
