@@ -19,12 +19,11 @@ ARCH=$(dpkg --print-architecture)
 # The rest: tc/ip, bpftool, the tools the tests and benchmarks drive (the
 # discovery tests run private docker and podman engines, busybox-static is
 # their image), jq for the README's `watch --json | jq` examples,
-# netsniff-ng for trafgen, the stress benchmark's packet generator, and for
-# the many-hosts tests a real etcd (etcd-server; each test runs its own
+# and for the many-hosts tests a real etcd (etcd-server; each test runs its own
 # member), openssl for its TLS certificates and curl for its JSON gateway.
 PACKAGES="python3-bpfcc python3-venv python3-pip bpftool iproute2 iputils-ping
   libbpf1 linux-headers-$ARCH tmux iperf3 nftables hping3 sockperf prometheus
-  procps psmisc jq docker.io busybox-static podman netsniff-ng etcd-server
+  procps psmisc jq docker.io busybox-static podman etcd-server
   openssl curl"
 
 missing=""

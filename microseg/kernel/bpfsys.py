@@ -426,6 +426,38 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1,
     return TestRunResult(opts.retval, opts.duration, out.raw[:opts.data_size_out])
 
 
+
+# BPF_PROG_TEST_RUN of an XDP program in live-frames mode (uapi/linux/bpf.h):
+# what the program returns happens to each frame for real.
+_BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+_XDP_MD_SIZE = 24  # struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
+_XDP_MD_DATA_END, _XDP_MD_INGRESS_IFINDEX = 4, 12
+
+
+def xdp_live_frames(prog_fd: int, frame: bytes, ifindex: int, *, repeat: int,
+                    batch_size: int = 64) -> None:
+    """Run an XDP program over `repeat` fresh copies of `frame`, each as if
+    received on link `ifindex` of the caller's network namespace, for real:
+    a frame it returns XDP_TX for is transmitted on that link. A packet
+    generator inside the kernel, with no socket and no copy from userspace
+    per frame (the benchmark's stress generator, bench/stress.py)."""
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    inbuf = ctypes.create_string_buffer(frame, len(frame))
+    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
+    opts.data_size_in = len(frame)
+    ctx = bytearray(_XDP_MD_SIZE)
+    ctx[_XDP_MD_DATA_END:_XDP_MD_DATA_END + 4] = len(frame).to_bytes(4, "little")
+    ctx[_XDP_MD_INGRESS_IFINDEX:_XDP_MD_INGRESS_IFINDEX + 4] = ifindex.to_bytes(4, "little")
+    ctxbuf = ctypes.create_string_buffer(bytes(ctx), len(ctx))
+    opts.ctx_in = ctypes.cast(ctxbuf, ctypes.c_void_p)
+    opts.ctx_size_in = len(ctx)
+    opts.repeat = repeat
+    opts.flags = _BPF_F_TEST_XDP_LIVE_FRAMES
+    opts.batch_size = batch_size
+    _check(LIB.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)),
+           "bpf_prog_test_run (XDP live frames)")
+
 # membarrier(2): MEMBARRIER_CMD_GLOBAL returns after synchronize_rcu(), i.e.
 # once every RCU read-side section that was running has ended — and every
 # BPF program run is one. The syscall's number by machine.
@@ -457,6 +489,7 @@ def wait_for_running_programs() -> None:
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_XDP = 6
 _BPF_LOG_STATS = 4
 
 

@@ -94,7 +94,7 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     for flood in ms.values():  # the kernel's run-time statistics of microseg's programs
         assert flood["bpf_ns_per_packet"]["median"] > 0
         assert flood["events_lost"]["max"] == 0  # denials aggregated: nothing lost
-    assert "Stress: trafgen" in r.stdout
+    assert "Stress: an XDP live-frames generator" in r.stdout
     clustered = res["cluster"]  # many hosts: a daemon on etcd, simulated nodes
     published = clustered["publish"]["publish_to_enforced"]
     assert published["n"] == clustered["params"]["samples"] and published["missing"] == 0
