@@ -575,10 +575,10 @@ def render(res: dict) -> str:
            f"{m['memory_gib']:.0f} GiB, Python {m['python']}, a shared VM. Every figure and "
            "its baseline come from the same run. "
            "Targets: [docs/performance.md](docs/performance.md).", ""]
-    again = res.get("remeasured")
+    again = res.get("remeasured") or []
     if again:  # sections measured again later (same bench functions, full sizes)
-        out[-1:] = [f"Measured again on {again['date'][:16].replace('T', ' ')} UTC: "
-                    f"{', '.join(again['sections'])} — {again['why']}.", ""]
+        out[-1:] = [" ".join(f"Measured again on {a['date'][:16].replace('T', ' ')} UTC: "
+                             f"{', '.join(a['sections'])} — {a['why']}." for a in again), ""]
     for part in (_datapath(res["datapath"]), _start(res.get("start")),
                  _traffic(res.get("traffic")),
                  _events(res["events"]), _sessions(res["sessions"]),
