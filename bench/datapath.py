@@ -126,6 +126,8 @@ def primitives(runs: int, new_flows: int, sessions: int) -> dict:
         bpfsys.BpfMap(bpf.get_table(b"hit4_key_map").map_fd).update(bytes(4), key4)
         bpfsys.BpfMap(bpf.get_table(b"big4_map").map_fd).update(key4, value)
         pkt = tcp_packet("10.0.0.1", "10.0.0.2", 1, 80, "S")
+        for n in ("hit", "hit4"):  # a miss here would be measured as a hit
+            assert bpfsys.prog_test_run(fds[n], pkt).retval == 0, f"{n}: session not found"
         samples: dict[str, list[float]] = {n: [] for n in fds}
         for _ in range(runs):
             for name, fd in fds.items():

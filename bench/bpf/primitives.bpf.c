@@ -89,28 +89,32 @@ int prim_insert(struct __sk_buff *skb)
 	return one_way_map.update(&k, v) ? 1 : 0;
 }
 
-/* The hit rows' floor: the key copied to the stack, as they do. */
-int prim_hit_floor(struct __sk_buff *skb)
+/* The hit rows' key, copied to the stack as a packet's would be built. */
+static __always_inline int hit_key(struct session_key *k)
 {
 	__u32 zero = 0;
 	struct session_key *src = hit_key_map.lookup(&zero);
-	struct session_key k;
 
 	if (!src)
-		return 2;
-	__builtin_memcpy(&k, src, sizeof(k));
-	return k.port_hi == 7;
+		return -1;
+	__builtin_memcpy(k, src, sizeof(*k));
+	return 0;
+}
+
+/* The hit rows' floor: the key copied, as they do. */
+int prim_hit_floor(struct __sk_buff *skb)
+{
+	struct session_key k;
+
+	return hit_key(&k) ? 2 : k.port_hi == 7;
 }
 
 int prim_hit(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct session_key *src = hit_key_map.lookup(&zero);
 	struct session_key k;
 
-	if (!src)
+	if (hit_key(&k))
 		return 2;
-	__builtin_memcpy(&k, src, sizeof(k));
 	return big_map.lookup(&k) ? 0 : 1;
 }
 
