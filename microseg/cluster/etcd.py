@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -305,4 +306,10 @@ def _unreachable(endpoints: Sequence[str], e: BaseException | None) -> str:
     if isinstance(e, aiohttp.ClientSSLError | ssl.SSLError) or "[SSL" in why:
         # Its certificate, or ours, not trusted: no retry mends that.
         return f"etcd {', '.join(endpoints)}: TLS handshake failed ({why})"
+    if getattr(e, "errno", None) == errno.ECONNRESET and \
+            any(u.startswith("https:") for u in endpoints):
+        # TLS 1.3: a server refuses our certificate after our side of the
+        # handshake is done, and its reset can overtake its alert.
+        return (f"etcd {', '.join(endpoints)}: TLS handshake failed or the connection was "
+                f"reset right after it (a client certificate etcd does not trust? {why})")
     return f"etcd {', '.join(endpoints)}: unreachable ({why})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import shutil
 import signal
 import subprocess
@@ -111,7 +112,8 @@ async def test_nodes_learn_each_others_workloads_and_forget_them_on_leave(
     try:
         a.node.set_local({"db": local("db", "10.1.0.5", tier="db")})
         b.node.set_local({"api": local("api", "10.2.0.5", app="api")})
-        await until(lambda: a.remote == {"b/api"} and b.remote == {"a/db"})
+        await until(lambda: a.remote == {"b/api"} and b.remote == {"a/db"}
+                    and "b" in a.node.nodes)  # b's node record: a key of its own
         w = next(iter(a.node.remote.values()))
         assert (w.name, w.node, w.label_map, [str(x) for x in w.addresses]) == \
             ("api", "b", {"app": "api"}, ["10.2.0.5"])
@@ -269,3 +271,14 @@ async def test_only_keys_under_the_prefix_are_touched(etcd: Etcd, client: EtcdCl
         await b.stop()
         await outside.delete("keep")
         await outside.close()
+
+
+def test_a_reset_after_the_tls_handshake_names_the_certificate() -> None:
+    """TLS 1.3: etcd refuses a client certificate after the client's side of
+    the handshake is done, and its reset can overtake its alert; the error
+    must still point at TLS, not read as an unreachable member."""
+    from microseg.cluster.etcd import _unreachable
+
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    assert "client certificate" in _unreachable(["https://127.0.0.1:2379"], reset)
+    assert "unreachable" in _unreachable(["http://127.0.0.1:2379"], reset)
