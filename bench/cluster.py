@@ -35,7 +35,7 @@ the watch, the compile and the apply. No polling.
   time it took; during the churn its RSS (VmRSS) and CPU time
   (/proc/PID/stat) sampled every `sample_every` s. A change not enforced
   within `drain_s` (default: WAIT_S, and as long as the churn) of its
-  phase's end is counted missing. At the end the daemon's inventory is
+  phase's end (under churn: of its sending) is counted missing. At the end the daemon's inventory is
   listed (`GET /v1/workloads?source=etcd`: every workload, each with its
   node).
 
@@ -457,16 +457,12 @@ async def _churn(daemon: _Daemon, fleet: list[_Node], watcher: _Watcher, seconds
     removed: list[_Wait] = []
     ops: list[asyncio.Task] = []
 
-    async def enforced(*waits: _Wait) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(w.done.wait() for w in waits)), drain_s)
-
     async def move(node: _Node, name: str) -> None:
         w = watcher.expect(name, address := next(addresses))
         moved.append(w)
         w.sent = time.time()
         await node.put(name, address)
-        await enforced(w)
+        await _settled([w], drain_s)
 
     async def replace(node: _Node, name: str, new: str) -> None:
         gone, w = watcher.expect(name, None), watcher.expect(new, address := next(addresses))
@@ -478,7 +474,7 @@ async def _churn(daemon: _Daemon, fleet: list[_Node], watcher: _Watcher, seconds
             await node.delete(name)
             w.sent = time.time()
             await node.put(new, address)
-            await enforced(gone, w)
+            await _settled([gone, w], drain_s)
         finally:
             busy.discard(new)
 
@@ -508,8 +504,7 @@ async def _churn(daemon: _Daemon, fleet: list[_Node], watcher: _Watcher, seconds
     took = time.monotonic() - t0
     end = time.time()
     spent = await cost.result()
-    await asyncio.gather(*ops)  # each op ends once enforced (or drain_s)
-    await _settled(moved + added + removed, drain_s)
+    await asyncio.gather(*ops)  # each ends once its change is enforced, or after drain_s
     rss = [s["rss_mib"] for s in samples] or [0.0]
     cpus = [s["cpu_pct"] for s in samples] or [0.0]
     return {"seconds": round(took, 1), "changes": len(ops),

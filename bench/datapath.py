@@ -93,6 +93,11 @@ def fill_sessions(dp: Datapath, n: int, gen: int) -> None:
 
 
 PRIMITIVES = Path(__file__).with_name("bpf") / "primitives.bpf.c"
+# Its struct session4_key: an IPv4 session's key with IPv4's fields only.
+SESSION4_KEY = abi.Layout("session4_key", (
+    ("addr_lo", "4s"), ("addr_hi", "4s"), ("port_lo", "H"), ("port_hi", "H"),
+    ("proto", "B"), ("_pad", "3x"),
+))
 
 
 def primitives(runs: int, new_flows: int, sessions: int) -> dict:
@@ -118,10 +123,11 @@ def primitives(runs: int, new_flows: int, sessions: int) -> dict:
         for keys, values, count in session_batches(sessions, 1, created_ns=now,
                                                    last_seen=now):
             big.update_batch(keys, values, count)
-        # The hit rows' session: the first of those, and its IPv4-only twin
-        # (addresses' first 4 bytes, ports, protocol: struct session4_key).
-        key, value = keys[:abi.SESSION_KEY.struct.size], values[:abi.SESSION_VALUE.struct.size]
-        key4 = key[0:4] + key[16:20] + key[32:36] + key[36:37] + bytes(3)
+        # The hit rows' session: the first of those, and its IPv4-only twin.
+        key, value = keys[:abi.SESSION_KEY.size], values[:abi.SESSION_VALUE.size]
+        lo, hi, port_lo, port_hi, proto, _family = abi.SESSION_KEY.struct.unpack(key)
+        key4 = SESSION4_KEY.pack(addr_lo=lo[:4], addr_hi=hi[:4], port_lo=port_lo,
+                                 port_hi=port_hi, proto=proto)
         bpfsys.BpfMap(bpf.get_table(b"hit_key_map").map_fd).update(bytes(4), key)
         bpfsys.BpfMap(bpf.get_table(b"hit4_key_map").map_fd).update(bytes(4), key4)
         bpfsys.BpfMap(bpf.get_table(b"big4_map").map_fd).update(key4, value)

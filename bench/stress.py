@@ -201,12 +201,12 @@ class Topology:
                               f"netns {gen}", f"link set {self.host_if('gen')} up"])
             _batch(gen, ["link set lo up", f"addr add {self.ipv4('gen')}/24 dev eth0",
                          "link set eth0 up"])
-            self._napi_threads(cpu)
+            self._receive_in_threads(cpu)
         except BaseException:
             self.down()
             raise
 
-    def _napi_threads(self, cpu: int) -> None:
+    def _receive_in_threads(self, cpu: int) -> None:
         """Each host end receives in a NAPI thread of its own, on `cpu`.
         GRO on gives a veth NAPI (and the ring XDP_TX fills); `threaded`
         moves its poll from the softirq of whichever CPU sent into a

@@ -28,7 +28,8 @@ BPF_TABLE("lru_hash", struct session_key, struct session_value, one_way_map,
 	  ONE_WAY_CAPACITY);
 BPF_PERCPU_ARRAY(value_map, struct session_value, 1);
 
-/* An IPv4 session's key with nothing but IPv4's fields. */
+/* An IPv4 session's key with nothing but IPv4's fields (bench/datapath.py
+ * mirrors it: SESSION4_KEY). */
 struct session4_key {
 	__u8 addr_lo[4];
 	__u8 addr_hi[4];

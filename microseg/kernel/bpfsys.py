@@ -402,6 +402,25 @@ def skb_context(*, ifindex: int = 0, gso_segs: int = 0) -> bytes:
     return bytes(ctx)
 
 
+def _test_run_opts(data: bytes, ctx: bytes | None, repeat: int
+                   ) -> tuple[_TestRunOpts, list[ctypes.Array]]:
+    """BPF_PROG_TEST_RUN's options for this packet and context; the buffers
+    they point into, which must outlive the call."""
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    inbuf = ctypes.create_string_buffer(data, len(data))
+    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
+    opts.data_size_in = len(data)
+    opts.repeat = repeat
+    keep = [inbuf]
+    if ctx is not None:
+        ctxbuf = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctxbuf, ctypes.c_void_p)
+        opts.ctx_size_in = len(ctx)
+        keep.append(ctxbuf)
+    return opts, keep
+
+
 def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1,
                   ctx: bytes | None = None) -> TestRunResult:
     """Run the program on one packet in the kernel (BPF_PROG_TEST_RUN).
@@ -409,22 +428,12 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1,
     With repeat > 1 the kernel runs it that many times and reports the mean
     duration per run in nanoseconds.
     """
+    opts, _keep = _test_run_opts(data, ctx, repeat)
     out = ctypes.create_string_buffer(len(data) + 256)
-    opts = _TestRunOpts()
-    opts.sz = ctypes.sizeof(_TestRunOpts)
-    inbuf = ctypes.create_string_buffer(data, len(data))
-    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
-    opts.data_size_in = len(data)
     opts.data_out = ctypes.cast(out, ctypes.c_void_p)
     opts.data_size_out = len(out)
-    opts.repeat = repeat
-    if ctx is not None:
-        ctxbuf = ctypes.create_string_buffer(ctx, len(ctx))
-        opts.ctx_in = ctypes.cast(ctxbuf, ctypes.c_void_p)
-        opts.ctx_size_in = len(ctx)
     _check(LIB.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run")
     return TestRunResult(opts.retval, opts.duration, out.raw[:opts.data_size_out])
-
 
 
 # BPF_PROG_TEST_RUN of an XDP program in live-frames mode (uapi/linux/bpf.h):
@@ -441,22 +450,15 @@ def xdp_live_frames(prog_fd: int, frame: bytes, ifindex: int, *, repeat: int,
     a frame it returns XDP_TX for is transmitted on that link. A packet
     generator inside the kernel, with no socket and no copy from userspace
     per frame (the benchmark's stress generator, bench/stress.py)."""
-    opts = _TestRunOpts()
-    opts.sz = ctypes.sizeof(_TestRunOpts)
-    inbuf = ctypes.create_string_buffer(frame, len(frame))
-    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
-    opts.data_size_in = len(frame)
     ctx = bytearray(_XDP_MD_SIZE)
     ctx[_XDP_MD_DATA_END:_XDP_MD_DATA_END + 4] = len(frame).to_bytes(4, "little")
     ctx[_XDP_MD_INGRESS_IFINDEX:_XDP_MD_INGRESS_IFINDEX + 4] = ifindex.to_bytes(4, "little")
-    ctxbuf = ctypes.create_string_buffer(bytes(ctx), len(ctx))
-    opts.ctx_in = ctypes.cast(ctxbuf, ctypes.c_void_p)
-    opts.ctx_size_in = len(ctx)
-    opts.repeat = repeat
+    opts, _keep = _test_run_opts(frame, bytes(ctx), repeat)
     opts.flags = _BPF_F_TEST_XDP_LIVE_FRAMES
     opts.batch_size = batch_size
     _check(LIB.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)),
            "bpf_prog_test_run (XDP live frames)")
+
 
 # membarrier(2): MEMBARRIER_CMD_GLOBAL returns after synchronize_rcu(), i.e.
 # once every RCU read-side section that was running has ended — and every

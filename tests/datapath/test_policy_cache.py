@@ -29,6 +29,7 @@ ALLOW = Policy(workloads=WORKLOADS, rules=(
               "tcp", [5432]),))
 DENY = Policy(workloads=WORKLOADS, rules=())
 
+
 @pytest.fixture(autouse=True)
 def one_cpu() -> Iterator[None]:
     """Every test run on one CPU: the cache is per CPU, and a process the
